@@ -1,0 +1,90 @@
+"""The model zoo: fastai's xresnet family and timm's ResNeSt, built with BN, then switched to `norm`.
+
+Every arch is built by its own library with BatchNorm, so the library's init runs exactly as it does
+for BN; `swap_norm` then converts the norms `placement` selects. A BN whose gamma the library
+zero-initialised (fastai ``NormType.BatchZero``, timm ``zero_init_last``) becomes a BNET with
+``init="zero"``, every other BN a BNET with ``init="identity"``: a fresh BNET model starts from the
+function of the fresh BN model, up to fastai's BN bias of 1e-3, which BNET starts at 0.
+"""
+from __future__ import annotations
+
+import functools
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import timm
+from fastai.layers import ResBlock, SEBlock
+from fastai.vision.models import xresnet as fx
+from torch import nn
+
+from ._checks import check_choice, check_kernel_size
+from .norms import NORM_LAYERS, PLACEMENTS, SWAP_INITS, swap_norm
+
+ACTIVATIONS: dict[str, type[nn.Module]] = {"relu": nn.ReLU, "mish": nn.Mish, "silu": nn.SiLU}
+
+# One block per stage, half width: small enough to train on a CPU in minutes.
+_MINI_XRESNET = dict(layers=[1, 1, 1, 1], widen=0.5)
+_MINI_RESNEST = dict(channels=(32, 64, 128, 256), stem_width=16)
+
+
+@dataclass(frozen=True)
+class Arch:
+    """How to build one named architecture: the library, its builder and fixed keyword arguments."""
+
+    library: str  # "fastai" or "timm"
+    builder: Callable[..., nn.Module]
+    kwargs: dict = field(default_factory=dict)
+
+    def build(self, n_out: int, act: type[nn.Module], **kw) -> nn.Module:
+        if self.library == "fastai":
+            return self.builder(n_out=n_out, act_cls=act, **self.kwargs, **kw)
+        return self.builder(num_classes=n_out, act_layer=act, **self.kwargs, **kw)
+
+
+def _fastai(fn: Callable[..., nn.Module], **kwargs) -> Arch:
+    return Arch("fastai", fn, kwargs)
+
+
+def _timm(name: str, **kwargs) -> Arch:
+    return Arch("timm", functools.partial(timm.create_model, name, pretrained=False), kwargs)
+
+
+def _xresnet_mini(block: Callable[..., nn.Module], **block_kw) -> Arch:
+    layers = _MINI_XRESNET["layers"]
+    return _fastai(functools.partial(fx.XResNet, block, 1, layers),
+                   widen=_MINI_XRESNET["widen"], **block_kw)
+
+
+ARCHS: dict[str, Arch] = {
+    **{name: _fastai(getattr(fx, name)) for name in (
+        "xresnet18", "xresnet34", "xresnet50", "xresnet101",
+        "xse_resnet18", "xse_resnet34", "xse_resnet50",
+        "xresnext18", "xresnext34", "xresnext50",
+        "xse_resnext18", "xse_resnext50")},
+    **{name: _timm(name) for name in ("resnest14d", "resnest26d", "resnest50d")},
+    "xmininet": _xresnet_mini(ResBlock),
+    "xsemininet": _xresnet_mini(SEBlock, **fx.se_kwargs1),
+    "mininest": _timm("resnest14d", **_MINI_RESNEST),  # resnest14d has one block per stage already
+}
+
+
+def list_archs() -> list[str]:
+    """Names accepted by `create_model`."""
+    return list(ARCHS)
+
+
+def create_model(arch: str, norm: str = "bn", n_out: int = 10, *, placement: str = "all", k: int = 3,
+                 act: str = "relu", bnet_init: str = "auto", **kw) -> nn.Module:
+    """Build `arch` with `n_out` outputs whose norm layers (as `placement` selects) are `norm`.
+
+    `bnet_init` is passed to `swap_norm` (``"auto"``: zero where the library zero-inits gamma, identity
+    elsewhere). Extra `kw` go to the library's builder (fastai ``XResNet`` or ``timm.create_model``).
+    """
+    check_choice("arch", arch, ARCHS)
+    check_choice("norm", norm, NORM_LAYERS)
+    check_choice("placement", placement, PLACEMENTS)
+    check_kernel_size(k)
+    check_choice("act", act, ACTIVATIONS)
+    check_choice("bnet_init", bnet_init, SWAP_INITS)
+    model = ARCHS[arch].build(n_out, ACTIVATIONS[act], **kw)
+    return swap_norm(model, norm, placement=placement, k=k, init=bnet_init)

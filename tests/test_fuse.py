@@ -1,0 +1,42 @@
+"""fuse_bnet: an eval-only copy, BNET's normalisation folded into its conv, outputs unchanged."""
+import pytest
+import torch
+from torch.testing import assert_close
+
+from bnet_fastai import BNET1d, BNET2d, BNET3d, FusedBNET, count_norms, create_model, fuse_bnet
+
+from .helpers import perturb_bnets, warm_running_stats
+
+
+@pytest.mark.parametrize("arch", ["xmininet", "xsemininet", "mininest", "xresnet18"])
+@pytest.mark.parametrize("k", [1, 3, 5, 7])
+def test_fused_model_equals_the_original_in_eval(arch, k):
+    model = perturb_bnets(create_model(arch, "bnet", k=k), scale=0.2)
+    warm_running_stats(model).eval()
+    x = torch.randn(3, 3, 40, 36)  # odd map sizes later on: borders of every parity
+    with torch.no_grad():
+        expected = model(x)
+        fused = fuse_bnet(model)
+        assert_close(fused(x), expected, atol=1e-5, rtol=1e-4)
+    assert count_norms(fused)["bnet"] == 0 and sum(isinstance(m, FusedBNET) for m in fused.modules()) > 0
+    assert count_norms(model)["bnet"] > 0  # the original is untouched
+
+
+@pytest.mark.parametrize("cls,shape", [(BNET1d, (4, 6, 11)), (BNET1d, (4, 6)), (BNET2d, (4, 6, 9, 7)),
+                                       (BNET3d, (4, 6, 5, 4, 3))])
+@pytest.mark.parametrize("k", [1, 3, 5, 7])
+def test_fused_layer_is_exact_at_the_border(cls, shape, k):
+    bnet = perturb_bnets(cls(shape[1], k=k), scale=1.0)
+    bnet.train()
+    for _ in range(3):
+        bnet(torch.randn(shape) * 3 + 2)
+    bnet.eval()
+    x = torch.randn(shape) * 3 + 2
+    with torch.no_grad():
+        assert_close(fuse_bnet(bnet)(x), bnet(x), atol=1e-5, rtol=1e-5)
+
+
+def test_fused_model_refuses_training_mode():
+    fused = fuse_bnet(create_model("xmininet", "bnet")).train()
+    with pytest.raises(RuntimeError, match="eval-only"):
+        fused(torch.randn(2, 3, 32, 32))
