@@ -1,0 +1,208 @@
+"""Datasets: a registry of names, fetched with fastai's `untar_data`, and the embedded offline `sample`.
+
+Data root: ``data/`` beside the package's project (or ``./data`` when installed elsewhere), unless the
+environment variable ``BNET_FASTAI_DATA`` names another folder. When ``BNET_FASTAI_MIRROR=<base url>``
+is set, every archive is fetched from ``<base url>/<archive file name>`` instead of its usual host.
+"""
+from __future__ import annotations
+
+import gzip
+import json
+import os
+import shutil
+import tarfile
+import tempfile
+import urllib.error
+import zlib
+from dataclasses import dataclass
+from pathlib import Path
+
+from fastai.data.block import CategoryBlock, DataBlock
+from fastai.data.core import DataLoaders
+from fastai.data.external import URLs, untar_data
+from fastai.data.transforms import GrandparentSplitter, Normalize, parent_label
+from fastai.vision.augment import FlipItem, RandomResizedCrop
+from fastai.vision.core import imagenet_stats
+from fastai.vision.data import ImageBlock
+from fastai.vision.utils import verify_images
+
+from ._checks import check_choice
+
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png")
+VERIFIED_FILE = ".bnet_fastai_verified.json"  # the unreadable images found once, so later runs skip them
+EXTRACTED_FILE = ".bnet_fastai_extracted"  # written once an archive is fully extracted
+
+
+class DatasetError(ValueError):
+    """A dataset cannot be had: unknown, unreachable, corrupt or incomplete. The message says the fix."""
+
+
+@dataclass(frozen=True)
+class DatasetSpec:
+    """Where a dataset comes from and how its folders are named."""
+
+    url: str | None  # fastai URL of the archive; None for the embedded `sample`
+    train: str = "train"
+    valid: str = "val"
+    flip: bool = True  # horizontal flips as augmentation; off for digits, whose mirror image is another glyph
+
+    @property
+    def archive(self) -> str | None:
+        return self.url.rsplit("/", 1)[-1] if self.url else None
+
+
+DATASETS: dict[str, DatasetSpec] = {
+    "imagenette-160": DatasetSpec(URLs.IMAGENETTE_160),
+    "imagenette-320": DatasetSpec(URLs.IMAGENETTE_320),
+    "imagenette": DatasetSpec(URLs.IMAGENETTE),
+    "imagewoof-160": DatasetSpec(URLs.IMAGEWOOF_160),
+    "imagewoof-320": DatasetSpec(URLs.IMAGEWOOF_320),
+    "imagewoof": DatasetSpec(URLs.IMAGEWOOF),
+    "mnist": DatasetSpec(URLs.MNIST, train="training", valid="testing", flip=False),
+    "sample": DatasetSpec(None, flip=False),
+}
+
+
+def list_datasets() -> list[str]:
+    """Names accepted wherever a dataset is asked for."""
+    return list(DATASETS)
+
+
+def data_root() -> Path:
+    """The folder datasets are downloaded and extracted into."""
+    if os.environ.get("BNET_FASTAI_DATA"):
+        return Path(os.environ["BNET_FASTAI_DATA"]).expanduser().resolve()
+    project = Path(__file__).resolve().parents[1]
+    return project / "data" if (project / "pyproject.toml").exists() else Path.cwd() / "data"
+
+
+def download_url(name: str) -> str:
+    """The URL `name` is fetched from: its fastai URL, or the mirror's copy of the same archive."""
+    spec = DATASETS[name]
+    mirror = os.environ.get("BNET_FASTAI_MIRROR", "").rstrip("/")
+    return f"{mirror}/{spec.archive}" if mirror else spec.url
+
+
+def prepare(name: str) -> Path:
+    """Download (once) and extract dataset `name`; return the folder holding its train/valid folders."""
+    check_choice("dataset", name, DATASETS)
+    path = _write_sample(data_root() / "sample") if name == "sample" else _fetch(name)
+    spec = DATASETS[name]
+    missing = [d for d in (spec.train, spec.valid) if not (path / d).is_dir() or not any((path / d).iterdir())]
+    if missing:
+        raise DatasetError(f"dataset {name!r} at {path} has no {' or '.join(missing)}/ folder of class folders: "
+                           f"it is incomplete; delete {path} and run again")
+    return path
+
+
+def _fetch(name: str) -> Path:
+    url, root, archive_name = download_url(name), data_root(), DATASETS[name].archive
+    folder = root / archive_name.removesuffix(".tgz")
+    if folder.is_dir() and not (folder / EXTRACTED_FILE).exists():
+        # fastcore extracts into a temp dir and then moves the tree across file systems: a kill during
+        # the move leaves a partial folder that untar_data would take as complete. Extract again.
+        shutil.rmtree(folder)
+    try:
+        path = Path(untar_data(url, archive=root / "archive", data=root))
+    except (urllib.error.URLError, ConnectionError, TimeoutError) as e:
+        reason = getattr(e, "reason", None) or e
+        raise DatasetError(f"cannot download {name!r} from {url} ({reason}); offline, use --dataset sample, "
+                           f"or set BNET_FASTAI_MIRROR=<base url> serving {archive_name}") from None
+    except (tarfile.TarError, shutil.ReadError, EOFError, zlib.error, gzip.BadGzipFile):
+        (root / "archive" / archive_name).unlink(missing_ok=True)
+        raise DatasetError(f"the archive of {name!r} downloaded from {url} is corrupt or truncated; "
+                           f"it was deleted, run again to download it anew") from None
+    (path / EXTRACTED_FILE).touch()
+    return path
+
+
+def _write_sample(dest: Path) -> Path:
+    """scikit-learn's 1,797 handwritten digits (8x8, 10 classes) as PNGs in the Imagenette layout, once."""
+    if dest.is_dir():
+        return dest
+    import numpy as np
+    from PIL import Image
+    from sklearn.datasets import load_digits
+    from sklearn.model_selection import train_test_split
+
+    digits = load_digits()
+    pixels = (digits.images * (255 / 16)).round().astype(np.uint8)  # values are 0..16
+    index = np.arange(len(pixels))
+    train, valid = train_test_split(index, test_size=0.2, random_state=0, stratify=digits.target)
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=".sample-", dir=dest.parent))
+    try:
+        for split, idxs in (("train", train), ("val", valid)):
+            for i in idxs:
+                folder = tmp / split / str(digits.target[i])
+                folder.mkdir(parents=True, exist_ok=True)
+                Image.fromarray(pixels[i], mode="L").save(folder / f"{i:04d}.png")
+        tmp.rename(dest)  # atomic: a crash leaves a hidden temp folder, never a half-written sample
+    except FileExistsError:  # written meanwhile by another process
+        shutil.rmtree(tmp, ignore_errors=True)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return dest
+
+
+def image_files(path: Path, spec: DatasetSpec) -> list[Path]:
+    """The readable images under the train and valid folders of `path`, in sorted order.
+
+    Unreadable images are found once with fastai's `verify_images`, reported, remembered in
+    `VERIFIED_FILE` and skipped, rather than crashing a run in epoch 3.
+    """
+    files = sorted(p for d in (spec.train, spec.valid) for p in (path / d).rglob("*")
+                   if p.suffix.lower() in IMAGE_EXTENSIONS)
+    record = path / VERIFIED_FILE
+    known = json.loads(record.read_text()) if record.exists() else None
+    if known is None or known.get("n_files") != len(files):
+        bad = sorted(str(p.relative_to(path)) for p in verify_images(files))
+        known = {"n_files": len(files), "unreadable": bad}
+        _atomic_write_text(record, json.dumps(known, indent=1))
+    if known["unreadable"]:
+        print(f"skipping {len(known['unreadable'])} unreadable image(s) in {path}: "
+              f"{', '.join(known['unreadable'][:5])}{' ...' if len(known['unreadable']) > 5 else ''}")
+    bad = set(known["unreadable"])
+    return [p for p in files if str(p.relative_to(path)) not in bad]
+
+
+def _atomic_write_text(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def dataloaders(name: str, size: int = 128, bs: int = 64, workers: int | None = None, fraction: float = 1.0,
+                seed: int = 0, device=None) -> DataLoaders:
+    """fastai DataLoaders for dataset `name`, with the augmentation of fastai's Imagenette example.
+
+    Split by the train/valid folders; items: RandomResizedCrop(size, min_scale=0.35) and a horizontal
+    flip (not for digits); batches: ImageNet-stats normalisation. `ImageBlock` opens every image as
+    RGB, so grayscale and CMYK JPEGs are converted. `fraction` < 1 keeps that share of each training
+    class (seeded), for quick runs; the validation set is always whole.
+    """
+    check_choice("dataset", name, DATASETS)
+    if not 0 < fraction <= 1:
+        raise ValueError(f"fraction must be in (0, 1], got {fraction!r}")
+    spec, path = DATASETS[name], prepare(name)
+    items = image_files(path, spec)
+    if fraction < 1:
+        items = _subsample_train(items, path / spec.train, fraction, seed)
+    item_tfms = [RandomResizedCrop(size, min_scale=0.35)] + ([FlipItem(0.5)] if spec.flip else [])
+    block = DataBlock(blocks=(ImageBlock, CategoryBlock), splitter=GrandparentSplitter(spec.train, spec.valid),
+                      get_y=parent_label, item_tfms=item_tfms, batch_tfms=Normalize.from_stats(*imagenet_stats))
+    workers = min(os.cpu_count() or 1, 8) if workers is None else workers
+    return block.dataloaders(items, bs=bs, num_workers=workers, device=device, path=path)
+
+
+def _subsample_train(items: list[Path], train_dir: Path, fraction: float, seed: int) -> list[Path]:
+    import random
+
+    rng, kept = random.Random(seed), []
+    by_class: dict[Path, list[Path]] = {}
+    for p in items:
+        (by_class.setdefault(p.parent, []) if train_dir in p.parents else kept).append(p)
+    for cls_items in by_class.values():
+        kept += rng.sample(cls_items, max(1, round(len(cls_items) * fraction)))
+    return sorted(kept)

@@ -1,0 +1,241 @@
+"""One run: `RunConfig` (the whole configuration, logged with the results) and `run(config)`.
+
+A run folder ``<out>/<run_id>/`` holds ``config.json``, ``history.csv`` (fastai's `CSVLogger`, one row per
+epoch) and ``status.json``. ``status.json`` is written first as ``running`` and replaced, atomically, by
+``finished``, ``diverged``, ``failed`` or ``interrupted`` at the end, so a crash or a kill never leaves a
+run that looks finished. A ``running`` status whose process is gone is reported as ``interrupted``.
+"""
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import os
+import platform
+import shutil
+import subprocess
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+from fastai.callback.channelslast import ChannelsLast
+from fastai.callback.fp16 import MixedPrecision
+from fastai.callback import schedule  # noqa: F401  (adds Learner.fit_one_cycle)
+from fastai.callback.progress import CSVLogger
+from fastai.callback.tracker import TerminateOnNaNCallback
+from fastai.learner import Learner
+from fastai.losses import CrossEntropyLossFlat, LabelSmoothingCrossEntropyFlat
+from fastai.metrics import accuracy
+from fastai.optimizer import SGD, Adam, ranger
+from fastai.torch_core import num_distrib, rank_distrib, set_seed
+
+from ._checks import check_choice
+from .data import DATASETS, dataloaders
+from .models import create_model
+from .weight_decay import BNETWeightDecay, no_decay_params
+
+OPTIMIZERS = {"adam": Adam, "ranger": ranger, "sgd": SGD}
+STATUSES = ("running", "finished", "diverged", "failed", "interrupted")
+DONE = ("finished", "diverged")  # a sweep does not redo these: a diverged run would diverge again
+
+
+@dataclass
+class RunConfig:
+    """Everything that defines a run. Written to config.json; its hash names the run folder."""
+
+    arch: str = "xresnet18"  # a name from list_archs()
+    norm: str = "bn"  # "bn" or "bnet"
+    dataset: str = "imagenette-160"  # a name from list_datasets()
+    size: int = 128  # training image size (RandomResizedCrop), pixels
+    bs: int = 64  # batch size
+    epochs: int = 5  # fit_one_cycle epochs
+    lr: float = 3e-3  # peak learning rate of the one-cycle schedule
+    wd: float = 1e-2  # decoupled weight decay (AdamW-style, fastai's default true_wd)
+    wd_norm: bool = False  # decay norm affine params too (BN gamma/beta, BNET kernel/bias); fastai: False
+    opt: str = "adam"  # "adam", "ranger" or "sgd" (fastai's optimizers)
+    label_smoothing: float = 0.1  # 0 gives plain cross-entropy; 0.1 as fastai's Imagenette example
+    seed: int = 0  # set_seed(seed, reproducible=True): weights, data order, augmentation
+    k: int = 3  # BNET kernel size (odd)
+    placement: str = "all"  # "all" or "last" (BNET only in each residual block's last norm)
+    bnet_init: str = "auto"  # zero where the library zero-inits gamma, identity elsewhere
+    act: str = "relu"  # activation: "relu", "mish" or "silu"
+    fraction: float = 1.0  # share of each training class used (quick runs); validation stays whole
+    channels_last: bool = False  # train in channels_last memory format
+    fp16: str = "auto"  # mixed precision: "auto" (on when a GPU is used), "on" or "off"
+    workers: int | None = None  # DataLoader worker processes; None: up to 8 (does not change results)
+
+    def validate(self) -> None:
+        """Raise ValueError naming the valid choices for any bad field, before anything is written."""
+        from .models import ACTIVATIONS, ARCHS
+        from .norms import NORM_LAYERS, PLACEMENTS, SWAP_INITS
+        from ._checks import check_kernel_size
+
+        check_choice("arch", self.arch, ARCHS)
+        check_choice("norm", self.norm, NORM_LAYERS)
+        check_choice("dataset", self.dataset, DATASETS)
+        check_choice("placement", self.placement, PLACEMENTS)
+        check_kernel_size(self.k)
+        check_choice("bnet_init", self.bnet_init, SWAP_INITS)
+        check_choice("act", self.act, ACTIVATIONS)
+        check_choice("opt", self.opt, OPTIMIZERS)
+        check_choice("fp16", self.fp16, ("auto", "on", "off"))
+        for name in ("size", "bs", "epochs"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be a positive integer, got {getattr(self, name)!r}")
+        if not 0 < self.fraction <= 1:
+            raise ValueError(f"fraction must be in (0, 1], got {self.fraction!r}")
+
+    @property
+    def run_id(self) -> str:
+        """Readable name plus a hash of every field that changes results (workers does not)."""
+        fields = {k: v for k, v in asdict(self).items() if k != "workers"}
+        digest = hashlib.sha1(json.dumps(fields, sort_keys=True).encode()).hexdigest()[:8]
+        variant = f"{self.norm}-k{self.k}-{self.placement}" if self.norm == "bnet" else self.norm
+        return f"{self.arch}_{variant}_s{self.seed}_{digest}"
+
+
+def atomic_write(path: Path, text: str) -> None:
+    """Write `text` to `path` so that readers see the old file or the new one, never half of it."""
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    with open(tmp, "w") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def read_status(run_dir: Path) -> dict:
+    """The run's status; a `running` run whose process no longer exists is `interrupted`."""
+    try:
+        status = json.loads((Path(run_dir) / "status.json").read_text())
+    except (FileNotFoundError, json.JSONDecodeError):
+        return {"status": "missing"}
+    if status.get("status") == "running" and not _alive(status.get("pid"), status.get("host")):
+        status = {**status, "status": "interrupted", "reason": "the process ended without writing a status"}
+    return status
+
+
+def _alive(pid: int | None, host: str | None) -> bool:
+    if host != platform.node():
+        return True  # a run on another machine sharing this folder: it cannot be checked from here
+    if pid is None:
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def _write_status(run_dir: Path, status: str, **extra) -> None:
+    atomic_write(run_dir / "status.json", json.dumps(
+        {"status": status, "pid": os.getpid(), "host": platform.node(), "time": time.time(), **extra}, indent=1))
+
+
+class DivergenceCallback(TerminateOnNaNCallback):
+    """fastai's TerminateOnNaN, remembering that it fired so the run is marked `diverged`."""
+
+    diverged = False
+
+    def after_batch(self) -> None:
+        if not torch.isfinite(self.loss.detach()).all():
+            self.diverged = True
+        super().after_batch()
+
+
+def _environment() -> dict:
+    import fastai
+    import timm
+
+    from . import __version__
+
+    try:
+        commit = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5,
+                                cwd=Path(__file__).parent).stdout.strip() or None
+    except (OSError, subprocess.SubprocessError):
+        commit = None
+    device = torch.cuda.get_device_name(0) if torch.cuda.is_available() else f"cpu ({os.cpu_count()} cores)"
+    return {"bnet_fastai": __version__, "torch": torch.__version__, "fastai": fastai.__version__,
+            "timm": timm.__version__, "python": platform.python_version(), "git_commit": commit,
+            "device": device, "host": platform.node()}
+
+
+def run(config: RunConfig, out: str | Path = "results/default", force: bool = False) -> dict:
+    """Train `config` into ``<out>/<run_id>/`` and return its final status (with ``run_dir``).
+
+    A run already `finished` or `diverged` there is reused, not retrained, unless `force`. Any other
+    state (missing, failed, interrupted) is cleared and trained from the start. Under a distributed
+    launch (``WORLD_SIZE`` > 1, e.g. ``accelerate launch``) every rank trains and rank 0 writes the files.
+    """
+    config.validate()
+    run_dir = Path(out).resolve() / config.run_id
+    main_process = rank_distrib() == 0
+    status = read_status(run_dir)
+    if status["status"] in DONE and not force:
+        return {**status, "run_dir": str(run_dir), "reused": True}
+    if status["status"] == "running" and main_process:
+        raise RuntimeError(f"{run_dir} is being trained by process {status.get('pid')}: wait for it or stop it")
+    if main_process:
+        shutil.rmtree(run_dir, ignore_errors=True)
+        run_dir.mkdir(parents=True)
+        _write_status(run_dir, "running")
+    try:
+        learn, divergence = _learner(config, run_dir, main_process)
+        start = time.time()
+        if num_distrib() > 1:
+            from .distributed import distrib_ctx
+
+            with distrib_ctx(learn, sync_bn=torch.cuda.is_available()):
+                learn.fit_one_cycle(config.epochs, config.lr)
+        else:
+            learn.fit_one_cycle(config.epochs, config.lr)
+    except KeyboardInterrupt:
+        if main_process:
+            _write_status(run_dir, "interrupted", reason="KeyboardInterrupt or SIGTERM")
+        raise
+    except Exception as e:
+        if main_process:
+            _write_status(run_dir, "failed", error=f"{type(e).__name__}: {e}")
+        raise
+    final = {"status": "diverged" if divergence.diverged else "finished",
+             "epochs_done": len(learn.recorder.values), "seconds": round(time.time() - start, 2),
+             "final_accuracy": float(learn.recorder.values[-1][2]) if learn.recorder.values else None}
+    if main_process:
+        _write_status(run_dir, final.pop("status"), **final)
+    return {**read_status(run_dir), "run_dir": str(run_dir), "reused": False}
+
+
+def _learner(config: RunConfig, run_dir: Path, main_process: bool) -> tuple[Learner, DivergenceCallback]:
+    """Seeded data, model and fastai Learner for `config`; writes config.json (rank 0)."""
+    set_seed(config.seed, reproducible=True)
+    on_gpu = torch.cuda.is_available()
+    dls = dataloaders(config.dataset, size=config.size, bs=config.bs, workers=config.workers,
+                      fraction=config.fraction, seed=config.seed)
+    model = create_model(config.arch, config.norm, n_out=len(dls.vocab), placement=config.placement, k=config.k,
+                         act=config.act, bnet_init=config.bnet_init)
+    loss = LabelSmoothingCrossEntropyFlat(eps=config.label_smoothing) if config.label_smoothing else CrossEntropyLossFlat()
+    divergence = DivergenceCallback()
+    cbs = [BNETWeightDecay(), divergence] + ([CSVLogger(fname="history.csv")] if main_process else [])
+    learn = Learner(dls, model, loss_func=loss, opt_func=OPTIMIZERS[config.opt], metrics=accuracy, wd=config.wd,
+                    wd_bn_bias=config.wd_norm, path=run_dir, cbs=cbs)
+    if config.channels_last:
+        learn.add_cb(ChannelsLast())
+    if config.fp16 == "on" or (config.fp16 == "auto" and on_gpu):
+        learn.to_fp16()
+    if main_process:
+        n_params = sum(p.numel() for p in model.parameters())
+        n_no_decay = sum(p.numel() for p in no_decay_params(model))
+        atomic_write(run_dir / "config.json", json.dumps({
+            "run_id": config.run_id, "config": asdict(config),
+            "dataset": {"name": config.dataset, "path": str(dls.path), "n_train": len(dls.train_ds),
+                        "n_valid": len(dls.valid_ds), "classes": list(map(str, dls.vocab))},
+            "model": {"parameters": n_params, "parameters_not_decayed": n_no_decay},
+            "weight_decay_rule": ("every parameter is decayed" if config.wd_norm else
+                                  "no decay for BN gamma/beta, BNET kernel/bias and any bias; decay for the rest"),
+            "training": {"schedule": "fit_one_cycle", "fp16": any(isinstance(cb, MixedPrecision) for cb in learn.cbs),
+                         "world_size": max(num_distrib(), 1)},
+            "environment": _environment()}, indent=1))
+    return learn, divergence
