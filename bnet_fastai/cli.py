@@ -1,32 +1,151 @@
-"""The `bnet-fastai` command. The `run`, `sweep`, `report` and `data` commands land with the runs issue."""
+"""The `bnet-fastai` command: run, sweep, report, data (and archs).
+
+Every `RunConfig` field is an option (``--label-smoothing`` for ``label_smoothing``); in `sweep` each
+takes a comma-separated list. Bad input exits 2 with one line naming the valid choices or the fix.
+"""
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import signal
 import sys
 
 from . import __version__
 
+EXIT_BAD_INPUT, EXIT_RUN_FAILED, EXIT_INTERRUPTED = 2, 1, 130
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse, but a usage error is one line: no usage block."""
+
+    def error(self, message: str) -> None:
+        self.exit(EXIT_BAD_INPUT, f"{self.prog}: error: {message}\n")
+
+
+def true_or_false(text: str) -> bool:
+    if text.lower() in ("1", "true", "yes", "on"):
+        return True
+    if text.lower() in ("0", "false", "no", "off"):
+        return False
+    raise argparse.ArgumentTypeError(f"expected true or false, got {text!r}")
+
+
+def int_or_none(text: str) -> int | None:
+    return None if text.lower() == "none" else int(text)
+
+
+_TYPES = {"str": str, "int": int, "float": float, "bool": true_or_false, "int | None": int_or_none}
+
+
+def _list_of(one):
+    def convert(text: str) -> list:
+        return [one(v) for v in text.split(",")]
+
+    convert.__name__ = f"{one.__name__} list"  # argparse names it in "invalid ... value" errors
+    return convert
+
+
+def _add_config_options(parser: argparse.ArgumentParser, lists: bool) -> None:
+    from .train import RunConfig
+
+    for f in dataclasses.fields(RunConfig):
+        convert = _list_of(_TYPES[f.type]) if lists else _TYPES[f.type]
+        parser.add_argument(f"--{f.name.replace('_', '-')}", dest=f.name, type=convert, default=None,
+                            metavar=f.name.upper(), help=f"default: {f.default}")
+
+
+def _config_args(args: argparse.Namespace) -> dict:
+    from .train import RunConfig
+
+    return {f.name: getattr(args, f.name) for f in dataclasses.fields(RunConfig) if getattr(args, f.name) is not None}
+
+
+def _run(args: argparse.Namespace) -> int:
+    from .train import RunConfig, run
+
+    result = run(RunConfig(**_config_args(args)), args.out, force=args.force)
+    print(f"{result['status']}{' (reused)' if result.get('reused') else ''}: {result['run_dir']}")
+    return 0 if result["status"] == "finished" else EXIT_RUN_FAILED
+
+
+def _sweep(args: argparse.Namespace) -> int:
+    from .sweep import sweep
+    from .train import RunConfig
+
+    grid = _config_args(args)
+    results = sweep(RunConfig(), grid, args.out, force=args.force)
+    counts = {s: sum(r["status"] == s for r in results) for s in dict.fromkeys(r["status"] for r in results)}
+    print(f"sweep done: {', '.join(f'{n} {s}' for s, n in counts.items())} in {args.out}")
+    return 0 if all(r["status"] in ("finished", "diverged") for r in results) else EXIT_RUN_FAILED
+
+
+def _report(args: argparse.Namespace) -> int:
+    from .report import report
+
+    summary = report(args.dir, target=args.target)
+    print(summary.to_string(index=False))
+    print(f"wrote {args.dir}/summary.csv and {args.dir}/accuracy.png")
+    return 0
+
+
+def _data(args: argparse.Namespace) -> int:
+    from .data import prepare
+
+    print(prepare(args.dataset))
+    return 0
+
 
 def _archs(args: argparse.Namespace) -> int:
+    from .data import list_datasets
     from .models import list_archs
     from .norms import list_norms
 
     print("archs:", ", ".join(list_archs()))
     print("norms:", ", ".join(list_norms()))
+    print("datasets:", ", ".join(list_datasets()))
     return 0
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="bnet-fastai", description="BatchNorm vs BNET experiments with fastai.")
+    parser = _Parser(prog="bnet-fastai", description="BatchNorm vs BNET experiments with fastai.")
     parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
-    sub = parser.add_subparsers(dest="command", required=True)
-    sub.add_parser("archs", help="list the model and norm names").set_defaults(func=_archs)
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+    for name, func, lists, text in (("run", _run, False, "train one configuration"),
+                                    ("sweep", _sweep, True, "train a grid (comma lists); re-run to resume")):
+        p = sub.add_parser(name, help=text, description=text)
+        _add_config_options(p, lists)
+        p.add_argument("--out", default="results/default", help="experiment folder (one sub-folder per run)")
+        p.add_argument("--force", action="store_true", help="retrain runs that already finished")
+        p.set_defaults(func=func)
+    p = sub.add_parser("report", help="summary.csv and plots of an experiment folder")
+    p.add_argument("dir")
+    p.add_argument("--target", type=float, default=0.8, help="accuracy for 'epochs to target' (default 0.8)")
+    p.set_defaults(func=_report)
+    p = sub.add_parser("data", help="download/prepare a dataset and print its path")
+    p.add_argument("dataset")
+    p.set_defaults(func=_data)
+    sub.add_parser("archs", help="list model, norm and dataset names").set_defaults(func=_archs)
     return parser
+
+
+def _sigterm(signum, frame):
+    raise KeyboardInterrupt  # so the current run is marked `interrupted`
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    return args.func(args)
+    signal.signal(signal.SIGTERM, _sigterm)
+    try:
+        return args.func(args)
+    except ValueError as e:  # bad input, raised where the value entered (DatasetError included)
+        print(f"bnet-fastai {args.command}: error: {e}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    except KeyboardInterrupt:
+        print(f"bnet-fastai {args.command}: interrupted", file=sys.stderr)
+        return EXIT_INTERRUPTED
+    except Exception as e:  # noqa: BLE001  (a failed run: its status.json holds the details)
+        print(f"bnet-fastai {args.command}: failed: {type(e).__name__}: {e}", file=sys.stderr)
+        return EXIT_RUN_FAILED
 
 
 if __name__ == "__main__":
