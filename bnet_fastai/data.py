@@ -88,9 +88,10 @@ def prepare(name: str) -> Path:
     check_choice("dataset", name, DATASETS)
     path = _write_sample(data_root() / "sample") if name == "sample" else _fetch(name)
     spec = DATASETS[name]
-    missing = [d for d in (spec.train, spec.valid) if not (path / d).is_dir() or not any((path / d).iterdir())]
+    missing = [d for d in (spec.train, spec.valid)
+               if not any(p.suffix.lower() in IMAGE_EXTENSIONS for p in (path / d).rglob("*"))]
     if missing:
-        raise DatasetError(f"dataset {name!r} at {path} has no {' or '.join(missing)}/ folder of class folders: "
+        raise DatasetError(f"dataset {name!r} at {path} has no images in {' or '.join(f'{d}/' for d in missing)}: "
                            f"it is incomplete; delete {path} and run again")
     return path
 

@@ -214,6 +214,9 @@ def _learner(config: RunConfig, run_dir: Path, main_process: bool) -> tuple[Lear
     on_gpu = torch.cuda.is_available()
     dls = dataloaders(config.dataset, size=config.size, bs=config.bs, workers=config.workers,
                       fraction=config.fraction, seed=config.seed)
+    if len(dls.train) == 0:  # fastai drops the last partial batch: nothing would be trained
+        raise ValueError(f"bs={config.bs} is larger than the {len(dls.train_ds)} training images of "
+                         f"{config.dataset!r} (fraction={config.fraction}); use a smaller --bs")
     model = create_model(config.arch, config.norm, n_out=len(dls.vocab), placement=config.placement, k=config.k,
                          act=config.act, bnet_init=config.bnet_init)
     loss = LabelSmoothingCrossEntropyFlat(eps=config.label_smoothing) if config.label_smoothing else CrossEntropyLossFlat()

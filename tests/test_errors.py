@@ -1,8 +1,4 @@
 """Bad input: a ValueError naming the valid choices, raised before any model is built."""
-import subprocess
-import sys
-from pathlib import Path
-
 import pytest
 from torch import nn
 
@@ -52,11 +48,3 @@ def test_swap_norm_and_get_norm_layer_reject_bad_input_and_leave_the_model_alone
         swap_norm(model, "bnet", placement="last")
     with pytest.raises(ValueError, match="valid choices: 1, 2, 3"):
         get_norm_layer("bnet", ndim=4)
-
-
-def test_cli_lists_archs_and_rejects_unknown_commands():
-    cli = str(Path(sys.executable).with_name("bnet-fastai"))  # the console script pip installed
-    ok = subprocess.run([cli, "archs"], capture_output=True, text=True)
-    assert ok.returncode == 0 and "xresnet50" in ok.stdout and "norms: bn, bnet" in ok.stdout
-    bad = subprocess.run([cli, "fly"], capture_output=True, text=True)
-    assert bad.returncode == 2 and "invalid choice: 'fly'" in bad.stderr and "Traceback" not in bad.stderr

@@ -1,0 +1,68 @@
+"""Sweeps: the grid, resuming after SIGKILL without touching finished runs, and failures that don't stop it."""
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from bnet_fastai.sweep import expand_grid, sweep
+from bnet_fastai.train import RunConfig, read_status
+
+CLI = str(Path(sys.executable).with_name("bnet-fastai"))
+ARGS = ["--arch", "xmininet", "--norm", "bnet", "--seed", "0,1,2", "--dataset", "sample", "--size", "16",
+        "--epochs", "4", "--fraction", "0.3", "--workers", "0"]
+
+
+def _snapshot(run_dir: Path) -> dict:
+    return {p.name: p.read_bytes() for p in sorted(run_dir.iterdir())}
+
+
+def test_expand_grid_is_the_product_without_duplicates():
+    configs = expand_grid(RunConfig(), {"arch": ["xmininet", "mininest"], "norm": ["bn", "bnet"], "k": [3, 5]})
+    # bn ignores k but its run_id still depends on it: 2 archs x (bn x 2 k + bnet x 2 k)
+    assert len(configs) == 8 and len({c.run_id for c in configs}) == 8
+    with pytest.raises(ValueError, match="unknown RunConfig field.*colour; valid fields: act, arch"):
+        expand_grid(RunConfig(), {"colour": ["red"]})
+
+
+def test_sweep_killed_mid_run_resumes_and_keeps_finished_runs_untouched(tmp_path):
+    env = {**os.environ, "BNET_FASTAI_DATA": str(tmp_path / "data")}
+    out = tmp_path / "exp"
+    run_dirs = [out / c.run_id for c in expand_grid(RunConfig(dataset="sample", size=16, epochs=4, fraction=0.3,
+                                                              workers=0, arch="xmininet", norm="bnet"),
+                                                    {"seed": [0, 1, 2]})]
+    proc = subprocess.Popen([CLI, "sweep", *ARGS, "--out", str(out)], env=env, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL, start_new_session=True)
+    deadline = time.time() + 240
+    # kill once run 1 is finished and run 2 has logged at least one epoch of four
+    while not (read_status(run_dirs[0])["status"] == "finished" and (run_dirs[1] / "history.csv").exists()
+               and len((run_dirs[1] / "history.csv").read_text().splitlines()) >= 2):
+        assert proc.poll() is None and time.time() < deadline, "sweep ended or stalled before the kill point"
+        time.sleep(0.05)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    finished_before = _snapshot(run_dirs[0])
+    assert read_status(run_dirs[1])["status"] == "interrupted"
+    assert json.loads((run_dirs[1] / "status.json").read_text())["status"] == "running"  # as the kill left it
+
+    resumed = subprocess.run([CLI, "sweep", *ARGS, "--out", str(out)], env=env, capture_output=True, text=True)
+    assert resumed.returncode == 0, resumed.stderr
+    assert "xmininet_bnet-k3-all_s0" in resumed.stdout and "finished (reused)" in resumed.stdout
+    assert _snapshot(run_dirs[0]) == finished_before
+    for run_dir in run_dirs[1:]:
+        assert read_status(run_dir)["status"] == "finished"
+        assert len((run_dir / "history.csv").read_text().splitlines()) == 1 + 4
+
+
+def test_a_failing_run_is_recorded_and_the_sweep_goes_on(tmp_path, monkeypatch):
+    monkeypatch.setenv("BNET_FASTAI_DATA", str(tmp_path / "data"))
+    base = RunConfig(dataset="sample", size=16, epochs=1, fraction=0.2, workers=0, arch="xmininet")
+    # a batch size larger than the training set leaves fastai's training loader empty: that run fails
+    results = sweep(base, {"bs": [100000, 32]}, tmp_path / "exp")
+    assert [r["status"] for r in results] == ["failed", "finished"]
+    failed = json.loads((Path(results[0]["run_dir"]) / "status.json").read_text())
+    assert failed["status"] == "failed" and "bs=100000 is larger than the" in failed["error"]

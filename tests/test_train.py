@@ -1,0 +1,80 @@
+"""One run on the offline sample: it learns, it is reproducible, its files tell its state."""
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pandas as pd
+import pytest
+
+from bnet_fastai.train import RunConfig, read_status, run
+
+QUICK = dict(dataset="sample", size=16, bs=64, epochs=2, fraction=0.3, workers=0, arch="xmininet")
+
+
+@pytest.fixture(autouse=True)
+def _data_root(tmp_path_factory, monkeypatch):
+    monkeypatch.setenv("BNET_FASTAI_DATA", str(tmp_path_factory.getbasetemp() / "shared-data"))
+
+
+def _files(run_dir):
+    return {p.name: p.read_bytes() for p in sorted(run_dir.iterdir())}
+
+
+def test_sample_trains_a_mini_model_well_above_chance(tmp_path):
+    result = run(RunConfig(arch="xmininet", norm="bnet", dataset="sample", size=32, epochs=2, lr=1e-2, workers=0),
+                 tmp_path)
+    history = pd.read_csv(f"{result['run_dir']}/history.csv")
+    assert result["status"] == "finished" and len(history) == 2
+    assert history["accuracy"].iloc[-1] > 0.6  # 10 classes: chance is 0.1
+    assert history["train_loss"].iloc[-1] < history["train_loss"].iloc[0]
+
+
+def test_same_seed_on_cpu_gives_the_same_history(tmp_path):
+    first = run(RunConfig(norm="bnet", seed=5, **QUICK), tmp_path / "a")
+    second = run(RunConfig(norm="bnet", seed=5, **QUICK), tmp_path / "b")
+    other = run(RunConfig(norm="bnet", seed=6, **QUICK), tmp_path / "c")
+    cols = ["epoch", "train_loss", "valid_loss", "accuracy"]
+    h1, h2, h3 = (pd.read_csv(f"{r['run_dir']}/history.csv")[cols] for r in (first, second, other))
+    pd.testing.assert_frame_equal(h1, h2)
+    assert not h1.equals(h3)
+
+
+def test_config_json_records_everything(tmp_path):
+    config = RunConfig(norm="bnet", k=5, placement="last", **QUICK)
+    result = run(config, tmp_path)
+    written = json.loads(open(f"{result['run_dir']}/config.json").read())
+    assert written["run_id"] == config.run_id and written["config"] == config.__dict__
+    train = Path(written["dataset"]["path"]) / "train"
+    assert written["dataset"]["n_train"] == sum(round(len(list(d.iterdir())) * 0.3) for d in train.iterdir())
+    assert written["dataset"]["n_valid"] == 360
+    assert written["model"]["parameters"] > written["model"]["parameters_not_decayed"] > 0
+    assert written["weight_decay_rule"].startswith("no decay for BN gamma/beta, BNET kernel/bias")
+    env = written["environment"]
+    assert {"torch", "fastai", "timm", "python", "git_commit", "device"} <= set(env) and env["device"].startswith("cpu")
+    assert written["training"] == {"schedule": "fit_one_cycle", "fp16": False, "world_size": 1}
+
+
+def test_a_finished_run_is_reused_byte_for_byte(tmp_path):
+    config = RunConfig(norm="bn", **QUICK)
+    first = run(config, tmp_path)
+    before = _files(tmp_path / config.run_id)
+    again = run(config, tmp_path)
+    assert again["reused"] and not first["reused"] and _files(tmp_path / config.run_id) == before
+
+
+def test_nan_loss_stops_the_run_as_diverged(tmp_path):
+    result = run(RunConfig(norm="bn", opt="sgd", lr=1e8, **QUICK), tmp_path)
+    assert result["status"] == "diverged" and result["epochs_done"] < 2
+
+
+def test_a_dead_running_process_reads_as_interrupted(tmp_path):
+    proc = subprocess.Popen([sys.executable, "-c", "pass"])
+    proc.wait()
+    (tmp_path / "status.json").write_text(json.dumps({"status": "running", "pid": proc.pid,
+                                                      "host": os.uname().nodename}))
+    assert read_status(tmp_path)["status"] == "interrupted"
+    (tmp_path / "status.json").write_text(json.dumps({"status": "running", "pid": os.getpid(),
+                                                      "host": os.uname().nodename}))
+    assert read_status(tmp_path)["status"] == "running"
