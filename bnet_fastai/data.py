@@ -139,11 +139,11 @@ def _write_sample(dest: Path) -> Path:
                 folder.mkdir(parents=True, exist_ok=True)
                 Image.fromarray(pixels[i], mode="L").save(folder / f"{i:04d}.png")
         tmp.rename(dest)  # atomic: a crash leaves a hidden temp folder, never a half-written sample
-    except FileExistsError:  # written meanwhile by another process
-        shutil.rmtree(tmp, ignore_errors=True)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
-        raise
+        if not dest.is_dir():
+            raise
+        # else another process (another rank, a parallel run) wrote it meanwhile: use that copy
     return dest
 
 

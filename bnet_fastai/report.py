@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from .train import read_status
+from .train import atomic_write, read_status
 
 SUMMARY_KEYS = ["dataset", "size", "epochs", "arch", "variant"]
 
@@ -89,6 +89,6 @@ def report(experiment: str | Path, target: float = 0.8) -> pd.DataFrame:
     if history.empty:
         raise ValueError(f"no finished run in {experiment}")
     summary = summarize(history, target)
-    summary.to_csv(experiment / "summary.csv", index=False)
+    atomic_write(experiment / "summary.csv", summary.to_csv(index=False))
     plot_curves(history, experiment / "accuracy.png")
     return summary

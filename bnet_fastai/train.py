@@ -183,7 +183,7 @@ def run(config: RunConfig, out: str | Path = "results/default", force: bool = Fa
         run_dir.mkdir(parents=True)
         _write_status(run_dir, "running")
     try:
-        learn, divergence = _learner(config, run_dir, main_process)
+        learn, divergence = build_learner(config, run_dir if main_process else None)
         start = time.time()
         if num_distrib() > 1:
             from .distributed import distrib_ctx
@@ -200,16 +200,21 @@ def run(config: RunConfig, out: str | Path = "results/default", force: bool = Fa
         if main_process:
             _write_status(run_dir, "failed", error=f"{type(e).__name__}: {e}")
         raise
-    final = {"status": "diverged" if divergence.diverged else "finished",
-             "epochs_done": len(learn.recorder.values), "seconds": round(time.time() - start, 2),
+    final = {"epochs_done": len(learn.recorder.values), "seconds": round(time.time() - start, 2),
              "final_accuracy": float(learn.recorder.values[-1][2]) if learn.recorder.values else None}
+    status = "diverged" if divergence.diverged else "finished"
     if main_process:
-        _write_status(run_dir, final.pop("status"), **final)
-    return {**read_status(run_dir), "run_dir": str(run_dir), "reused": False}
+        _write_status(run_dir, status, **final)
+    return {"status": status, **final, "run_dir": str(run_dir), "reused": False}
 
 
-def _learner(config: RunConfig, run_dir: Path, main_process: bool) -> tuple[Learner, DivergenceCallback]:
-    """Seeded data, model and fastai Learner for `config`; writes config.json (rank 0)."""
+def build_learner(config: RunConfig, run_dir: Path | None = None) -> tuple[Learner, DivergenceCallback]:
+    """Seeded data, model and fastai Learner for `config`, and its divergence watch.
+
+    With a `run_dir`, the Learner logs history.csv there and config.json is written; without one
+    (other ranks of a distributed run, or interactive use) nothing is written.
+    """
+    config.validate()
     set_seed(config.seed, reproducible=True)
     on_gpu = torch.cuda.is_available()
     dls = dataloaders(config.dataset, size=config.size, bs=config.bs, workers=config.workers,
@@ -221,14 +226,14 @@ def _learner(config: RunConfig, run_dir: Path, main_process: bool) -> tuple[Lear
                          act=config.act, bnet_init=config.bnet_init)
     loss = LabelSmoothingCrossEntropyFlat(eps=config.label_smoothing) if config.label_smoothing else CrossEntropyLossFlat()
     divergence = DivergenceCallback()
-    cbs = [BNETWeightDecay(), divergence] + ([CSVLogger(fname="history.csv")] if main_process else [])
+    cbs = [BNETWeightDecay(), divergence] + ([CSVLogger(fname="history.csv")] if run_dir else [])
     learn = Learner(dls, model, loss_func=loss, opt_func=OPTIMIZERS[config.opt], metrics=accuracy, wd=config.wd,
-                    wd_bn_bias=config.wd_norm, path=run_dir, cbs=cbs)
+                    wd_bn_bias=config.wd_norm, path=run_dir or Path.cwd(), cbs=cbs)
     if config.channels_last:
         learn.add_cb(ChannelsLast())
     if config.fp16 == "on" or (config.fp16 == "auto" and on_gpu):
         learn.to_fp16()
-    if main_process:
+    if run_dir:
         n_params = sum(p.numel() for p in model.parameters())
         n_no_decay = sum(p.numel() for p in no_decay_params(model))
         atomic_write(run_dir / "config.json", json.dumps({

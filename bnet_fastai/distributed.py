@@ -1,0 +1,53 @@
+"""Distributed data parallel training through fastai's `distrib_ctx` (Hugging Face accelerate underneath).
+
+Launch any run on N processes with ``accelerate launch --num_processes N -m bnet_fastai.cli run ...`` (or
+``torchrun --nproc_per_node N -m bnet_fastai.cli run ...``): `run` sees ``WORLD_SIZE`` > 1 and trains
+inside `distrib_ctx`. On GPUs that is fastai's own context with SyncBatchNorm: BNET survives the
+conversion because only its inner normaliser is a `_BatchNorm` (see `bnet_fastai.layers`).
+
+Without GPUs (gloo backend, used to test this path on a CPU) fastai needs two adjustments: accelerate
+must be told ``cpu=True``, and fastai's `DistributedDL` broadcasts the shuffled batch order through a
+``.cuda()`` tensor (written for NCCL); `_GlooDistributedDL` broadcasts the CPU tensor instead.
+SyncBatchNorm needs GPUs, so on CPU each rank keeps its own batch statistics.
+"""
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+
+import torch
+from fastai.distributed import DistributedDL, DistributedTrainer
+from fastai.learner import Learner
+
+
+class _GlooDistributedDL(DistributedDL):
+    """fastai's `DistributedDL`, broadcasting the batch order as a CPU tensor (gloo)."""
+
+    def _broadcast(self, t: list, rank: int) -> list:
+        t = torch.LongTensor(t)
+        torch.distributed.broadcast(t, rank)
+        return t.tolist()
+
+
+class _CPUDistributedTrainer(DistributedTrainer):
+    """fastai's `DistributedTrainer` on CPU processes: accelerate with ``cpu=True`` and gloo-safe loaders."""
+
+    def __init__(self):
+        super().__init__(sync_bn=False, cpu=True)
+
+    def _wrap_dl(self, dl):
+        return dl if isinstance(dl, DistributedDL) else _GlooDistributedDL(dl, device=self.learn.model.device)
+
+
+@contextlib.contextmanager
+def distrib_ctx(learn: Learner, sync_bn: bool = True) -> Iterator[Learner]:
+    """fastai's `Learner.distrib_ctx` on GPUs; its CPU (gloo) counterpart otherwise. Yields `learn`."""
+    if torch.cuda.is_available():
+        with learn.distrib_ctx(sync_bn=sync_bn):
+            yield learn
+        return
+    learn.add_cb(_CPUDistributedTrainer())
+    try:
+        yield learn
+    finally:
+        learn.detach_distributed()
