@@ -27,6 +27,7 @@ from fastai.vision.data import ImageBlock
 from fastai.vision.utils import verify_images
 
 from ._checks import check_choice
+from ._files import atomic_write
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png")
 VERIFIED_FILE = ".bnet_fastai_verified.json"  # the unreadable images found once, so later runs skip them
@@ -160,18 +161,12 @@ def image_files(path: Path, spec: DatasetSpec) -> list[Path]:
     if known is None or known.get("n_files") != len(files):
         bad = sorted(str(p.relative_to(path)) for p in verify_images(files))
         known = {"n_files": len(files), "unreadable": bad}
-        _atomic_write_text(record, json.dumps(known, indent=1))
+        atomic_write(record, json.dumps(known, indent=1))
     if known["unreadable"]:
         print(f"skipping {len(known['unreadable'])} unreadable image(s) in {path}: "
               f"{', '.join(known['unreadable'][:5])}{' ...' if len(known['unreadable']) > 5 else ''}")
     bad = set(known["unreadable"])
     return [p for p in files if str(p.relative_to(path)) not in bad]
-
-
-def _atomic_write_text(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
 
 
 def dataloaders(name: str, size: int = 128, bs: int = 64, workers: int | None = None, fraction: float = 1.0,

@@ -73,6 +73,16 @@ def list_archs() -> list[str]:
     return list(ARCHS)
 
 
+def check_model_args(arch: str, norm: str, placement: str, k: int, act: str, bnet_init: str) -> None:
+    """Raise ValueError naming the valid choices for any bad `create_model` argument."""
+    check_choice("arch", arch, ARCHS)
+    check_choice("norm", norm, NORM_LAYERS)
+    check_choice("placement", placement, PLACEMENTS)
+    check_kernel_size(k)
+    check_choice("act", act, ACTIVATIONS)
+    check_choice("bnet_init", bnet_init, SWAP_INITS)
+
+
 def create_model(arch: str, norm: str = "bn", n_out: int = 10, *, placement: str = "all", k: int = 3,
                  act: str = "relu", bnet_init: str = "auto", **kw) -> nn.Module:
     """Build `arch` with `n_out` outputs whose norm layers (as `placement` selects) are `norm`.
@@ -80,11 +90,6 @@ def create_model(arch: str, norm: str = "bn", n_out: int = 10, *, placement: str
     `bnet_init` is passed to `swap_norm` (``"auto"``: zero where the library zero-inits gamma, identity
     elsewhere). Extra `kw` go to the library's builder (fastai ``XResNet`` or ``timm.create_model``).
     """
-    check_choice("arch", arch, ARCHS)
-    check_choice("norm", norm, NORM_LAYERS)
-    check_choice("placement", placement, PLACEMENTS)
-    check_kernel_size(k)
-    check_choice("act", act, ACTIVATIONS)
-    check_choice("bnet_init", bnet_init, SWAP_INITS)
+    check_model_args(arch, norm, placement, k, act, bnet_init)
     model = ARCHS[arch].build(n_out, ACTIVATIONS[act], **kw)
     return swap_norm(model, norm, placement=placement, k=k, init=bnet_init)

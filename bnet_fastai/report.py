@@ -6,7 +6,8 @@ from pathlib import Path
 
 import pandas as pd
 
-from .train import atomic_write, read_status
+from ._files import atomic_write
+from .train import read_status
 
 SUMMARY_KEYS = ["dataset", "size", "epochs", "arch", "variant"]
 

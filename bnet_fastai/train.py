@@ -7,7 +7,6 @@ run that looks finished. A ``running`` status whose process is gone is reported 
 """
 from __future__ import annotations
 
-import dataclasses
 import hashlib
 import json
 import os
@@ -19,9 +18,9 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
+from fastai.callback import schedule  # noqa: F401  (adds Learner.fit_one_cycle)
 from fastai.callback.channelslast import ChannelsLast
 from fastai.callback.fp16 import MixedPrecision
-from fastai.callback import schedule  # noqa: F401  (adds Learner.fit_one_cycle)
 from fastai.callback.progress import CSVLogger
 from fastai.callback.tracker import TerminateOnNaNCallback
 from fastai.learner import Learner
@@ -31,12 +30,12 @@ from fastai.optimizer import SGD, Adam, ranger
 from fastai.torch_core import num_distrib, rank_distrib, set_seed
 
 from ._checks import check_choice
+from ._files import atomic_write
 from .data import DATASETS, dataloaders
-from .models import create_model
+from .models import check_model_args, create_model
 from .weight_decay import BNETWeightDecay, no_decay_params
 
 OPTIMIZERS = {"adam": Adam, "ranger": ranger, "sgd": SGD}
-STATUSES = ("running", "finished", "diverged", "failed", "interrupted")
 DONE = ("finished", "diverged")  # a sweep does not redo these: a diverged run would diverge again
 
 
@@ -67,17 +66,8 @@ class RunConfig:
 
     def validate(self) -> None:
         """Raise ValueError naming the valid choices for any bad field, before anything is written."""
-        from .models import ACTIVATIONS, ARCHS
-        from .norms import NORM_LAYERS, PLACEMENTS, SWAP_INITS
-        from ._checks import check_kernel_size
-
-        check_choice("arch", self.arch, ARCHS)
-        check_choice("norm", self.norm, NORM_LAYERS)
+        check_model_args(self.arch, self.norm, self.placement, self.k, self.act, self.bnet_init)
         check_choice("dataset", self.dataset, DATASETS)
-        check_choice("placement", self.placement, PLACEMENTS)
-        check_kernel_size(self.k)
-        check_choice("bnet_init", self.bnet_init, SWAP_INITS)
-        check_choice("act", self.act, ACTIVATIONS)
         check_choice("opt", self.opt, OPTIMIZERS)
         check_choice("fp16", self.fp16, ("auto", "on", "off"))
         for name in ("size", "bs", "epochs"):
@@ -93,16 +83,6 @@ class RunConfig:
         digest = hashlib.sha1(json.dumps(fields, sort_keys=True).encode()).hexdigest()[:8]
         variant = f"{self.norm}-k{self.k}-{self.placement}" if self.norm == "bnet" else self.norm
         return f"{self.arch}_{variant}_s{self.seed}_{digest}"
-
-
-def atomic_write(path: Path, text: str) -> None:
-    """Write `text` to `path` so that readers see the old file or the new one, never half of it."""
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    with open(tmp, "w") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
 
 
 def read_status(run_dir: Path) -> dict:
@@ -224,7 +204,8 @@ def build_learner(config: RunConfig, run_dir: Path | None = None) -> tuple[Learn
                          f"{config.dataset!r} (fraction={config.fraction}); use a smaller --bs")
     model = create_model(config.arch, config.norm, n_out=len(dls.vocab), placement=config.placement, k=config.k,
                          act=config.act, bnet_init=config.bnet_init)
-    loss = LabelSmoothingCrossEntropyFlat(eps=config.label_smoothing) if config.label_smoothing else CrossEntropyLossFlat()
+    smoothing = config.label_smoothing
+    loss = LabelSmoothingCrossEntropyFlat(eps=smoothing) if smoothing else CrossEntropyLossFlat()
     divergence = DivergenceCallback()
     cbs = [BNETWeightDecay(), divergence] + ([CSVLogger(fname="history.csv")] if run_dir else [])
     learn = Learner(dls, model, loss_func=loss, opt_func=OPTIMIZERS[config.opt], metrics=accuracy, wd=config.wd,

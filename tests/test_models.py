@@ -4,8 +4,7 @@ import torch
 from torch import nn
 from torch.testing import assert_close
 
-from bnet_fastai import (BNET2d, bnet_extra_params, count_norms, create_model, list_archs, select_norms,
-                         swap_norm)
+from bnet_fastai import BNET2d, bnet_extra_params, count_norms, create_model, list_archs, select_norms, swap_norm
 
 from .helpers import perturb_bnets
 

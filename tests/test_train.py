@@ -42,7 +42,7 @@ def test_same_seed_on_cpu_gives_the_same_history(tmp_path):
 
 
 def test_config_json_records_everything(tmp_path):
-    config = RunConfig(norm="bnet", k=5, placement="last", **QUICK)
+    config = RunConfig(norm="bnet", k=5, placement="last", channels_last=True, **QUICK)
     result = run(config, tmp_path)
     written = json.loads(open(f"{result['run_dir']}/config.json").read())
     assert written["run_id"] == config.run_id and written["config"] == config.__dict__

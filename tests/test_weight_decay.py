@@ -1,6 +1,6 @@
 """Weight decay: BNET's kernel and bias get fastai's BatchNorm treatment, measured on a real fit."""
-import torch
 import fastai.callback.progress  # noqa: F401  (adds Learner.no_bar)
+import torch
 from fastai.data.core import DataLoaders
 from fastai.learner import Learner
 from fastai.optimizer import SGD
