@@ -65,10 +65,11 @@ def _run(args: argparse.Namespace) -> int:
 
     result = run(RunConfig(**_config_args(args)), args.out, force=args.force)
     print(f"{result['status']}{' (reused)' if result.get('reused') else ''}: {result['run_dir']}")
-    return 0 if result["status"] == "finished" else EXIT_RUN_FAILED
+    return 0  # finished or diverged: the run completed; its status says which
 
 
 def _sweep(args: argparse.Namespace) -> int:
+    from .runstate import DONE
     from .sweep import sweep
     from .train import RunConfig
 
@@ -76,15 +77,19 @@ def _sweep(args: argparse.Namespace) -> int:
     results = sweep(RunConfig(), grid, args.out, force=args.force)
     counts = {s: sum(r["status"] == s for r in results) for s in dict.fromkeys(r["status"] for r in results)}
     print(f"sweep done: {', '.join(f'{n} {s}' for s, n in counts.items())} in {args.out}")
-    return 0 if all(r["status"] in ("finished", "diverged") for r in results) else EXIT_RUN_FAILED
+    return 0 if all(r["status"] in DONE for r in results) else EXIT_RUN_FAILED
 
 
 def _report(args: argparse.Namespace) -> int:
     from .report import report
 
-    summary = report(args.dir, target=args.target)
-    print(summary.to_string(index=False))
-    print(f"wrote {args.dir}/summary.csv and {args.dir}/accuracy.png")
+    tables = report(args.dir, target=args.target)
+    for row in tables["skipped"].itertuples():
+        print(f"left out {row.run_id}: {row.status}{': ' + row.reason if row.reason else ''}")
+    columns = ["arch", "variant", "n_seeds", "final_accuracy_mean", "final_accuracy_ci_low", "final_accuracy_ci_high",
+               "epochs_to_target_mean", "auc_mean", "valid_loss_spread"]
+    print(tables["summary"][columns].to_string(index=False, float_format="%.4f"))
+    print(f"wrote summary.csv, paired.csv and PNG plots in {args.dir}")
     return 0
 
 
@@ -133,10 +138,15 @@ def _sigterm(signum, frame):
 
 
 def main(argv: list[str] | None = None) -> int:
+    from .train import RunFailed
+
     args = build_parser().parse_args(argv)
     signal.signal(signal.SIGTERM, _sigterm)
     try:
         return args.func(args)
+    except RunFailed as e:  # training itself failed; status.json holds the details
+        print(f"bnet-fastai {args.command}: failed: {e}", file=sys.stderr)
+        return EXIT_RUN_FAILED
     except ValueError as e:  # bad input, raised where the value entered (DatasetError included)
         print(f"bnet-fastai {args.command}: error: {e}", file=sys.stderr)
         return EXIT_BAD_INPUT

@@ -89,8 +89,7 @@ def prepare(name: str) -> Path:
     check_choice("dataset", name, DATASETS)
     path = _write_sample(data_root() / "sample") if name == "sample" else _fetch(name)
     spec = DATASETS[name]
-    missing = [d for d in (spec.train, spec.valid)
-               if not any(p.suffix.lower() in IMAGE_EXTENSIONS for p in (path / d).rglob("*"))]
+    missing = _missing_splits(path, spec)
     if missing:
         raise DatasetError(f"dataset {name!r} at {path} has no images in {' or '.join(f'{d}/' for d in missing)}: "
                            f"it is incomplete; delete {path} and run again")
@@ -98,24 +97,33 @@ def prepare(name: str) -> Path:
 
 
 def _fetch(name: str) -> Path:
-    url, root, archive_name = download_url(name), data_root(), DATASETS[name].archive
-    folder = root / archive_name.removesuffix(".tgz")
+    spec, url, root = DATASETS[name], download_url(name), data_root()
+    folder, archive = root / spec.archive.removesuffix(".tgz"), root / "archive" / spec.archive
     if folder.is_dir() and not (folder / EXTRACTED_FILE).exists():
-        # fastcore extracts into a temp dir and then moves the tree across file systems: a kill during
-        # the move leaves a partial folder that untar_data would take as complete. Extract again.
-        shutil.rmtree(folder)
+        # Not extracted by us. fastcore extracts to a temp dir and then moves the tree across file
+        # systems, so a kill during the move leaves a partial folder that untar_data takes as complete.
+        if archive.exists() or _missing_splits(folder, spec):
+            shutil.rmtree(folder)  # extract again from the archive at hand, or download: nothing is lost
+        else:
+            (folder / EXTRACTED_FILE).touch()  # complete, extracted by fastai itself or by hand: keep it
     try:
         path = Path(untar_data(url, archive=root / "archive", data=root))
     except (urllib.error.URLError, ConnectionError, TimeoutError) as e:
         reason = getattr(e, "reason", None) or e
         raise DatasetError(f"cannot download {name!r} from {url} ({reason}); offline, use --dataset sample, "
-                           f"or set BNET_FASTAI_MIRROR=<base url> serving {archive_name}") from None
+                           f"or set BNET_FASTAI_MIRROR=<base url> serving {spec.archive}") from None
     except (tarfile.TarError, shutil.ReadError, EOFError, zlib.error, gzip.BadGzipFile):
-        (root / "archive" / archive_name).unlink(missing_ok=True)
+        archive.unlink(missing_ok=True)
         raise DatasetError(f"the archive of {name!r} downloaded from {url} is corrupt or truncated; "
                            f"it was deleted, run again to download it anew") from None
     (path / EXTRACTED_FILE).touch()
     return path
+
+
+def _missing_splits(path: Path, spec: DatasetSpec) -> list[str]:
+    """The train/valid folders of `path` that hold no image."""
+    return [d for d in (spec.train, spec.valid)
+            if not any(p.suffix.lower() in IMAGE_EXTENSIONS for p in (path / d).rglob("*"))]
 
 
 def _write_sample(dest: Path) -> Path:

@@ -42,6 +42,10 @@ class FusedBNET(nn.Module):
             self._bias_maps[key] = (self.bias.to(x.dtype).view_as(self.mean) - self.mean.to(x.dtype) * taps_sum)[0]
         return self._bias_maps[key]
 
+    def _load_from_state_dict(self, *args, **kwargs) -> None:
+        self._bias_maps.clear()  # the maps derive from the buffers being replaced
+        super()._load_from_state_dict(*args, **kwargs)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.training:
             raise RuntimeError("a fused BNET is eval-only: keep the unfused model for training")

@@ -13,6 +13,7 @@ from collections.abc import Iterator
 from fastai.layers import ResBlock
 from timm.models.resnest import ResNestBottleneck
 from timm.models.resnet import BasicBlock, Bottleneck
+import torch
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
@@ -118,3 +119,37 @@ def count_norms(model: nn.Module) -> dict[str, int]:
     layers = [m for _, m in _norms(model)]
     return {"bn": sum(isinstance(m, _BatchNorm) for m in layers),
             "bnet": sum(isinstance(m, _BNETNd) for m in layers)}
+
+
+def kernel_stats(model: nn.Module, x: torch.Tensor | None = None) -> list[dict]:
+    """For each BNET: its name, stage and the mean |weight| of every kernel tap over channels.
+
+    Stages are the top-level children holding residual blocks (``stage 1`` ...); BNETs before them are
+    ``stem``. With a sample input `x`, each entry also gets the ``spatial`` size the layer sees: a BNET on
+    1x1 maps (ResNeSt's split-attention) only ever uses its centre tap. This is what a report's kernel
+    picture shows: which neighbours the learned kernels weigh.
+    """
+    stages = [name for name, child in model.named_children()
+              if any(isinstance(m, tuple(RESIDUAL_BLOCKS)) for m in child.modules())]
+    bnets = [(name, layer) for name, layer in _norms(model) if isinstance(layer, _BNETNd)]
+    spatial = {}
+    if x is not None:
+        def record(name: str):
+            def hook(module, inputs, output) -> None:
+                spatial.setdefault(name, list(inputs[0].shape[2:]))
+            return hook
+
+        hooks = [layer.register_forward_hook(record(name)) for name, layer in bnets]
+        was_training = model.training
+        with torch.no_grad():
+            model.eval()(x)
+        model.train(was_training)
+        for h in hooks:
+            h.remove()
+    stats = []
+    for name, layer in bnets:
+        top = name.split(".")[0]
+        stats.append({"layer": name, "stage": f"stage {stages.index(top) + 1}" if top in stages else "stem",
+                      "k": layer.k, "spatial": spatial.get(name),
+                      "mean_abs": layer.weight.detach().abs().mean(0)[0].cpu().tolist()})
+    return stats

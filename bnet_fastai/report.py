@@ -1,95 +1,171 @@
-"""Reports: every run of an experiment folder in one tidy DataFrame, a summary table and plots."""
+"""Analysis of an experiment folder: one tidy DataFrame of every run, statistics across seeds, plots.
+
+Definitions (each per run, then summarised across seeds of one dataset × size × epochs × arch × variant):
+- final accuracy: validation accuracy after the last epoch; its 95% interval is Student's t over seeds;
+- paired difference: BNET − BN on the same seed (same init seed, same data order), with a t interval;
+- epochs (seconds) to target: the first epoch whose accuracy reaches `target` (and the training time up to
+  its end); runs that never reach it count in ``n_reached`` only;
+- AUC: the area under the validation-accuracy curve with one unit per epoch, divided by the number of
+  epochs (the mean accuracy over epochs): higher means faster convergence;
+- loss spread: the standard deviation across seeds of the validation (train) loss at each epoch, averaged
+  over epochs: the run-to-run spread behind the claim that BNET trains "more stably".
+"""
 from __future__ import annotations
 
 import json
+from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
+from scipy import stats
 
 from ._files import atomic_write
-from .train import read_status
+from .runstate import read_status
 
-SUMMARY_KEYS = ["dataset", "size", "epochs", "arch", "variant"]
+STUDY_KEYS = ["dataset", "size", "epochs"]
+GROUP_KEYS = STUDY_KEYS + ["arch", "variant"]
 
 
-def _variant(config: dict) -> str:
+@dataclass
+class Runs:
+    """An experiment folder, loaded: per-epoch history of finished runs, their kernels, and what was left out."""
+
+    history: pd.DataFrame
+    kernels: pd.DataFrame
+    skipped: pd.DataFrame
+
+
+def variant(config: dict) -> str:
+    """`bn`, or `bnet-k3-all` / `bnet-k5-last` ...: the norm arm of a run."""
     return f"bnet-k{config['k']}-{config['placement']}" if config["norm"] == "bnet" else config["norm"]
 
 
-def load_runs(experiment: str | Path) -> tuple[pd.DataFrame, pd.DataFrame]:
-    """(history, skipped): one row per run × epoch of every finished run, and the runs left out, with why."""
-    rows, skipped = [], []
+def _seconds(text: str) -> float:
+    parts = [float(p) for p in str(text).split(":")]
+    return sum(p * 60 ** i for i, p in enumerate(reversed(parts)))
+
+
+def load_runs(experiment: str | Path) -> Runs:
+    """Every run folder of `experiment`; runs that are not `finished` are left out, with the reason."""
+    histories, kernels, skipped = [], [], []
     for run_dir in sorted(p for p in Path(experiment).iterdir() if p.is_dir()):
-        status = read_status(run_dir)["status"]
-        if status != "finished":
-            skipped.append({"run_id": run_dir.name, "status": status})
+        status = read_status(run_dir)
+        if status["status"] != "finished":
+            reason = status.get("error") or status.get("reason") or ""
+            skipped.append({"run_id": run_dir.name, "status": status["status"], "reason": reason})
             continue
         config = json.loads((run_dir / "config.json").read_text())["config"]
+        keys = {k: config[k] for k in ("arch", "norm", "k", "placement", "seed", "dataset", "size", "epochs")}
+        keys.update(variant=variant(config), run_id=run_dir.name)
         history = pd.read_csv(run_dir / "history.csv")
-        history["epoch"] = history["epoch"] + 1  # 1-based: "after epoch 1"
-        for key in ("arch", "norm", "k", "placement", "seed", "dataset", "size", "epochs"):
-            history[key] = config[key]
-        history["variant"], history["run_id"] = _variant(config), run_dir.name
-        rows.append(history)
-    history = pd.concat(rows, ignore_index=True) if rows else pd.DataFrame()
-    return history, pd.DataFrame(skipped, columns=["run_id", "status"])
+        history["epoch"] = history["epoch"] + 1  # 1-based: the row after epoch 1 has epoch 1
+        history["seconds"] = history["time"].map(_seconds).cumsum()
+        histories.append(history.drop(columns="time").assign(**keys))
+        if (run_dir / "kernels.json").exists():
+            layers = pd.DataFrame(json.loads((run_dir / "kernels.json").read_text()))
+            kernels.append(layers.assign(**keys))
+    return Runs(pd.concat(histories, ignore_index=True) if histories else pd.DataFrame(),
+                pd.concat(kernels, ignore_index=True) if kernels else pd.DataFrame(),
+                pd.DataFrame(skipped, columns=["run_id", "status", "reason"]))
+
+
+def t_interval(values) -> tuple[float, float]:
+    """95% Student's t interval of the mean of `values` (NaN for fewer than two values)."""
+    values = np.asarray(values, dtype=float)
+    if len(values) < 2:
+        return float("nan"), float("nan")
+    half = stats.t.ppf(0.975, len(values) - 1) * values.std(ddof=1) / np.sqrt(len(values))
+    return float(values.mean() - half), float(values.mean() + half)
+
+
+def per_run(history: pd.DataFrame, target: float) -> pd.DataFrame:
+    """One row per run: final accuracy, AUC, epochs and seconds to `target`, final losses."""
+    def one(run: pd.DataFrame) -> pd.Series:
+        run = run.sort_values("epoch")
+        reached = run[run["accuracy"] >= target]
+        return pd.Series({"final_accuracy": run["accuracy"].iloc[-1], "auc": run["accuracy"].mean(),
+                          "epochs_to_target": reached["epoch"].iloc[0] if len(reached) else np.nan,
+                          "seconds_to_target": reached["seconds"].iloc[0] if len(reached) else np.nan,
+                          "final_valid_loss": run["valid_loss"].iloc[-1]})
+
+    return history.groupby(GROUP_KEYS + ["seed"]).apply(one, include_groups=False).reset_index()
+
+
+def _spread(history: pd.DataFrame, column: str) -> pd.Series:
+    return history.groupby(GROUP_KEYS + ["epoch"])[column].std(ddof=1).groupby(GROUP_KEYS).mean()
 
 
 def summarize(history: pd.DataFrame, target: float = 0.8) -> pd.DataFrame:
-    """One row per dataset × arch × variant: seeds, final accuracy mean ± std, epochs to `target`, AUC.
+    """One row per dataset × size × epochs × arch × variant (see the module docstring for definitions)."""
+    runs = per_run(history, target)
+    rows = []
+    for keys, group in runs.groupby(GROUP_KEYS):
+        low, high = t_interval(group["final_accuracy"])
+        rows.append({**dict(zip(GROUP_KEYS, keys)), "n_seeds": len(group),
+                     "seeds": ",".join(map(str, sorted(group["seed"]))),
+                     "final_accuracy_mean": group["final_accuracy"].mean(),
+                     "final_accuracy_std": group["final_accuracy"].std(ddof=1),
+                     "final_accuracy_ci_low": low, "final_accuracy_ci_high": high,
+                     "target": target, "n_reached": int(group["epochs_to_target"].notna().sum()),
+                     "epochs_to_target_mean": group["epochs_to_target"].mean(),
+                     "seconds_to_target_mean": group["seconds_to_target"].mean(),
+                     "auc_mean": group["auc"].mean(), "auc_std": group["auc"].std(ddof=1)})
+    summary = pd.DataFrame(rows).set_index(GROUP_KEYS)
+    summary["valid_loss_spread"] = _spread(history, "valid_loss")
+    summary["train_loss_spread"] = _spread(history, "train_loss")
+    return summary.reset_index()
 
-    `auc` is the area under the validation-accuracy curve with one unit per epoch, divided by the number
-    of epochs (the mean accuracy over epochs): higher means faster convergence.
-    """
-    per_run = history.groupby(SUMMARY_KEYS + ["seed"]).agg(
-        final_accuracy=("accuracy", "last"), auc=("accuracy", "mean"),
-        epochs_to_target=("accuracy", lambda a: next((i + 1 for i, v in enumerate(a) if v >= target), float("nan"))),
-    ).reset_index()
-    summary = per_run.groupby(SUMMARY_KEYS).agg(
-        n_seeds=("seed", "nunique"), seeds=("seed", lambda s: ",".join(map(str, sorted(s)))),
-        final_accuracy_mean=("final_accuracy", "mean"), final_accuracy_std=("final_accuracy", "std"),
-        epochs_to_target_mean=("epochs_to_target", "mean"), auc_mean=("auc", "mean"),
-    ).reset_index()
-    summary["target"] = target
-    return summary
+
+def paired_differences(history: pd.DataFrame, target: float = 0.8) -> pd.DataFrame:
+    """BNET − BN per seed, for each BNET variant of each arch: mean difference and its 95% t interval."""
+    runs = per_run(history, target).set_index(STUDY_KEYS + ["arch", "seed"])
+    bn = runs[runs["variant"] == "bn"]
+    rows = []
+    for keys, group in runs[runs["variant"] != "bn"].groupby(GROUP_KEYS):
+        pairs = group.join(bn, rsuffix="_bn", how="inner")
+        row = {**dict(zip(GROUP_KEYS, keys)), "n_pairs": len(pairs),
+               "seeds": ",".join(str(i[-1]) for i in pairs.index)}
+        for metric in ("final_accuracy", "auc"):
+            diff = pairs[metric] - pairs[f"{metric}_bn"]
+            low, high = t_interval(diff)
+            row.update({f"{metric}_diff_mean": diff.mean(), f"{metric}_diff_ci_low": low,
+                        f"{metric}_diff_ci_high": high})
+        rows.append(row)
+    return pd.DataFrame(rows)
 
 
-def plot_curves(history: pd.DataFrame, path: Path) -> None:
-    """Validation accuracy per epoch, BN vs BNET variants, one panel per arch (mean and seed range)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    archs = sorted(history["arch"].unique())
-    fig, axes = plt.subplots(1, len(archs), figsize=(4.5 * len(archs), 3.6), squeeze=False)
-    for ax, arch in zip(axes[0], archs):
-        for variant, group in history[history["arch"] == arch].groupby("variant"):
-            stats = group.groupby("epoch")["accuracy"].agg(["mean", "min", "max"])
-            ax.plot(stats.index, stats["mean"], marker="o", label=variant)
-            ax.fill_between(stats.index, stats["min"], stats["max"], alpha=0.2)
-        ax.set(title=arch, xlabel="epoch", ylabel="validation accuracy")
-        ax.grid(alpha=0.3)
-        ax.legend()
+def study_title(history: pd.DataFrame) -> str:
+    """Dataset, image size, epochs and seeds of `history` (one study), for every title and table."""
     first = history.iloc[0]
-    fig.suptitle(f"{first['dataset']}, {first['size']} px, {first['epochs']} epochs, "
-                 f"seeds {','.join(map(str, sorted(history['seed'].unique())))}")
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    seeds = ",".join(map(str, sorted(history["seed"].unique())))
+    return f"{first['dataset']}, {first['size']} px, {first['epochs']} epochs, seeds {seeds}"
 
 
-def report(experiment: str | Path, target: float = 0.8) -> pd.DataFrame:
-    """Write ``summary.csv`` and ``accuracy.png`` into `experiment`; returns the summary."""
+def report(experiment: str | Path, target: float = 0.8) -> dict[str, pd.DataFrame]:
+    """Write ``summary.csv``, ``paired.csv`` and PNG plots into `experiment`; returns the tables.
+
+    Runs that are not finished are left out and listed (``skipped``) with their status and reason.
+    """
+    from .plots import plot_curves, plot_final_accuracy, plot_kernels
+
     experiment = Path(experiment)
     if not experiment.is_dir():
         raise ValueError(f"no experiment folder at {experiment}: give the --out folder of a run or sweep")
-    history, skipped = load_runs(experiment)
-    for row in skipped.itertuples():
-        print(f"left out {row.run_id}: {row.status}")
-    if history.empty:
-        raise ValueError(f"no finished run in {experiment}")
-    summary = summarize(history, target)
+    runs = load_runs(experiment)
+    if runs.history.empty:
+        raise ValueError(f"no finished run in {experiment} ({len(runs.skipped)} left out)")
+    summary, paired = summarize(runs.history, target), paired_differences(runs.history, target)
     atomic_write(experiment / "summary.csv", summary.to_csv(index=False))
-    plot_curves(history, experiment / "accuracy.png")
-    return summary
+    atomic_write(experiment / "paired.csv", paired.to_csv(index=False))
+    studies = list(runs.history.groupby(STUDY_KEYS))
+    for keys, history in studies:
+        suffix = "" if len(studies) == 1 else "_" + "_".join(map(str, keys))
+        title = study_title(history)
+        plot_curves(history, title, experiment / f"curves{suffix}.png")
+        plot_final_accuracy(summary.merge(pd.DataFrame([dict(zip(STUDY_KEYS, keys))])), title,
+                            experiment / f"final_accuracy{suffix}.png")
+        kernels = runs.kernels.merge(pd.DataFrame([dict(zip(STUDY_KEYS, keys))])) if len(runs.kernels) else runs.kernels
+        if len(kernels):
+            plot_kernels(kernels, title, experiment / f"kernels{suffix}.png")
+    return {"summary": summary, "paired": paired, "skipped": runs.skipped}

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import dataclasses
 import itertools
-import traceback
 from pathlib import Path
 
 from .data import prepare
@@ -26,7 +25,7 @@ def expand_grid(base: RunConfig, grid: dict[str, list]) -> list[RunConfig]:
                for values in itertools.product(*(grid[k] for k in keys))]
     for config in configs:
         config.validate()
-    # the same run twice in one grid (e.g. k varied for norm="bn") is trained once
+    # the same run twice in one grid (k varied for norm="bn": same run_id) is trained once
     return list({c.run_id: c for c in configs}.values())
 
 
@@ -44,10 +43,10 @@ def sweep(base: RunConfig, grid: dict[str, list], out: str | Path, force: bool =
         print(f"[{i}/{len(configs)}] {config.run_id}", flush=True)
         try:
             results.append(run(config, out, force=force))
-        except Exception as e:  # noqa: BLE001  (one failed run must not stop the grid)
-            traceback.print_exc()
+        except Exception as e:  # noqa: BLE001  (one failed run must not stop the grid; status.json has it)
             results.append({"status": "failed", "error": f"{type(e).__name__}: {e}",
                             "run_dir": str(Path(out).resolve() / config.run_id)})
-        print(f"[{i}/{len(configs)}] {config.run_id}: {results[-1]['status']}"
-              f"{' (reused)' if results[-1].get('reused') else ''}", flush=True)
+        last = results[-1]
+        print(f"[{i}/{len(configs)}] {config.run_id}: {last['status']}{' (reused)' if last.get('reused') else ''}"
+              f"{': ' + last['error'] if last.get('error') else ''}", flush=True)
     return results

@@ -1,14 +1,15 @@
 """One run: `RunConfig` (the whole configuration, logged with the results) and `run(config)`.
 
 A run folder ``<out>/<run_id>/`` holds ``config.json``, ``history.csv`` (fastai's `CSVLogger`, one row per
-epoch) and ``status.json``. ``status.json`` is written first as ``running`` and replaced, atomically, by
-``finished``, ``diverged``, ``failed`` or ``interrupted`` at the end, so a crash or a kill never leaves a
-run that looks finished. A ``running`` status whose process is gone is reported as ``interrupted``.
+epoch), ``status.json`` (see `bnet_fastai.runstate`) and, for BNET runs, ``kernels.json`` (mean |weight| of
+each kernel tap per layer, for the report's kernel picture).
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
+import math
 import os
 import platform
 import shutil
@@ -33,10 +34,11 @@ from ._checks import check_choice
 from ._files import atomic_write
 from .data import DATASETS, dataloaders
 from .models import check_model_args, create_model
+from .norms import kernel_stats
+from .runstate import DONE, raw_status, read_status, run_lock, write_status  # noqa: F401  (read_status: API)
 from .weight_decay import BNETWeightDecay, no_decay_params
 
 OPTIMIZERS = {"adam": Adam, "ranger": ranger, "sgd": SGD}
-DONE = ("finished", "diverged")  # a sweep does not redo these: a diverged run would diverge again
 
 
 @dataclass
@@ -70,49 +72,32 @@ class RunConfig:
         check_choice("dataset", self.dataset, DATASETS)
         check_choice("opt", self.opt, OPTIMIZERS)
         check_choice("fp16", self.fp16, ("auto", "on", "off"))
-        for name in ("size", "bs", "epochs"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"{name} must be a positive integer, got {getattr(self, name)!r}")
+        for name, low in (("size", 1), ("bs", 2), ("epochs", 1)):  # BatchNorm needs 2 samples a batch
+            if getattr(self, name) < low:
+                raise ValueError(f"{name} must be an integer >= {low}, got {getattr(self, name)!r}")
+        if not (math.isfinite(self.lr) and self.lr > 0):
+            raise ValueError(f"lr must be a finite number > 0, got {self.lr!r}")
+        if not (math.isfinite(self.wd) and self.wd >= 0):
+            raise ValueError(f"wd must be a finite number >= 0, got {self.wd!r}")
+        if not 0 <= self.label_smoothing < 1:
+            raise ValueError(f"label_smoothing must be in [0, 1), got {self.label_smoothing!r}")
+        if self.workers is not None and self.workers < 0:
+            raise ValueError(f"workers must be >= 0 (or None for automatic), got {self.workers!r}")
         if not 0 < self.fraction <= 1:
             raise ValueError(f"fraction must be in (0, 1], got {self.fraction!r}")
 
     @property
     def run_id(self) -> str:
-        """Readable name plus a hash of every field that changes results (workers does not)."""
-        fields = {k: v for k, v in asdict(self).items() if k != "workers"}
+        """Readable name plus a hash of every field that changes results.
+
+        `workers` does not change results; nor do `k`, `placement` and `bnet_init` when norm is "bn", so
+        a grid over k trains its BN baseline once.
+        """
+        ignored = {"workers"} | ({"k", "placement", "bnet_init"} if self.norm == "bn" else set())
+        fields = {k: v for k, v in asdict(self).items() if k not in ignored}
         digest = hashlib.sha1(json.dumps(fields, sort_keys=True).encode()).hexdigest()[:8]
         variant = f"{self.norm}-k{self.k}-{self.placement}" if self.norm == "bnet" else self.norm
         return f"{self.arch}_{variant}_s{self.seed}_{digest}"
-
-
-def read_status(run_dir: Path) -> dict:
-    """The run's status; a `running` run whose process no longer exists is `interrupted`."""
-    try:
-        status = json.loads((Path(run_dir) / "status.json").read_text())
-    except (FileNotFoundError, json.JSONDecodeError):
-        return {"status": "missing"}
-    if status.get("status") == "running" and not _alive(status.get("pid"), status.get("host")):
-        status = {**status, "status": "interrupted", "reason": "the process ended without writing a status"}
-    return status
-
-
-def _alive(pid: int | None, host: str | None) -> bool:
-    if host != platform.node():
-        return True  # a run on another machine sharing this folder: it cannot be checked from here
-    if pid is None:
-        return False
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
-def _write_status(run_dir: Path, status: str, **extra) -> None:
-    atomic_write(run_dir / "status.json", json.dumps(
-        {"status": status, "pid": os.getpid(), "host": platform.node(), "time": time.time(), **extra}, indent=1))
 
 
 class DivergenceCallback(TerminateOnNaNCallback):
@@ -143,28 +128,44 @@ def _environment() -> dict:
             "device": device, "host": platform.node()}
 
 
+class RunFailed(RuntimeError):
+    """Training itself failed (not the configuration); the run's status.json holds the error."""
+
+
 def run(config: RunConfig, out: str | Path = "results/default", force: bool = False) -> dict:
     """Train `config` into ``<out>/<run_id>/`` and return its final status (with ``run_dir``).
 
-    A run already `finished` or `diverged` there is reused, not retrained, unless `force`. Any other
-    state (missing, failed, interrupted) is cleared and trained from the start. Under a distributed
-    launch (``WORLD_SIZE`` > 1, e.g. ``accelerate launch``) every rank trains and rank 0 writes the files.
+    A run already `finished` or `diverged` there is reused, not retrained, unless `force`; any other
+    state (missing, failed, interrupted) is trained from the start. Data and model are built before the
+    folder is touched, so bad input (ValueError) never costs a finished run. Under a distributed launch
+    (``WORLD_SIZE`` > 1, e.g. ``accelerate launch``) every rank trains and rank 0 writes the files.
     """
     config.validate()
     run_dir = Path(out).resolve() / config.run_id
     main_process = rank_distrib() == 0
-    status = read_status(run_dir)
-    if status["status"] in DONE and not force:
-        return {**status, "run_dir": str(run_dir), "reused": True}
-    if status["status"] == "running" and main_process:
-        raise RuntimeError(f"{run_dir} is being trained by process {status.get('pid')}: wait for it or stop it")
-    if main_process:
-        shutil.rmtree(run_dir, ignore_errors=True)
-        run_dir.mkdir(parents=True)
-        _write_status(run_dir, "running")
+    with run_lock(run_dir) if main_process else contextlib.nullcontext():
+        status = raw_status(run_dir)["status"]  # under the lock a "running" status is stale
+        if status in DONE and not force:
+            return {**raw_status(run_dir), "run_dir": str(run_dir), "reused": True}
+        try:
+            learn, divergence = build_learner(config)
+        except Exception as e:
+            if main_process and status not in DONE:
+                run_dir.mkdir(parents=True, exist_ok=True)
+                write_status(run_dir, "failed", error=f"{type(e).__name__}: {e}")
+            raise
+        if main_process:
+            shutil.rmtree(run_dir, ignore_errors=True)
+            run_dir.mkdir(parents=True)
+            write_status(run_dir, "running")
+            _log_to(learn, config, run_dir)
+        return _fit(learn, divergence, config, run_dir, main_process)
+
+
+def _fit(learn: Learner, divergence: "DivergenceCallback", config: RunConfig, run_dir: Path,
+         main_process: bool) -> dict:
+    start = time.time()
     try:
-        learn, divergence = build_learner(config, run_dir if main_process else None)
-        start = time.time()
         if num_distrib() > 1:
             from .distributed import distrib_ctx
 
@@ -174,29 +175,28 @@ def run(config: RunConfig, out: str | Path = "results/default", force: bool = Fa
             learn.fit_one_cycle(config.epochs, config.lr)
     except KeyboardInterrupt:
         if main_process:
-            _write_status(run_dir, "interrupted", reason="KeyboardInterrupt or SIGTERM")
+            write_status(run_dir, "interrupted", reason="KeyboardInterrupt or SIGTERM")
         raise
     except Exception as e:
         if main_process:
-            _write_status(run_dir, "failed", error=f"{type(e).__name__}: {e}")
-        raise
+            write_status(run_dir, "failed", error=f"{type(e).__name__}: {e}")
+        raise RunFailed(f"{type(e).__name__}: {e} (see {run_dir / 'status.json'})") from e
     final = {"epochs_done": len(learn.recorder.values), "seconds": round(time.time() - start, 2),
              "final_accuracy": float(learn.recorder.values[-1][2]) if learn.recorder.values else None}
     status = "diverged" if divergence.diverged else "finished"
     if main_process:
-        _write_status(run_dir, status, **final)
+        if config.norm == "bnet":
+            model = getattr(learn.model, "module", learn.model)
+            sample = learn.dls.valid.one_batch()[0][:2].float()
+            atomic_write(run_dir / "kernels.json", json.dumps(kernel_stats(model, sample)))
+        write_status(run_dir, status, **final)
     return {"status": status, **final, "run_dir": str(run_dir), "reused": False}
 
 
-def build_learner(config: RunConfig, run_dir: Path | None = None) -> tuple[Learner, DivergenceCallback]:
-    """Seeded data, model and fastai Learner for `config`, and its divergence watch.
-
-    With a `run_dir`, the Learner logs history.csv there and config.json is written; without one
-    (other ranks of a distributed run, or interactive use) nothing is written.
-    """
+def build_learner(config: RunConfig) -> tuple[Learner, DivergenceCallback]:
+    """Seeded data, model and fastai Learner for `config`, and its divergence watch; writes nothing."""
     config.validate()
     set_seed(config.seed, reproducible=True)
-    on_gpu = torch.cuda.is_available()
     dls = dataloaders(config.dataset, size=config.size, bs=config.bs, workers=config.workers,
                       fraction=config.fraction, seed=config.seed)
     if len(dls.train) == 0:  # fastai drops the last partial batch: nothing would be trained
@@ -207,24 +207,28 @@ def build_learner(config: RunConfig, run_dir: Path | None = None) -> tuple[Learn
     smoothing = config.label_smoothing
     loss = LabelSmoothingCrossEntropyFlat(eps=smoothing) if smoothing else CrossEntropyLossFlat()
     divergence = DivergenceCallback()
-    cbs = [BNETWeightDecay(), divergence] + ([CSVLogger(fname="history.csv")] if run_dir else [])
     learn = Learner(dls, model, loss_func=loss, opt_func=OPTIMIZERS[config.opt], metrics=accuracy, wd=config.wd,
-                    wd_bn_bias=config.wd_norm, path=run_dir or Path.cwd(), cbs=cbs)
+                    wd_bn_bias=config.wd_norm, cbs=[BNETWeightDecay(), divergence])
     if config.channels_last:
         learn.add_cb(ChannelsLast())
-    if config.fp16 == "on" or (config.fp16 == "auto" and on_gpu):
+    if config.fp16 == "on" or (config.fp16 == "auto" and torch.cuda.is_available()):
         learn.to_fp16()
-    if run_dir:
-        n_params = sum(p.numel() for p in model.parameters())
-        n_no_decay = sum(p.numel() for p in no_decay_params(model))
-        atomic_write(run_dir / "config.json", json.dumps({
-            "run_id": config.run_id, "config": asdict(config),
-            "dataset": {"name": config.dataset, "path": str(dls.path), "n_train": len(dls.train_ds),
-                        "n_valid": len(dls.valid_ds), "classes": list(map(str, dls.vocab))},
-            "model": {"parameters": n_params, "parameters_not_decayed": n_no_decay},
-            "weight_decay_rule": ("every parameter is decayed" if config.wd_norm else
-                                  "no decay for BN gamma/beta, BNET kernel/bias and any bias; decay for the rest"),
-            "training": {"schedule": "fit_one_cycle", "fp16": any(isinstance(cb, MixedPrecision) for cb in learn.cbs),
-                         "world_size": max(num_distrib(), 1)},
-            "environment": _environment()}, indent=1))
     return learn, divergence
+
+
+def _log_to(learn: Learner, config: RunConfig, run_dir: Path) -> None:
+    """Point the Learner's history.csv (fastai CSVLogger) at `run_dir` and write config.json there."""
+    learn.path = run_dir  # CSVLogger writes relative to learn.path, which fastai sets to the dataset folder
+    learn.add_cb(CSVLogger(fname="history.csv"))
+    model, dls = learn.model, learn.dls
+    atomic_write(run_dir / "config.json", json.dumps({
+        "run_id": config.run_id, "config": asdict(config),
+        "dataset": {"name": config.dataset, "path": str(dls.path), "n_train": len(dls.train_ds),
+                    "n_valid": len(dls.valid_ds), "classes": list(map(str, dls.vocab))},
+        "model": {"parameters": sum(p.numel() for p in model.parameters()),
+                  "parameters_not_decayed": sum(p.numel() for p in no_decay_params(model))},
+        "weight_decay_rule": ("every parameter is decayed" if config.wd_norm else
+                              "no decay for BN gamma/beta, BNET kernel/bias and any bias; decay for the rest"),
+        "training": {"schedule": "fit_one_cycle", "fp16": any(isinstance(cb, MixedPrecision) for cb in learn.cbs),
+                     "world_size": max(num_distrib(), 1)},
+        "environment": _environment()}, indent=1))

@@ -20,6 +20,12 @@ BAD = [
     (["run", "--k", "three"], "argument --k: invalid int value: 'three'"),
     (["run", "--opt", "lamb"], "unknown opt 'lamb'; valid choices: adam, ranger, sgd"),
     (["run", "--fraction", "0"], "fraction must be in (0, 1], got 0.0"),
+    (["run", "--lr", "nan"], "lr must be a finite number > 0, got nan"),
+    (["run", "--lr", "-0.01"], "lr must be a finite number > 0, got -0.01"),
+    (["run", "--wd", "-1"], "wd must be a finite number >= 0, got -1.0"),
+    (["run", "--label-smoothing", "3"], "label_smoothing must be in [0, 1), got 3.0"),
+    (["run", "--workers", "-2"], "workers must be >= 0 (or None for automatic), got -2"),
+    (["run", "--bs", "1"], "bs must be an integer >= 2, got 1"),
     (["sweep", "--arch", "xmininet,nope"], "unknown arch 'nope'; valid choices:"),
     (["sweep", "--k", "3,6"], "got 6"),
     (["sweep", "--norm", "bn,bnet", "--channels-last", "maybe"], "argument --channels-last: expected true or false, got 'maybe'"),
@@ -69,4 +75,5 @@ def test_console_script_runs_lists_and_reports(tmp_path):
     assert reported.returncode == 0, reported.stderr
     summary = (out / "summary.csv").read_text().splitlines()
     assert len(summary) == 3 and summary[0].startswith("dataset,size,epochs,arch,variant,n_seeds")
-    assert (out / "accuracy.png").read_bytes()[:4] == b"\x89PNG"
+    for png in ("curves.png", "final_accuracy.png", "kernels.png"):
+        assert (out / png).read_bytes()[:4] == b"\x89PNG"

@@ -43,7 +43,7 @@ def test_run_downloads_imagenette_from_the_mirror_and_trains_one_epoch(tmp_path)
                     "--size", "32", "--bs", "4", "--workers", "0", "--out", str(tmp_path / "res"), env=env)
     assert done.returncode == 0, done.stderr
     assert "skipping 1 unreadable image(s)" in done.stdout and "_broken.JPEG" in done.stdout
-    run_dir = next((tmp_path / "res").iterdir())
+    run_dir = next(p for p in (tmp_path / "res").iterdir() if p.is_dir())
     history = pd.read_csv(run_dir / "history.csv")
     assert list(history.columns) == ["epoch", "train_loss", "valid_loss", "accuracy", "time"]
     assert len(history) == 1 and history[["train_loss", "valid_loss", "accuracy"]].notna().all().all()
@@ -133,3 +133,13 @@ def test_fraction_subsamples_each_training_class_and_keeps_validation_whole(data
     assert len(part.valid_ds) == len(full.valid_ds) == 360
     again = dataloaders("sample", size=16, bs=32, workers=0, fraction=0.25, seed=3)
     assert list(again.train_ds.items) == list(part.train_ds.items)  # seeded
+
+
+def test_a_complete_dataset_extracted_without_us_is_kept_offline(tmp_path, data_root, monkeypatch):
+    folder = data_root / "imagenette2-160"
+    for rel in ("train/n01440764/a.JPEG", "val/n01440764/b.JPEG"):
+        (folder / rel).parent.mkdir(parents=True, exist_ok=True)
+        (folder / rel).write_bytes(b"jpeg")
+    monkeypatch.setenv("BNET_FASTAI_MIRROR", f"http://127.0.0.1:{_free_port()}")  # unreachable
+    assert prepare("imagenette-160") == folder
+    assert (folder / "train/n01440764/a.JPEG").exists() and (folder / EXTRACTED_FILE).exists()

@@ -40,3 +40,17 @@ def test_fused_model_refuses_training_mode():
     fused = fuse_bnet(create_model("xmininet", "bnet")).train()
     with pytest.raises(RuntimeError, match="eval-only"):
         fused(torch.randn(2, 3, 32, 32))
+
+
+def test_loading_new_buffers_refreshes_the_cached_bias_map():
+    a, b = (perturb_bnets(BNET2d(4, k=3), scale=1.0) for _ in range(2))
+    for bnet in (a, b):
+        bnet.train()
+        bnet(torch.randn(8, 4, 6, 6) * 3 + torch.randn(1))
+        bnet.eval()
+    x = torch.randn(2, 4, 6, 6)
+    fused = fuse_bnet(a)
+    fused(x)  # caches the bias map for 6x6 inputs
+    fused.load_state_dict(fuse_bnet(b).state_dict())
+    with torch.no_grad():
+        assert_close(fused(x), b(x), atol=1e-5, rtol=1e-5)

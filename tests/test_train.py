@@ -1,14 +1,12 @@
 """One run on the offline sample: it learns, it is reproducible, its files tell its state."""
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pandas as pd
 import pytest
 
-from bnet_fastai.train import RunConfig, read_status, run
+from bnet_fastai.runstate import read_status, run_lock, write_status
+from bnet_fastai.train import RunConfig, run
 
 QUICK = dict(dataset="sample", size=16, bs=64, epochs=2, fraction=0.3, workers=0, arch="xmininet")
 
@@ -69,12 +67,29 @@ def test_nan_loss_stops_the_run_as_diverged(tmp_path):
     assert result["status"] == "diverged" and result["epochs_done"] < 2
 
 
-def test_a_dead_running_process_reads_as_interrupted(tmp_path):
-    proc = subprocess.Popen([sys.executable, "-c", "pass"])
-    proc.wait()
-    (tmp_path / "status.json").write_text(json.dumps({"status": "running", "pid": proc.pid,
-                                                      "host": os.uname().nodename}))
-    assert read_status(tmp_path)["status"] == "interrupted"
-    (tmp_path / "status.json").write_text(json.dumps({"status": "running", "pid": os.getpid(),
-                                                      "host": os.uname().nodename}))
-    assert read_status(tmp_path)["status"] == "running"
+def test_running_reads_as_interrupted_once_nobody_holds_the_run_lock(tmp_path):
+    run_dir = tmp_path / "exp" / "some_run"
+    run_dir.mkdir(parents=True)
+    write_status(run_dir, "running")
+    assert read_status(run_dir)["status"] == "interrupted"  # no process holds its lock
+    with run_lock(run_dir):
+        assert read_status(run_dir)["status"] == "running"
+        with pytest.raises(RuntimeError, match="is being trained by another process"):
+            _second_lock(run_dir)
+    assert read_status(run_dir)["status"] == "interrupted"
+
+
+def _second_lock(run_dir):
+    with run_lock(run_dir):
+        pass
+
+
+def test_force_keeps_the_finished_run_when_the_data_cannot_be_had(tmp_path, monkeypatch):
+    config = RunConfig(norm="bn", **QUICK)
+    finished = run(config, tmp_path / "exp")
+    before = _files(tmp_path / "exp" / config.run_id)
+    (tmp_path / "not-a-folder").write_text("")
+    monkeypatch.setenv("BNET_FASTAI_DATA", str(tmp_path / "not-a-folder"))  # the data cannot be written
+    with pytest.raises(OSError):
+        run(config, tmp_path / "exp", force=True)
+    assert finished["status"] == "finished" and _files(tmp_path / "exp" / config.run_id) == before

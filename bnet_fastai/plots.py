@@ -1,0 +1,107 @@
+"""Report figures (matplotlib, no display needed): curves with seed bands, final accuracy with intervals,
+and the learned BNET kernels. Every title names the dataset, image size, epochs and seeds."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")  # files only; notebooks show the saved PNGs
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+import pandas as pd  # noqa: E402
+
+COLOURS = {"bn": "#4c72b0"}  # BN always blue; BNET variants take the next colours
+_CYCLE = ["#dd8452", "#55a868", "#c44e52", "#8172b3", "#937860"]
+
+
+def _colour(variant: str, variants: list[str]) -> str:
+    others = [v for v in variants if v != "bn"]
+    return COLOURS.get(variant) or _CYCLE[others.index(variant) % len(_CYCLE)]
+
+
+def _save(fig, path: Path) -> None:
+    fig.tight_layout()
+    fig.savefig(path, dpi=130)
+    plt.close(fig)
+
+
+def plot_curves(history: pd.DataFrame, title: str, path: Path) -> None:
+    """Validation accuracy and loss per epoch, BN vs BNET, mean over seeds with a ±1 std band, per arch."""
+    archs, variants = sorted(history["arch"].unique()), sorted(history["variant"].unique())
+    fig, axes = plt.subplots(2, len(archs), figsize=(4.2 * len(archs), 6.4), squeeze=False, sharex=True)
+    for col, arch in enumerate(archs):
+        for variant, group in history[history["arch"] == arch].groupby("variant"):
+            for row, metric in enumerate(("accuracy", "valid_loss")):
+                stats = group.groupby("epoch")[metric].agg(["mean", "std", "count"]).fillna(0)
+                ax, colour = axes[row, col], _colour(variant, variants)
+                ax.plot(stats.index, stats["mean"], marker="o", ms=3, color=colour,
+                        label=f"{variant} (n={int(stats['count'].max())})")
+                ax.fill_between(stats.index, stats["mean"] - stats["std"], stats["mean"] + stats["std"],
+                                color=colour, alpha=0.2, lw=0)
+        axes[0, col].set_title(arch)
+        axes[0, col].set_ylabel("validation accuracy")
+        axes[1, col].set_ylabel("validation loss")
+        axes[1, col].set_xlabel("epoch")
+        for ax in axes[:, col]:
+            ax.grid(alpha=0.3)
+        axes[0, col].legend(fontsize=8)
+    fig.suptitle(f"BN vs BNET: mean ± 1 std over seeds — {title}")
+    _save(fig, path)
+
+
+def plot_final_accuracy(summary: pd.DataFrame, title: str, path: Path) -> None:
+    """Final validation accuracy per arch and variant: mean over seeds with its 95% t interval."""
+    archs, variants = sorted(summary["arch"].unique()), sorted(summary["variant"].unique())
+    width = 0.8 / len(variants)
+    fig, ax = plt.subplots(figsize=(max(4.5, 1.6 * len(archs) * len(variants) ** 0.5 + 2), 3.8))
+    for i, variant in enumerate(variants):
+        rows = summary[summary["variant"] == variant].set_index("arch").reindex(archs)
+        x = np.arange(len(archs)) + (i - (len(variants) - 1) / 2) * width
+        low = (rows["final_accuracy_mean"] - rows["final_accuracy_ci_low"]).fillna(0)
+        high = (rows["final_accuracy_ci_high"] - rows["final_accuracy_mean"]).fillna(0)
+        ax.errorbar(x, rows["final_accuracy_mean"], yerr=[low, high], fmt="o", capsize=4,
+                    color=_colour(variant, variants), label=variant)
+    ax.set_xticks(np.arange(len(archs)), archs)
+    ax.set_ylabel("final validation accuracy")
+    ax.grid(alpha=0.3, axis="y")
+    ax.legend(fontsize=8)
+    ax.set_title(f"Final accuracy, mean and 95% interval over seeds\n{title}", fontsize=10)
+    _save(fig, path)
+
+
+def plot_kernels(kernels: pd.DataFrame, title: str, path: Path) -> None:
+    """Mean |weight| per tap of the learned BNET kernels, per stage (rows: arch × variant).
+
+    Layers that only ever see 1x1 maps (ResNeSt's split attention) are left out: their outer taps never
+    meet data. Each panel is averaged over layers of the stage, channels and seeds, and normalised so the
+    taps sum to 1, which makes the share of the centre tap (BN's gamma) comparable across stages.
+    """
+    seen = kernels["spatial"].map(lambda s: s is None or max(s) > 1) if "spatial" in kernels else True
+    kernels = kernels[seen & (kernels["k"] > 1)]
+    if kernels.empty:
+        return
+    rows = sorted(kernels.groupby(["arch", "variant"]).groups)
+    stages = sorted(kernels["stage"].unique(), key=lambda s: (s != "stem", s))
+    fig, axes = plt.subplots(len(rows), len(stages), figsize=(2.2 * len(stages) + 1, 2.3 * len(rows) + 0.8),
+                             squeeze=False)
+    for r, (arch, variant) in enumerate(rows):
+        for c, stage in enumerate(stages):
+            ax = axes[r, c]
+            ax.set_xticks([])
+            ax.set_yticks([])
+            layers = kernels[(kernels["arch"] == arch) & (kernels["variant"] == variant) & (kernels["stage"] == stage)]
+            if layers.empty:
+                ax.set_axis_off()
+                continue
+            taps = np.mean([np.asarray(m) for m in layers["mean_abs"]], axis=0)
+            taps = taps / taps.sum()
+            ax.imshow(taps, cmap="viridis", vmin=0)
+            for (i, j), v in np.ndenumerate(taps):
+                ax.text(j, i, f"{v:.2f}", ha="center", va="center", fontsize=7,
+                        color="white" if v < taps.max() / 2 else "black")
+            ax.set_title(f"{stage} ({len(layers)} layers)", fontsize=8)
+            if c == 0:
+                ax.set_ylabel(f"{arch}\n{variant}", fontsize=8)
+    fig.suptitle(f"Learned BNET kernels: share of mean |weight| per tap\n{title}", fontsize=10)
+    _save(fig, path)
