@@ -124,7 +124,8 @@ def build_parser() -> argparse.ArgumentParser:
         p.set_defaults(func=func)
     p = sub.add_parser("report", help="summary.csv and plots of an experiment folder")
     p.add_argument("dir")
-    p.add_argument("--target", type=float, default=0.8, help="accuracy for 'epochs to target' (default 0.8)")
+    p.add_argument("--target", type=float, default=None,
+                   help="accuracy for 'epochs to target' (default: 90%% of the best mean final accuracy)")
     p.set_defaults(func=_report)
     p = sub.add_parser("data", help="download/prepare a dataset and print its path")
     p.add_argument("dataset")

@@ -69,12 +69,21 @@ def list_datasets() -> list[str]:
     return list(DATASETS)
 
 
-def data_root() -> Path:
-    """The folder datasets are downloaded and extracted into."""
-    if os.environ.get("BNET_FASTAI_DATA"):
-        return Path(os.environ["BNET_FASTAI_DATA"]).expanduser().resolve()
+def _project_folder(name: str, variable: str) -> Path:
+    if os.environ.get(variable):
+        return Path(os.environ[variable]).expanduser().resolve()
     project = Path(__file__).resolve().parents[1]
-    return project / "data" if (project / "pyproject.toml").exists() else Path.cwd() / "data"
+    return project / name if (project / "pyproject.toml").exists() else Path.cwd() / name
+
+
+def data_root() -> Path:
+    """The folder datasets are downloaded and extracted into: `BNET_FASTAI_DATA`, else ``data/``."""
+    return _project_folder("data", "BNET_FASTAI_DATA")
+
+
+def results_root() -> Path:
+    """The folder the notebooks write experiments into: `BNET_FASTAI_RESULTS`, else ``results/``."""
+    return _project_folder("results", "BNET_FASTAI_RESULTS")
 
 
 def download_url(name: str) -> str:

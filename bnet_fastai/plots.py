@@ -1,15 +1,15 @@
-"""Report figures (matplotlib, no display needed): curves with seed bands, final accuracy with intervals,
-and the learned BNET kernels. Every title names the dataset, image size, epochs and seeds."""
+"""Report figures: curves with seed bands, final accuracy with intervals, and the learned BNET kernels.
+
+Every title names the dataset, image size, epochs and seeds. Figures are built with matplotlib's
+object API (no pyplot state, no backend switch): they save anywhere and display in a notebook.
+"""
 from __future__ import annotations
 
 from pathlib import Path
 
-import matplotlib
-
-matplotlib.use("Agg")  # files only; notebooks show the saved PNGs
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
-import pandas as pd  # noqa: E402
+import numpy as np
+import pandas as pd
+from matplotlib.figure import Figure
 
 COLOURS = {"bn": "#4c72b0"}  # BN always blue; BNET variants take the next colours
 _CYCLE = ["#dd8452", "#55a868", "#c44e52", "#8172b3", "#937860"]
@@ -20,16 +20,17 @@ def _colour(variant: str, variants: list[str]) -> str:
     return COLOURS.get(variant) or _CYCLE[others.index(variant) % len(_CYCLE)]
 
 
-def _save(fig, path: Path) -> None:
+def _save(fig: Figure, path: Path) -> Figure:
     fig.tight_layout()
     fig.savefig(path, dpi=130)
-    plt.close(fig)
+    return fig
 
 
-def plot_curves(history: pd.DataFrame, title: str, path: Path) -> None:
+def plot_curves(history: pd.DataFrame, title: str, path: Path) -> Figure:
     """Validation accuracy and loss per epoch, BN vs BNET, mean over seeds with a ±1 std band, per arch."""
     archs, variants = sorted(history["arch"].unique()), sorted(history["variant"].unique())
-    fig, axes = plt.subplots(2, len(archs), figsize=(4.2 * len(archs), 6.4), squeeze=False, sharex=True)
+    fig = Figure(figsize=(4.2 * len(archs), 6.4))
+    axes = fig.subplots(2, len(archs), squeeze=False, sharex=True)
     for col, arch in enumerate(archs):
         for variant, group in history[history["arch"] == arch].groupby("variant"):
             for row, metric in enumerate(("accuracy", "valid_loss")):
@@ -46,15 +47,16 @@ def plot_curves(history: pd.DataFrame, title: str, path: Path) -> None:
         for ax in axes[:, col]:
             ax.grid(alpha=0.3)
         axes[0, col].legend(fontsize=8)
-    fig.suptitle(f"BN vs BNET: mean ± 1 std over seeds — {title}")
-    _save(fig, path)
+    fig.suptitle(f"BN vs BNET: mean ± 1 std over seeds — {title}", fontsize=9)
+    return _save(fig, path)
 
 
-def plot_final_accuracy(summary: pd.DataFrame, title: str, path: Path) -> None:
+def plot_final_accuracy(summary: pd.DataFrame, title: str, path: Path) -> Figure:
     """Final validation accuracy per arch and variant: mean over seeds with its 95% t interval."""
     archs, variants = sorted(summary["arch"].unique()), sorted(summary["variant"].unique())
     width = 0.8 / len(variants)
-    fig, ax = plt.subplots(figsize=(max(4.5, 1.6 * len(archs) * len(variants) ** 0.5 + 2), 3.8))
+    fig = Figure(figsize=(max(4.5, 1.6 * len(archs) * len(variants) ** 0.5 + 2), 3.8))
+    ax = fig.subplots()
     for i, variant in enumerate(variants):
         rows = summary[summary["variant"] == variant].set_index("arch").reindex(archs)
         x = np.arange(len(archs)) + (i - (len(variants) - 1) / 2) * width
@@ -66,11 +68,11 @@ def plot_final_accuracy(summary: pd.DataFrame, title: str, path: Path) -> None:
     ax.set_ylabel("final validation accuracy")
     ax.grid(alpha=0.3, axis="y")
     ax.legend(fontsize=8)
-    ax.set_title(f"Final accuracy, mean and 95% interval over seeds\n{title}", fontsize=10)
-    _save(fig, path)
+    ax.set_title(f"Final accuracy, mean and 95% interval over seeds\n{title}", fontsize=9)
+    return _save(fig, path)
 
 
-def plot_kernels(kernels: pd.DataFrame, title: str, path: Path) -> None:
+def plot_kernels(kernels: pd.DataFrame, title: str, path: Path) -> Figure | None:
     """Mean |weight| per tap of the learned BNET kernels, per stage (rows: arch × variant).
 
     Layers that only ever see 1x1 maps (ResNeSt's split attention) are left out: their outer taps never
@@ -80,11 +82,11 @@ def plot_kernels(kernels: pd.DataFrame, title: str, path: Path) -> None:
     seen = kernels["spatial"].map(lambda s: s is None or max(s) > 1) if "spatial" in kernels else True
     kernels = kernels[seen & (kernels["k"] > 1)]
     if kernels.empty:
-        return
+        return None
     rows = sorted(kernels.groupby(["arch", "variant"]).groups)
     stages = sorted(kernels["stage"].unique(), key=lambda s: (s != "stem", s))
-    fig, axes = plt.subplots(len(rows), len(stages), figsize=(2.2 * len(stages) + 1, 2.3 * len(rows) + 0.8),
-                             squeeze=False)
+    fig = Figure(figsize=(2.2 * len(stages) + 1, 2.6 * len(rows) + 1.0))
+    axes = fig.subplots(len(rows), len(stages), squeeze=False)
     for r, (arch, variant) in enumerate(rows):
         for c, stage in enumerate(stages):
             ax = axes[r, c]
@@ -103,5 +105,5 @@ def plot_kernels(kernels: pd.DataFrame, title: str, path: Path) -> None:
             ax.set_title(f"{stage} ({len(layers)} layers)", fontsize=8)
             if c == 0:
                 ax.set_ylabel(f"{arch}\n{variant}", fontsize=8)
-    fig.suptitle(f"Learned BNET kernels: share of mean |weight| per tap\n{title}", fontsize=10)
-    _save(fig, path)
+    fig.suptitle(f"Learned BNET kernels: share of mean |weight| per tap\n{title}", fontsize=9)
+    return _save(fig, path)

@@ -23,8 +23,11 @@ from scipy import stats
 from ._files import atomic_write
 from .runstate import read_status
 
-STUDY_KEYS = ["dataset", "size", "epochs"]
+STUDY_KEYS = ["dataset", "size", "epochs", "recipe"]
 GROUP_KEYS = STUDY_KEYS + ["arch", "variant"]
+# Settings that are neither the study's keys nor the compared arm: runs that differ in any of them are
+# different experiments, told apart by `recipe` (e.g. "lr=0.003 bs=64 ..."), never averaged together.
+_NOT_RECIPE = {"arch", "norm", "k", "placement", "bnet_init", "seed", "workers", "dataset", "size", "epochs"}
 
 
 @dataclass
@@ -37,8 +40,16 @@ class Runs:
 
 
 def variant(config: dict) -> str:
-    """`bn`, or `bnet-k3-all` / `bnet-k5-last` ...: the norm arm of a run."""
-    return f"bnet-k{config['k']}-{config['placement']}" if config["norm"] == "bnet" else config["norm"]
+    """`bn`, or `bnet-k3-all` / `bnet-k5-last` (`-zero`, ... for a non-default init): the norm arm of a run."""
+    if config["norm"] != "bnet":
+        return config["norm"]
+    init = config.get("bnet_init", "auto")
+    return f"bnet-k{config['k']}-{config['placement']}" + ("" if init == "auto" else f"-{init}")
+
+
+def recipe(config: dict) -> str:
+    """The settings shared by both arms of a comparison, as text: lr, wd, bs, optimizer, ..."""
+    return " ".join(f"{k}={config[k]}" for k in sorted(config) if k not in _NOT_RECIPE)
 
 
 def _seconds(text: str) -> float:
@@ -57,7 +68,7 @@ def load_runs(experiment: str | Path) -> Runs:
             continue
         config = json.loads((run_dir / "config.json").read_text())["config"]
         keys = {k: config[k] for k in ("arch", "norm", "k", "placement", "seed", "dataset", "size", "epochs")}
-        keys.update(variant=variant(config), run_id=run_dir.name)
+        keys.update(variant=variant(config), recipe=recipe(config), run_id=run_dir.name)
         history = pd.read_csv(run_dir / "history.csv")
         history["epoch"] = history["epoch"] + 1  # 1-based: the row after epoch 1 has epoch 1
         history["seconds"] = history["time"].map(_seconds).cumsum()
@@ -142,10 +153,26 @@ def study_title(history: pd.DataFrame) -> str:
     return f"{first['dataset']}, {first['size']} px, {first['epochs']} epochs, seeds {seeds}"
 
 
-def report(experiment: str | Path, target: float = 0.8) -> dict[str, pd.DataFrame]:
+def study_label(history: pd.DataFrame) -> str:
+    """`study_title` and, on a second line, the main settings of the shared recipe (lr, bs, optimizer, wd)."""
+    settings = dict(item.split("=", 1) for item in history["recipe"].iloc[0].split())
+    main = [f"{k} {settings[k]}" for k in ("opt", "lr", "bs", "wd") if k in settings]
+    if settings.get("fraction", "1.0") != "1.0":
+        main.append(f"train fraction {settings['fraction']}")
+    return f"{study_title(history)}\n{', '.join(main)}"
+
+
+def auto_target(history: pd.DataFrame) -> float:
+    """90% of the best mean final accuracy, floored to 0.01: a target every arm can be timed against."""
+    best = history.sort_values("epoch").groupby(GROUP_KEYS + ["seed"])["accuracy"].last().groupby(GROUP_KEYS).mean()
+    return float(np.floor(0.9 * best.max() * 100) / 100)
+
+
+def report(experiment: str | Path, target: float | None = None) -> dict[str, pd.DataFrame]:
     """Write ``summary.csv``, ``paired.csv`` and PNG plots into `experiment`; returns the tables.
 
-    Runs that are not finished are left out and listed (``skipped``) with their status and reason.
+    `target` is the accuracy for "epochs to target" (None: `auto_target`). Runs that are not finished
+    are left out and listed (``skipped``) with their status and reason.
     """
     from .plots import plot_curves, plot_final_accuracy, plot_kernels
 
@@ -155,17 +182,18 @@ def report(experiment: str | Path, target: float = 0.8) -> dict[str, pd.DataFram
     runs = load_runs(experiment)
     if runs.history.empty:
         raise ValueError(f"no finished run in {experiment} ({len(runs.skipped)} left out)")
+    target = auto_target(runs.history) if target is None else target
     summary, paired = summarize(runs.history, target), paired_differences(runs.history, target)
     atomic_write(experiment / "summary.csv", summary.to_csv(index=False))
     atomic_write(experiment / "paired.csv", paired.to_csv(index=False))
     studies = list(runs.history.groupby(STUDY_KEYS))
-    for keys, history in studies:
-        suffix = "" if len(studies) == 1 else "_" + "_".join(map(str, keys))
-        title = study_title(history)
+    for number, (keys, history) in enumerate(studies, 1):
+        suffix = "" if len(studies) == 1 else f"_{number}"
+        title = study_label(history)
         plot_curves(history, title, experiment / f"curves{suffix}.png")
         plot_final_accuracy(summary.merge(pd.DataFrame([dict(zip(STUDY_KEYS, keys))])), title,
                             experiment / f"final_accuracy{suffix}.png")
         kernels = runs.kernels.merge(pd.DataFrame([dict(zip(STUDY_KEYS, keys))])) if len(runs.kernels) else runs.kernels
         if len(kernels):
             plot_kernels(kernels, title, experiment / f"kernels{suffix}.png")
-    return {"summary": summary, "paired": paired, "skipped": runs.skipped}
+    return {"summary": summary, "paired": paired, "skipped": runs.skipped, "history": runs.history}

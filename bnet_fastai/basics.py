@@ -1,0 +1,203 @@
+"""BatchNorm itself, for `notebooks/batchnorm_basics.ipynb`: digits as tensors, small models, measurements.
+
+- an MLP (784-128-64-10, bias-free linear layers, BN before the activation) with and without BatchNorm1d;
+- one trained BN model evaluated in train mode (batch statistics) and eval mode (running statistics);
+- a small CNN with BatchNorm2d, whose statistics are per feature map;
+- a recurrent network reading an image row by row, with batch statistics kept per time step, shared
+  across steps, or absent (Cooijmans et al., "Recurrent Batch Normalization", 2016).
+"""
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import torch
+from fastai.callback import progress, schedule  # noqa: F401  (Learner.no_bar, Learner.fit_one_cycle)
+from fastai.data.core import DataLoaders
+from fastai.learner import Learner
+from fastai.losses import CrossEntropyLossFlat
+from fastai.metrics import accuracy
+from matplotlib.figure import Figure
+from PIL import Image
+from torch import nn
+from torch.utils.data import TensorDataset
+
+from ._checks import check_choice
+from .data import DATASETS, image_files, prepare
+
+SIDE = 28  # MNIST's size; the 8x8 sample digits are resized to it so every model is the same
+
+
+def digit_tensors(dataset: str = "mnist", max_train: int | None = None, max_valid: int | None = None,
+                  seed: int = 0) -> tuple[TensorDataset, TensorDataset]:
+    """(train, valid) datasets of (1, 28, 28) float images scaled to mean 0, std 1 and integer labels."""
+    check_choice("dataset", dataset, ("mnist", "sample"))
+    spec, path = DATASETS[dataset], prepare(dataset)
+    files = image_files(path, spec)
+    rng = np.random.default_rng(seed)
+    splits = []
+    for split, limit in ((spec.train, max_train), (spec.valid, max_valid)):
+        chosen = [p for p in files if p.relative_to(path).parts[0] == split]
+        if limit is not None and limit < len(chosen):
+            chosen = [chosen[i] for i in sorted(rng.choice(len(chosen), limit, replace=False))]
+        pixels = np.stack([_load(p) for p in chosen])
+        labels = torch.tensor([int(p.parent.name) for p in chosen])
+        splits.append((torch.from_numpy(pixels).unsqueeze(1), labels))
+    mean, std = splits[0][0].mean(), splits[0][0].std()  # training-set statistics for both splits
+    return tuple(TensorDataset((x - mean) / std, y) for x, y in splits)
+
+
+def _load(path: Path) -> np.ndarray:
+    image = Image.open(path).convert("L")
+    if image.size != (SIDE, SIDE):
+        image = image.resize((SIDE, SIDE), Image.BILINEAR)
+    return np.asarray(image, dtype=np.float32) / 255
+
+
+def digit_dls(train: TensorDataset, valid: TensorDataset, bs: int = 128, seed: int = 0) -> DataLoaders:
+    """fastai DataLoaders over tensor datasets (shuffled training batches, seeded)."""
+    torch.manual_seed(seed)
+    return DataLoaders.from_dsets(train, valid, bs=bs, device="cpu" if not torch.cuda.is_available() else None)
+
+
+def mlp(bn: bool) -> nn.Sequential:
+    """784-128-64-10 with bias-free linear layers; with `bn`, BatchNorm1d before each activation."""
+    def block(n_in: int, n_out: int) -> list[nn.Module]:
+        return [nn.Linear(n_in, n_out, bias=False), *([nn.BatchNorm1d(n_out)] if bn else []), nn.ReLU()]
+
+    return nn.Sequential(nn.Flatten(), *block(SIDE * SIDE, 128), *block(128, 64), nn.Linear(64, 10))
+
+
+def cnn(bn: bool) -> nn.Sequential:
+    """A small CNN; with `bn`, BatchNorm2d (one mean and variance per feature map) after each conv."""
+    def block(n_in: int, n_out: int) -> list[nn.Module]:
+        return [nn.Conv2d(n_in, n_out, 3, stride=2, padding=1, bias=not bn),
+                *([nn.BatchNorm2d(n_out)] if bn else []), nn.ReLU()]
+
+    return nn.Sequential(*block(1, 16), *block(16, 32), *block(32, 64), nn.AdaptiveAvgPool2d(1), nn.Flatten(),
+                         nn.Linear(64, 10))
+
+
+RNN_NORMS = ("none", "shared", "per_step")
+
+
+class RowRNN(nn.Module):
+    """A tanh RNN reading a (1, 28, 28) image one row per time step, then classifying its last state.
+
+    `norm` normalises the input and recurrent projections separately, as in Recurrent Batch
+    Normalization: ``"per_step"`` keeps one BatchNorm1d (statistics) per time step, ``"shared"`` one for all
+    steps, ``"none"`` none. Per-step statistics matter because activations drift along the sequence.
+    """
+
+    def __init__(self, norm: str = "per_step", hidden: int = 64, steps: int = SIDE):
+        super().__init__()
+        check_choice("RowRNN norm", norm, RNN_NORMS)
+        self.norm, self.steps = norm, steps
+        self.wx = nn.Linear(SIDE, hidden, bias=norm == "none")
+        self.wh = nn.Linear(hidden, hidden, bias=False)
+        n_norms = {"none": 0, "shared": 1, "per_step": steps}[norm]
+        self.bn_x = nn.ModuleList(nn.BatchNorm1d(hidden) for _ in range(n_norms))
+        self.bn_h = nn.ModuleList(nn.BatchNorm1d(hidden) for _ in range(n_norms))
+        self.head = nn.Linear(hidden, 10)
+
+    def _bn(self, norms: nn.ModuleList, t: int, z: torch.Tensor) -> torch.Tensor:
+        return z if not norms else norms[t if len(norms) > 1 else 0](z)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        rows = x.squeeze(1)  # (N, 28 rows, 28 pixels)
+        h = rows.new_zeros(rows.shape[0], self.wh.in_features)
+        for t in range(self.steps):
+            h = torch.tanh(self._bn(self.bn_x, t, self.wx(rows[:, t])) + self._bn(self.bn_h, t, self.wh(h)))
+        return self.head(h)
+
+
+def learner(dls: DataLoaders, model: nn.Module) -> Learner:
+    """A fastai Learner with cross-entropy and accuracy (no extra callbacks: what you see is BN alone)."""
+    return Learner(dls, model, loss_func=CrossEntropyLossFlat(), metrics=accuracy)
+
+
+@torch.no_grad()
+def accuracy_in_mode(model: nn.Module, data: TensorDataset, train_mode: bool, bs: int = 32) -> float:
+    """Accuracy of `model` on `data` with BN in train mode (each batch's own statistics) or eval mode.
+
+    Works on a copy, so evaluating in train mode does not move the model's running statistics.
+    """
+    model = copy.deepcopy(model).train(train_mode)
+    x, y = data.tensors
+    device = next(model.parameters()).device
+    correct = sum((model(x[i:i + bs].to(device)).argmax(1).cpu() == y[i:i + bs]).sum().item()
+                  for i in range(0, len(y), bs))
+    return correct / len(y)
+
+
+@torch.no_grad()
+def channel_stats(model: nn.Module, x: torch.Tensor) -> list[dict]:
+    """Per-channel mean and std entering and leaving each BatchNorm2d of `model` (train-mode forward)."""
+    records, hooks = [], []
+    model = copy.deepcopy(model).train()
+    for name, m in model.named_modules():
+        if isinstance(m, nn.BatchNorm2d):
+            def hook(module, inputs, output, name=name):
+                dims = (0, 2, 3)
+                records.append({"layer": name, "channels": output.shape[1],
+                                "in_mean": inputs[0].mean(dims), "in_std": inputs[0].std(dims),
+                                "out_mean": output.mean(dims), "out_std": output.std(dims)})
+            hooks.append(m.register_forward_hook(hook))
+    model(x)
+    for h in hooks:
+        h.remove()
+    return records
+
+
+def save_png(fig: Figure, path: Path) -> str:
+    """Save `fig` as a PNG (for the results folder and for display in a notebook); returns the path."""
+    fig.savefig(path, dpi=120)
+    return str(path)
+
+
+def history(learn: Learner, name: str) -> pd.DataFrame:
+    """The Learner's per-epoch record (train loss, valid loss, accuracy) as a DataFrame, labelled `name`."""
+    names = ["train_loss", "valid_loss", "accuracy"]
+    rows = [dict(zip(names, map(float, values))) for values in learn.recorder.values]
+    return pd.DataFrame(rows).assign(epoch=range(1, len(rows) + 1), model=name)
+
+
+def plot_histories(histories: pd.DataFrame, title: str) -> Figure:
+    """Training loss (per batch) is noisy; this plots the per-epoch train loss, valid loss and accuracy."""
+    fig = Figure(figsize=(12, 3.4))
+    axes = fig.subplots(1, 3)
+    for name, group in histories.groupby("model", sort=False):
+        for ax, metric in zip(axes, ("train_loss", "valid_loss", "accuracy")):
+            ax.plot(group["epoch"], group[metric], marker="o", ms=3, label=name)
+            ax.set(title=metric.replace("_", " "), xlabel="epoch")
+            ax.grid(alpha=0.3)
+    axes[0].legend(fontsize=8)
+    fig.suptitle(title, fontsize=10)
+    fig.tight_layout()
+    return fig
+
+
+def plot_channel_stats(records: list[dict], title: str) -> Figure:
+    """Per-channel mean and std of the first BatchNorm2d's input and output: BN makes every map (0, 1)."""
+    first = records[0]
+    fig = Figure(figsize=(10, 3.2))
+    axes = fig.subplots(1, 2)
+    channels = np.arange(first["channels"])
+    for ax, stat in zip(axes, ("mean", "std")):
+        ax.bar(channels - 0.2, first[f"in_{stat}"].numpy(), width=0.4, label="before BN")
+        ax.bar(channels + 0.2, first[f"out_{stat}"].numpy(), width=0.4, label="after BN")
+        ax.set(title=f"per-channel {stat} ({first['layer']})", xlabel="channel (feature map)")
+        ax.grid(alpha=0.3, axis="y")
+    axes[0].legend(fontsize=8)
+    fig.suptitle(title, fontsize=10)
+    fig.tight_layout()
+    return fig
+
+
+def per_step_statistics(model: RowRNN) -> pd.DataFrame:
+    """For a per-step RowRNN: the running mean and variance of the recurrent projection at each step,
+    averaged over units: how much the statistics drift along the sequence."""
+    return pd.DataFrame([{"step": t + 1, "running_mean": bn.running_mean.abs().mean().item(),
+                          "running_var": bn.running_var.mean().item()} for t, bn in enumerate(model.bn_h)])
