@@ -19,6 +19,7 @@ from fastai.data.core import DataLoaders
 from fastai.learner import Learner
 from fastai.losses import CrossEntropyLossFlat
 from fastai.metrics import accuracy
+from fastai.torch_core import set_seed
 from matplotlib.figure import Figure
 from PIL import Image
 from torch import nn
@@ -57,8 +58,9 @@ def _load(path: Path) -> np.ndarray:
 
 
 def digit_dls(train: TensorDataset, valid: TensorDataset, bs: int = 128, seed: int = 0) -> DataLoaders:
-    """fastai DataLoaders over tensor datasets (shuffled training batches, seeded)."""
-    torch.manual_seed(seed)
+    """fastai DataLoaders over tensor datasets; `set_seed` first, so the model built next and the batch
+    order are the same for every model compared."""
+    set_seed(seed, reproducible=True)
     return DataLoaders.from_dsets(train, valid, bs=bs, device="cpu" if not torch.cuda.is_available() else None)
 
 
@@ -119,13 +121,19 @@ def learner(dls: DataLoaders, model: nn.Module) -> Learner:
 
 
 @torch.no_grad()
-def accuracy_in_mode(model: nn.Module, data: TensorDataset, train_mode: bool, bs: int = 32) -> float:
+def accuracy_in_mode(model: nn.Module, data: TensorDataset, train_mode: bool, bs: int = 32,
+                     shuffle: bool = True, seed: int = 0) -> float:
     """Accuracy of `model` on `data` with BN in train mode (each batch's own statistics) or eval mode.
 
-    Works on a copy, so evaluating in train mode does not move the model's running statistics.
+    `shuffle` mixes classes within batches (a seeded permutation); without it, batches follow the data's
+    order, which for sorted data means batches of one class. Works on a copy, so evaluating in train mode
+    does not move the model's running statistics.
     """
     model = copy.deepcopy(model).train(train_mode)
     x, y = data.tensors
+    if shuffle:
+        order = torch.randperm(len(y), generator=torch.Generator().manual_seed(seed))
+        x, y = x[order], y[order]
     device = next(model.parameters()).device
     correct = sum((model(x[i:i + bs].to(device)).argmax(1).cpu() == y[i:i + bs]).sum().item()
                   for i in range(0, len(y), bs))
@@ -134,16 +142,18 @@ def accuracy_in_mode(model: nn.Module, data: TensorDataset, train_mode: bool, bs
 
 @torch.no_grad()
 def channel_stats(model: nn.Module, x: torch.Tensor) -> list[dict]:
-    """Per-channel mean and std entering and leaving each BatchNorm2d of `model` (train-mode forward)."""
+    """Per-channel mean and std entering each BatchNorm2d of `model` and after its normalisation
+    (before gamma and beta are applied), in a train-mode forward of `x`."""
     records, hooks = [], []
     model = copy.deepcopy(model).train()
     for name, m in model.named_modules():
         if isinstance(m, nn.BatchNorm2d):
             def hook(module, inputs, output, name=name):
-                dims = (0, 2, 3)
+                dims, view = (0, 2, 3), (1, -1, 1, 1)
+                x_hat = (output - module.bias.view(view)) / module.weight.view(view)
                 records.append({"layer": name, "channels": output.shape[1],
                                 "in_mean": inputs[0].mean(dims), "in_std": inputs[0].std(dims),
-                                "out_mean": output.mean(dims), "out_std": output.std(dims)})
+                                "out_mean": x_hat.mean(dims), "out_std": x_hat.std(dims)})
             hooks.append(m.register_forward_hook(hook))
     model(x)
     for h in hooks:
@@ -180,15 +190,15 @@ def plot_histories(histories: pd.DataFrame, title: str) -> Figure:
 
 
 def plot_channel_stats(records: list[dict], title: str) -> Figure:
-    """Per-channel mean and std of the first BatchNorm2d's input and output: BN makes every map (0, 1)."""
+    """Per-channel mean and std at the first BatchNorm2d, before and after normalisation: every map (0, 1)."""
     first = records[0]
     fig = Figure(figsize=(10, 3.2))
     axes = fig.subplots(1, 2)
     channels = np.arange(first["channels"])
     for ax, stat in zip(axes, ("mean", "std")):
         ax.bar(channels - 0.2, first[f"in_{stat}"].numpy(), width=0.4, label="before BN")
-        ax.bar(channels + 0.2, first[f"out_{stat}"].numpy(), width=0.4, label="after BN")
-        ax.set(title=f"per-channel {stat} ({first['layer']})", xlabel="channel (feature map)")
+        ax.bar(channels + 0.2, first[f"out_{stat}"].numpy(), width=0.4, label="normalised (before gamma, beta)")
+        ax.set(title=f"per-channel {stat}, layer {first['layer']}", xlabel="channel (feature map)")
         ax.grid(alpha=0.3, axis="y")
     axes[0].legend(fontsize=8)
     fig.suptitle(title, fontsize=10)

@@ -10,10 +10,10 @@ from __future__ import annotations
 import functools
 from collections.abc import Iterator
 
+import torch
 from fastai.layers import ResBlock
 from timm.models.resnest import ResNestBottleneck
 from timm.models.resnet import BasicBlock, Bottleneck
-import torch
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 

@@ -49,7 +49,7 @@ def test_basics_notebook_runs_and_its_numbers_are_finite(roots):
     mlp = pd.read_csv(out / "mlp_history.csv")
     assert sorted(mlp["model"]) == ["with BatchNorm1d", "without BN"]
     modes = pd.read_csv(out / "modes.csv")
-    assert len(modes) == 5 and modes["accuracy"].between(0, 1).all()
+    assert len(modes) == 6 and modes["accuracy"].between(0, 1).all()
     rnn = pd.read_csv(out / "rnn_history.csv")
     assert sorted(rnn["model"]) == ["RNN, BN none", "RNN, BN per step", "RNN, BN shared"]
     steps = pd.read_csv(out / "rnn_step_statistics.csv")
