@@ -125,7 +125,12 @@ def summarize(history: pd.DataFrame, target: float = 0.8) -> pd.DataFrame:
     summary = pd.DataFrame(rows).set_index(GROUP_KEYS)
     summary["valid_loss_spread"] = _spread(history, "valid_loss")
     summary["train_loss_spread"] = _spread(history, "train_loss")
-    return summary.reset_index()
+    return _recipe_last(summary.reset_index())
+
+
+def _recipe_last(table: pd.DataFrame) -> pd.DataFrame:
+    """The long `recipe` text as the last column, so tables read dataset, size, epochs, arch, variant, ..."""
+    return table[[c for c in table.columns if c != "recipe"] + ["recipe"]] if len(table) else table
 
 
 def paired_differences(history: pd.DataFrame, target: float = 0.8) -> pd.DataFrame:
@@ -143,7 +148,7 @@ def paired_differences(history: pd.DataFrame, target: float = 0.8) -> pd.DataFra
             row.update({f"{metric}_diff_mean": diff.mean(), f"{metric}_diff_ci_low": low,
                         f"{metric}_diff_ci_high": high})
         rows.append(row)
-    return pd.DataFrame(rows)
+    return _recipe_last(pd.DataFrame(rows))
 
 
 def study_title(history: pd.DataFrame) -> str:
