@@ -201,7 +201,7 @@ def dataloaders(name: str, size: int = 128, bs: int = 64, workers: int | None = 
     spec, path = DATASETS[name], prepare(name)
     items = image_files(path, spec)
     if fraction < 1:
-        items = _subsample_train(items, path / spec.train, fraction, seed)
+        items = subsample_train(items, path / spec.train, fraction, seed)
     item_tfms = [RandomResizedCrop(size, min_scale=0.35)] + ([FlipItem(0.5)] if spec.flip else [])
     block = DataBlock(blocks=(ImageBlock, CategoryBlock), splitter=GrandparentSplitter(spec.train, spec.valid),
                       get_y=parent_label, item_tfms=item_tfms, batch_tfms=Normalize.from_stats(*imagenet_stats))
@@ -209,7 +209,7 @@ def dataloaders(name: str, size: int = 128, bs: int = 64, workers: int | None = 
     return block.dataloaders(items, bs=bs, num_workers=workers, device=device, path=path)
 
 
-def _subsample_train(items: list[Path], train_dir: Path, fraction: float, seed: int) -> list[Path]:
+def subsample_train(items: list[Path], train_dir: Path, fraction: float, seed: int) -> list[Path]:
     import random
 
     rng, kept = random.Random(seed), []

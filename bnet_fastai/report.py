@@ -139,7 +139,7 @@ def paired_differences(history: pd.DataFrame, target: float = 0.8) -> pd.DataFra
     bn = runs[runs["variant"] == "bn"]
     rows = []
     for keys, group in runs[runs["variant"] != "bn"].groupby(GROUP_KEYS):
-        pairs = group.join(bn, rsuffix="_bn", how="inner")
+        pairs = group.merge(bn, left_index=True, right_index=True, suffixes=("", "_bn"))
         row = {**dict(zip(GROUP_KEYS, keys)), "n_pairs": len(pairs),
                "seeds": ",".join(str(i[-1]) for i in pairs.index)}
         for metric in ("final_accuracy", "auc"):

@@ -32,6 +32,7 @@ from fastai.torch_core import num_distrib, rank_distrib, set_seed
 
 from ._checks import check_choice
 from ._files import atomic_write
+from .cache import cached_dataloaders
 from .data import DATASETS, dataloaders
 from .models import check_model_args, create_model
 from .norms import kernel_stats
@@ -39,6 +40,7 @@ from .runstate import DONE, raw_status, read_status, run_lock, write_status  # n
 from .weight_decay import BNETWeightDecay, no_decay_params
 
 OPTIMIZERS = {"adam": Adam, "ranger": ranger, "sgd": SGD}
+PIPELINES = {"cached": cached_dataloaders, "fastai": dataloaders}  # same items, split and augmentation
 
 
 @dataclass
@@ -64,6 +66,7 @@ class RunConfig:
     fraction: float = 1.0  # share of each training class used (quick runs); validation stays whole
     channels_last: bool = False  # train in channels_last memory format
     fp16: str = "auto"  # mixed precision: "auto" (on when a GPU is used), "on" or "off"
+    pipeline: str = "cached"  # "cached": decoded once, augmented as tensors (bnet_fastai.cache); "fastai": PIL
     workers: int | None = None  # DataLoader worker processes; None: up to 8 (does not change results)
 
     def validate(self) -> None:
@@ -72,6 +75,7 @@ class RunConfig:
         check_choice("dataset", self.dataset, DATASETS)
         check_choice("opt", self.opt, OPTIMIZERS)
         check_choice("fp16", self.fp16, ("auto", "on", "off"))
+        check_choice("pipeline", self.pipeline, PIPELINES)
         for name, low in (("size", 1), ("bs", 2), ("epochs", 1)):  # BatchNorm needs 2 samples a batch
             if getattr(self, name) < low:
                 raise ValueError(f"{name} must be an integer >= {low}, got {getattr(self, name)!r}")
@@ -197,8 +201,8 @@ def build_learner(config: RunConfig) -> tuple[Learner, DivergenceCallback]:
     """Seeded data, model and fastai Learner for `config`, and its divergence watch; writes nothing."""
     config.validate()
     set_seed(config.seed, reproducible=True)
-    dls = dataloaders(config.dataset, size=config.size, bs=config.bs, workers=config.workers,
-                      fraction=config.fraction, seed=config.seed)
+    dls = PIPELINES[config.pipeline](config.dataset, size=config.size, bs=config.bs, workers=config.workers,
+                                     fraction=config.fraction, seed=config.seed)
     if len(dls.train) == 0:  # fastai drops the last partial batch: nothing would be trained
         raise ValueError(f"bs={config.bs} is larger than the {len(dls.train_ds)} training images of "
                          f"{config.dataset!r} (fraction={config.fraction}); use a smaller --bs")

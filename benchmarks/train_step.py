@@ -1,0 +1,88 @@
+"""Training-step time of BNET relative to BN, measured side by side in one process.
+
+    python benchmarks/train_step.py                 # xresnet18 and resnest14d, 128 px, batch 32
+    python benchmarks/train_step.py --archs xmininet --size 64 --rounds 3
+
+For each arch and memory format (NCHW, channels_last) it times one SGD step (forward, backward, update)
+of: BN; our BNET with placement "all" and "last"; and the authors' formulation (a `BatchNorm2d(affine=False)`
+subclass calling a depthwise `nn.Conv2d` child) in the same places as our "all". Rounds are interleaved
+so machine drift hits every contender alike; the median of each is reported with its ratio to BN.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _common import interleaved, machine  # noqa: E402
+
+from bnet_fastai import create_model  # noqa: E402
+from bnet_fastai.norms import select_norms  # noqa: E402
+
+
+class AuthorsBNET2d(nn.BatchNorm2d):
+    """BNET as in the paper's released code: BN without affine, subclassed, then a depthwise conv child."""
+
+    def __init__(self, width: int, k: int = 3):
+        super().__init__(width, affine=False)
+        self.bnconv = nn.Conv2d(width, width, k, padding=k // 2, groups=width, bias=True)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.bnconv(super().forward(x))
+
+
+def authors_model(arch: str, k: int = 3) -> nn.Module:
+    model = create_model(arch, "bn")
+    for name, bn in select_norms(model, "all"):
+        model.set_submodule(name, AuthorsBNET2d(bn.num_features, k))
+    return model
+
+
+def variants(arch: str) -> dict[str, nn.Module]:
+    return {"bn": create_model(arch, "bn"), "bnet all": create_model(arch, "bnet", placement="all"),
+            "bnet last": create_model(arch, "bnet", placement="last"), "authors all": authors_model(arch)}
+
+
+def sgd_step(model: nn.Module, x: torch.Tensor, y: torch.Tensor):
+    opt = torch.optim.SGD(model.parameters(), lr=1e-3, momentum=0.9)
+
+    def step() -> None:
+        opt.zero_grad(set_to_none=True)
+        F.cross_entropy(model(x), y).backward()
+        opt.step()
+
+    return step
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--archs", default="xresnet18,resnest14d")
+    parser.add_argument("--size", type=int, default=128)
+    parser.add_argument("--bs", type=int, default=32)
+    parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--formats", default="nchw,channels_last")
+    args = parser.parse_args(argv)
+    print(f"# {machine()}")
+    print(f"# one SGD training step, batch {args.bs}, {args.size} px, median of {args.rounds} interleaved rounds")
+    print(f"{'arch':<12} {'format':<14} {'variant':<12} {'ms/step':>9} {'vs bn':>7}")
+    for arch in args.archs.split(","):
+        for fmt in args.formats.split(","):
+            memory_format = torch.channels_last if fmt == "channels_last" else torch.contiguous_format
+            torch.manual_seed(0)
+            x = torch.randn(args.bs, 3, args.size, args.size).to(memory_format=memory_format)
+            y = torch.randint(0, 10, (args.bs,))
+            steps = {name: sgd_step(m.train().to(memory_format=memory_format), x, y)
+                     for name, m in variants(arch).items()}
+            times = interleaved(steps, rounds=args.rounds)
+            for name, seconds in times.items():
+                print(f"{arch:<12} {fmt:<14} {name:<12} {seconds * 1e3:9.1f} {seconds / times['bn']:7.3f}",
+                      flush=True)
+
+
+if __name__ == "__main__":
+    main()
