@@ -106,7 +106,13 @@ class _BNETNd(nn.Module):
     def running_var(self) -> torch.Tensor | None: return self.norm.running_var
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self._conv(self.norm(x), self.weight, self.bias, padding=self.k // 2, groups=self.num_features)
+        x = self.norm(x)
+        if all(n == 1 for n in x.shape[2:]):
+            # A 1x1 map (ResNeSt's split attention) only ever meets the centre tap: the zero-padded conv
+            # reduces to a per-channel scale, same values and gradients, at the cost of one elementwise op.
+            centre = self.weight[(slice(None), 0) + (self.k // 2,) * self.ndim]
+            return torch.addcmul(self.bias.view(-1, *(1,) * self.ndim), x, centre.view(-1, *(1,) * self.ndim))
+        return self._conv(x, self.weight, self.bias, padding=self.k // 2, groups=self.num_features)
 
     def extra_repr(self) -> str:
         return f"{self.num_features}, k={self.k}, init={self.init!r}"

@@ -64,7 +64,7 @@ class RunConfig:
     bnet_init: str = "auto"  # zero where the library zero-inits gamma, identity elsewhere
     act: str = "relu"  # activation: "relu", "mish" or "silu"
     fraction: float = 1.0  # share of each training class used (quick runs); validation stays whole
-    channels_last: bool = False  # train in channels_last memory format
+    channels_last: bool = True  # channels_last memory format: faster for BN and BNET (benchmarks/README.md)
     fp16: str = "auto"  # mixed precision: "auto" (on when a GPU is used), "on" or "off"
     pipeline: str = "cached"  # "cached": decoded once, augmented as tensors (bnet_fastai.cache); "fastai": PIL
     workers: int | None = None  # DataLoader worker processes; None: up to 8 (does not change results)

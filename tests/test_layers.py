@@ -156,3 +156,18 @@ def test_convert_sync_batchnorm_keeps_the_kernel_in_the_forward_path():
     # had the kernel been dropped, the output would differ by far more than the tolerance
     without_kernel = synced[4].norm(synced[3](synced[2](synced[1].norm(synced[0](x)))))
     assert (without_kernel - expected).abs().max() > 1e-2
+
+
+@pytest.mark.parametrize("shape", [(4, 6, 1, 1), (5, 6, 3, 1)])
+def test_one_by_one_maps_take_the_centre_tap_fast_path_with_the_same_values_and_gradients(shape):
+    bnet = perturb_bnets(BNET2d(6, k=5), scale=1.0)
+    x = torch.randn(shape) * 3
+    out = bnet(x)
+    out.pow(2).sum().backward()
+    grads = bnet.weight.grad.clone(), bnet.bias.grad.clone()
+    bnet.zero_grad()
+    reference = torch.nn.functional.conv2d(bnet.norm(x), bnet.weight, bnet.bias, padding=2, groups=6)
+    reference.pow(2).sum().backward()
+    assert_close(out, reference, atol=1e-5, rtol=1e-5)
+    assert_close(grads[0], bnet.weight.grad, atol=1e-5, rtol=1e-4)
+    assert_close(grads[1], bnet.bias.grad, atol=1e-5, rtol=1e-4)
