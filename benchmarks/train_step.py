@@ -37,9 +37,16 @@ class AuthorsBNET2d(nn.BatchNorm2d):
 
 
 def authors_model(arch: str, k: int = 3) -> nn.Module:
+    """`arch` with the authors' BNET wherever ours sits with placement "all", starting from our kernels
+    (identity, zero after a library's zero-init) so that only the formulation differs."""
+    ours = create_model(arch, "bnet", placement="all", k=k)
     model = create_model(arch, "bn")
-    for name, bn in select_norms(model, "all"):
-        model.set_submodule(name, AuthorsBNET2d(bn.num_features, k))
+    for name, bnet in select_norms(ours, "all"):
+        theirs = AuthorsBNET2d(bnet.num_features, k)
+        with torch.no_grad():
+            theirs.bnconv.weight.copy_(bnet.weight)
+            theirs.bnconv.bias.copy_(bnet.bias)
+        model.set_submodule(name, theirs)
     return model
 
 
