@@ -64,9 +64,14 @@ def main(argv: list[str] | None = None) -> None:
     os.environ["BNET_FASTAI_DATA"] = str(root)
     folder = write_images(root, args.images)
 
-    from fastai.vision.all import FlipItem, ImageDataLoaders, Normalize, RandomResizedCrop, imagenet_stats
-
     from fastai.torch_core import defaults
+    from fastai.vision.all import (
+        FlipItem,
+        ImageDataLoaders,
+        Normalize,
+        RandomResizedCrop,
+        imagenet_stats,
+    )
 
     from bnet_fastai.cache import build_cache, cached_dataloaders, default_workers
 

@@ -36,7 +36,7 @@ from .cache import cached_dataloaders
 from .data import DATASETS, dataloaders
 from .models import check_model_args, create_model
 from .norms import kernel_stats
-from .runstate import DONE, raw_status, read_status, run_lock, write_status  # noqa: F401  (read_status: API)
+from .runstate import DONE, raw_status, run_lock, write_status
 from .weight_decay import BNETWeightDecay, no_decay_params
 
 OPTIMIZERS = {"adam": Adam, "ranger": ranger, "sgd": SGD}

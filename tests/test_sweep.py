@@ -9,8 +9,9 @@ from pathlib import Path
 
 import pytest
 
+from bnet_fastai.runstate import read_status
 from bnet_fastai.sweep import expand_grid, sweep
-from bnet_fastai.train import RunConfig, read_status
+from bnet_fastai.train import RunConfig
 
 CLI = str(Path(sys.executable).with_name("bnet-fastai"))
 ARGS = ["--arch", "xmininet", "--norm", "bnet", "--seed", "0,1,2", "--dataset", "sample", "--size", "16",
