@@ -2,6 +2,7 @@
 
     python benchmarks/train_step.py                 # xresnet18 and resnest14d, 128 px, batch 32
     python benchmarks/train_step.py --archs xmininet --size 64 --rounds 3
+    python benchmarks/train_step.py --archs xresnet18 --formats channels_last --compile   # eager vs compiled
 
 For each arch and memory format (NCHW, channels_last) it times one SGD step (forward, backward, update)
 of: BN; our BNET with placement "all" and "last"; and the authors' formulation (a `BatchNorm2d(affine=False)`
@@ -50,7 +51,11 @@ def authors_model(arch: str, k: int = 3) -> nn.Module:
     return model
 
 
-def variants(arch: str) -> dict[str, nn.Module]:
+def variants(arch: str, compiled: bool) -> dict[str, nn.Module]:
+    if compiled:  # eager against torch.compile (default inductor backend), BN and BNET
+        bn, bnet = create_model(arch, "bn"), create_model(arch, "bnet", placement="all")
+        return {"bn": bn, "bnet all": bnet, "bn compiled": torch.compile(create_model(arch, "bn")),
+                "bnet all compiled": torch.compile(create_model(arch, "bnet", placement="all"))}
     return {"bn": create_model(arch, "bn"), "bnet all": create_model(arch, "bnet", placement="all"),
             "bnet last": create_model(arch, "bnet", placement="last"), "authors all": authors_model(arch)}
 
@@ -73,10 +78,11 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--bs", type=int, default=32)
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--formats", default="nchw,channels_last")
+    parser.add_argument("--compile", action="store_true", help="eager vs torch.compile instead of the variants")
     args = parser.parse_args(argv)
     print(f"# {machine()}")
     print(f"# one SGD training step, batch {args.bs}, {args.size} px, median of {args.rounds} interleaved rounds")
-    print(f"{'arch':<12} {'format':<14} {'variant':<12} {'ms/step':>9} {'vs bn':>7}")
+    print(f"{'arch':<12} {'format':<14} {'variant':<18} {'ms/step':>9} {'vs bn':>7}")
     for arch in args.archs.split(","):
         for fmt in args.formats.split(","):
             memory_format = torch.channels_last if fmt == "channels_last" else torch.contiguous_format
@@ -84,10 +90,10 @@ def main(argv: list[str] | None = None) -> None:
             x = torch.randn(args.bs, 3, args.size, args.size).to(memory_format=memory_format)
             y = torch.randint(0, 10, (args.bs,))
             steps = {name: sgd_step(m.train().to(memory_format=memory_format), x, y)
-                     for name, m in variants(arch).items()}
+                     for name, m in variants(arch, args.compile).items()}
             times = interleaved(steps, rounds=args.rounds)
             for name, seconds in times.items():
-                print(f"{arch:<12} {fmt:<14} {name:<12} {seconds * 1e3:9.1f} {seconds / times['bn']:7.3f}",
+                print(f"{arch:<12} {fmt:<14} {name:<18} {seconds * 1e3:9.1f} {seconds / times['bn']:7.3f}",
                       flush=True)
 
 

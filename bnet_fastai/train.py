@@ -67,6 +67,7 @@ class RunConfig:
     channels_last: bool = True  # channels_last memory format: faster for BN and BNET (benchmarks/README.md)
     fp16: str = "auto"  # mixed precision: "auto" (on when a GPU is used), "on" or "off"
     pipeline: str = "cached"  # "cached": decoded once, augmented as tensors (bnet_fastai.cache); "fastai": PIL
+    compile: bool = False  # torch.compile the model; off by default, see benchmarks/README.md
     workers: int | None = None  # DataLoader worker processes; None: up to 8 (does not change results)
 
     def validate(self) -> None:
@@ -190,7 +191,8 @@ def _fit(learn: Learner, divergence: "DivergenceCallback", config: RunConfig, ru
     status = "diverged" if divergence.diverged else "finished"
     if main_process:
         if config.norm == "bnet":
-            model = getattr(learn.model, "module", learn.model)
+            model = getattr(learn.model, "module", learn.model)  # DDP wraps it,
+            model = getattr(model, "_orig_mod", model)  # and torch.compile
             sample = learn.dls.valid.one_batch()[0][:2].float()
             atomic_write(run_dir / "kernels.json", json.dumps(kernel_stats(model, sample)))
         write_status(run_dir, status, **final)
@@ -208,6 +210,8 @@ def build_learner(config: RunConfig) -> tuple[Learner, DivergenceCallback]:
                          f"{config.dataset!r} (fraction={config.fraction}); use a smaller --bs")
     model = create_model(config.arch, config.norm, n_out=len(dls.vocab), placement=config.placement, k=config.k,
                          act=config.act, bnet_init=config.bnet_init)
+    if config.compile:
+        model = torch.compile(model)
     smoothing = config.label_smoothing
     loss = LabelSmoothingCrossEntropyFlat(eps=smoothing) if smoothing else CrossEntropyLossFlat()
     divergence = DivergenceCallback()

@@ -93,3 +93,10 @@ def test_force_keeps_the_finished_run_when_the_data_cannot_be_had(tmp_path, monk
     with pytest.raises(OSError):
         run(config, tmp_path / "exp", force=True)
     assert finished["status"] == "finished" and _files(tmp_path / "exp" / config.run_id) == before
+
+
+def test_compile_option_hands_fastai_a_compiled_model():
+    from bnet_fastai.train import build_learner
+
+    learn, _ = build_learner(RunConfig(norm="bnet", compile=True, **QUICK))
+    assert hasattr(learn.model, "_orig_mod") and learn.model._orig_mod.__class__.__name__ == "XResNet"
