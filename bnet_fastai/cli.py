@@ -80,6 +80,24 @@ def _sweep(args: argparse.Namespace) -> int:
     return 0 if all(r["status"] in DONE for r in results) else EXIT_RUN_FAILED
 
 
+def _study(args: argparse.Namespace) -> int:
+    from .report import report
+    from .runstate import DONE
+    from .study import resolve, run_study
+
+    study = resolve(args.dataset, args.profile)
+    out = args.out or f"results/{study.dataset}-{study.profile}"
+    print(study.describe(), flush=True)
+    results = run_study(study, out)
+    if not all(r["status"] in DONE for r in results):
+        print(f"bnet-fastai study: {sum(r['status'] not in DONE for r in results)} run(s) did not finish; "
+              f"run the same command again to retrain them", file=sys.stderr)
+        return EXIT_RUN_FAILED
+    report(out)
+    print(f"study done: {len(results)} runs; summary.csv, paired.csv and plots in {out}")
+    return 0
+
+
 def _report(args: argparse.Namespace) -> int:
     from .report import report
 
@@ -122,6 +140,13 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--out", default="results/default", help="experiment folder (one sub-folder per run)")
         p.add_argument("--force", action="store_true", help="retrain runs that already finished")
         p.set_defaults(func=func)
+    from .study import PROFILES
+
+    p = sub.add_parser("study", help="run a study profile (the notebook's grid) and report it")
+    p.add_argument("profile", choices=list(PROFILES), help="quick, cpu (the README's result), full or leaderboard")
+    p.add_argument("--dataset", default="auto", help="default: the profile's dataset, else the first available")
+    p.add_argument("--out", default=None, help="experiment folder (default: results/<dataset>-<profile>)")
+    p.set_defaults(func=_study)
     p = sub.add_parser("report", help="summary.csv and plots of an experiment folder")
     p.add_argument("dir")
     p.add_argument("--target", type=float, default=None,

@@ -26,7 +26,8 @@ from fastai.vision.core import imagenet_stats
 from fastai.vision.data import ImageBlock
 from fastai.vision.utils import verify_images
 
-from ._checks import check_choice
+from ._checks import DatasetError, check_choice
+from . import fashion_mnist
 from ._files import atomic_write
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png")
@@ -34,22 +35,24 @@ VERIFIED_FILE = ".bnet_fastai_verified.json"  # the unreadable images found once
 EXTRACTED_FILE = ".bnet_fastai_extracted"  # written once an archive is fully extracted
 
 
-class DatasetError(ValueError):
-    """A dataset cannot be had: unknown, unreachable, corrupt or incomplete. The message says the fix."""
-
-
 @dataclass(frozen=True)
 class DatasetSpec:
     """Where a dataset comes from and how its folders are named."""
 
-    url: str | None  # fastai URL of the archive; None for the embedded `sample`
+    url: str | None  # fastai URL of the archive; None for datasets written by `writer`
     train: str = "train"
     valid: str = "val"
     flip: bool = True  # horizontal flips as augmentation; off for digits, whose mirror image is another glyph
+    writer: str | None = None  # for datasets without an archive: "sample" or "fashion-mnist", see `prepare`
 
     @property
     def archive(self) -> str | None:
         return self.url.rsplit("/", 1)[-1] if self.url else None
+
+    @property
+    def folder(self) -> str:
+        """The folder name under the data root."""
+        return self.archive.removesuffix(".tgz") if self.url else self.writer
 
 
 DATASETS: dict[str, DatasetSpec] = {
@@ -60,7 +63,9 @@ DATASETS: dict[str, DatasetSpec] = {
     "imagewoof-320": DatasetSpec(URLs.IMAGEWOOF_320),
     "imagewoof": DatasetSpec(URLs.IMAGEWOOF),
     "mnist": DatasetSpec(URLs.MNIST, train="training", valid="testing", flip=False),
-    "sample": DatasetSpec(None, flip=False),
+    # Clothing photographed front-on: a mirrored shirt is still a shirt, so flips stay on.
+    "fashion-mnist": DatasetSpec(None, writer="fashion-mnist"),
+    "sample": DatasetSpec(None, flip=False, writer="sample"),
 }
 
 
@@ -96,8 +101,13 @@ def download_url(name: str) -> str:
 def prepare(name: str) -> Path:
     """Download (once) and extract dataset `name`; return the folder holding its train/valid folders."""
     check_choice("dataset", name, DATASETS)
-    path = _write_sample(data_root() / "sample") if name == "sample" else _fetch(name)
     spec = DATASETS[name]
+    if spec.writer == "sample":
+        path = _write_sample(data_root() / spec.folder)
+    elif spec.writer == "fashion-mnist":
+        path = fashion_mnist.write(data_root() / spec.folder, data_root() / "archive" / spec.folder)
+    else:
+        path = _fetch(name)
     missing = _missing_splits(path, spec)
     if missing:
         raise DatasetError(f"dataset {name!r} at {path} has no images in {' or '.join(f'{d}/' for d in missing)}: "

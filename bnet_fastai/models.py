@@ -13,7 +13,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import timm
-from fastai.layers import ResBlock, SEBlock
+from fastai.layers import AvgPool, MaxPool, ResBlock, SEBlock
 from fastai.vision.models import xresnet as fx
 from torch import nn
 
@@ -21,6 +21,7 @@ from ._checks import check_choice, check_kernel_size
 from .norms import NORM_LAYERS, PLACEMENTS, SWAP_INITS, swap_norm
 
 ACTIVATIONS: dict[str, type[nn.Module]] = {"relu": nn.ReLU, "mish": nn.Mish, "silu": nn.SiLU}
+POOLS = ("avg", "max", "maxblur")  # xresnet shortcut pooling: fastai AvgPool, fastai MaxPool, kornia MaxBlurPool2D
 
 # One block per stage, half width: small enough to train on a CPU in minutes.
 _MINI_XRESNET = dict(layers=[1, 1, 1, 1], widen=0.5)
@@ -83,13 +84,47 @@ def check_model_args(arch: str, norm: str, placement: str, k: int, act: str, bne
     check_choice("bnet_init", bnet_init, SWAP_INITS)
 
 
+def check_block_args(arch: str, sa: bool = False, pool: str = "avg") -> None:
+    """Raise ValueError unless `sa` and `pool` are valid for `arch` (they exist in the xresnet family only)."""
+    check_choice("pool", pool, POOLS)
+    if (sa or pool != "avg") and ARCHS[arch].library != "fastai":
+        raise ValueError(f"sa and pool apply to fastai's xresnet family only; {arch!r} is timm's: "
+                         f"use sa=False, pool='avg'")
+
+
+def max_blur_pools(model: nn.Module) -> nn.Module:
+    """Replace every `nn.MaxPool2d` by kornia's anti-aliased `MaxBlurPool2D` (max, then a blurred stride).
+
+    As the leaderboard entry did (its `convert_MP_to_blurMP`): build with fastai's MaxPool in the shortcuts,
+    then swap every max pool, the stem's included. kornia's current MaxBlurPool2D(3) (a 2x2 max at stride 1,
+    then a 3x3 binomial blur at the pool's stride) stands for the kornia 0.4 version the entry ran.
+    """
+    from kornia.filters import MaxBlurPool2D
+
+    for name, child in model.named_children():
+        if isinstance(child, nn.MaxPool2d):
+            stride = child.stride if isinstance(child.stride, int) else child.stride[0]
+            setattr(model, name, MaxBlurPool2D(3, stride=stride, max_pool_size=2, ceil_mode=True))
+        else:
+            max_blur_pools(child)
+    return model
+
+
 def create_model(arch: str, norm: str = "bn", n_out: int = 10, *, placement: str = "all", k: int = 3,
-                 act: str = "relu", bnet_init: str = "auto", **kw) -> nn.Module:
+                 act: str = "relu", bnet_init: str = "auto", sa: bool = False, pool: str = "avg",
+                 **kw) -> nn.Module:
     """Build `arch` with `n_out` outputs whose norm layers (as `placement` selects) are `norm`.
 
     `bnet_init` is passed to `swap_norm` (``"auto"``: zero where the library zero-inits gamma, identity
-    elsewhere). Extra `kw` go to the library's builder (fastai ``XResNet`` or ``timm.create_model``).
+    elsewhere). `sa` (fastai's simple self-attention) and `pool` (the shortcut pooling: ``"avg"``, ``"max"``
+    or ``"maxblur"``) are for the xresnet family. Extra `kw` go to the library's builder (fastai ``XResNet``
+    or ``timm.create_model``).
     """
     check_model_args(arch, norm, placement, k, act, bnet_init)
+    check_block_args(arch, sa, pool)
+    if ARCHS[arch].library == "fastai":
+        kw = dict(sa=sa, pool=MaxPool if pool in ("max", "maxblur") else AvgPool, **kw)
     model = ARCHS[arch].build(n_out, ACTIVATIONS[act], **kw)
+    if pool == "maxblur":
+        max_blur_pools(model)
     return swap_norm(model, norm, placement=placement, k=k, init=bnet_init)

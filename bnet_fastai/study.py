@@ -1,13 +1,14 @@
 """The BN vs BNET study behind `notebooks/experiments.ipynb`: profiles, the dataset choice, one call to run it.
 
-``PROFILE="auto"`` picks the full recipe on a GPU (fastai's Imagenette leaderboard setting: xresnet18/50,
-xse_resnet50 and resnest26d at 128 px, 5 epochs, 3 seeds) and a quick one on a CPU (mini archs, small
-images) that finishes in minutes on 2 cores. ``DATASET="auto"`` uses Imagenette-160 when it is on disk or
-its archive can be reached, else the offline `sample` digits.
+Profiles (``PROFILES``): ``quick`` (CPU, minutes), ``cpu`` (Fashion-MNIST, about an hour on 2 cores: the
+README's published result), ``full`` (GPU, Imagenette: 4 archs × 2 norms × 3 seeds) and ``leaderboard``
+(fastai's Imagenette 128 px / 5 epoch leaderboard recipe, for BN and BNET). ``PROFILE="auto"`` is ``full`` on
+a GPU and ``quick`` on a CPU. ``DATASET="auto"`` takes the first of ``EXPERIMENT_DATASETS`` that can be had:
+Imagenette-160 when on disk or reachable, else Fashion-MNIST when it can be had without a network, else the
+embedded `sample` digits.
 """
 from __future__ import annotations
 
-import dataclasses
 import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -15,23 +16,45 @@ from pathlib import Path
 import torch
 
 from ._checks import check_choice
+from . import fashion_mnist
 from .data import DATASETS, EXTRACTED_FILE, data_root, download_url
-from .sweep import sweep
+from .sweep import expand_grid, sweep
 from .train import RunConfig
 
 PROFILES: dict[str, dict] = {
+    # GPU: the question on Imagenette with this project's default recipe (Adam, one-cycle, ReLU).
     "full": dict(archs=["xresnet18", "xresnet50", "xse_resnet50", "resnest26d"], size=128, epochs=5,
                  seeds=[0, 1, 2], bs=64, lr=3e-3, fraction=1.0),
+    # GPU: fastai's Imagenette leaderboard entry at 128 px / 5 epochs (87.43%, mean of 5 runs), for BN and
+    # BNET: xse_resnext50, Mish, simple self-attention, max-blur pooling, ranger, flat-cos at lr 8e-3, bs 32,
+    # label smoothing, Imagenette-320 images trained at 128 px.
+    "leaderboard": dict(archs=["xse_resnext50"], dataset="imagenette-320", size=128, epochs=5,
+                        seeds=[0, 1, 2, 3, 4], bs=32, lr=8e-3, opt="ranger", schedule="flat_cos", act="mish",
+                        sa=True, pool="maxblur", label_smoothing=0.1, fraction=1.0),
+    # CPU, about an hour on 2 cores: the README's published result. Fashion-MNIST at its own 28 px; a quarter
+    # of the training set (15,000 images) and 5 epochs keep each of the 30 runs (bn, bnet-k3-all, bnet-k3-last
+    # x xmininet, mininest x 5 seeds) at 1.5-2.5 min (measured: ~16 s and ~25 s per epoch), while the whole
+    # 10,000-image test set is every run's validation set. xsemininet would add ~25 min: left out.
+    "cpu": dict(archs=["xmininet", "mininest"], dataset="fashion-mnist", size=28, epochs=5,
+                seeds=[0, 1, 2, 3, 4], bs=128, lr=1e-2, fraction=0.25, placement=["all", "last"]),
+    # CPU, minutes: the machinery on whatever dataset DATASET gives (see QUICK_ON_DATASET).
     "quick": dict(archs=["xmininet", "mininest"], size=32, epochs=5, seeds=[0, 1, 2], bs=64, lr=1e-2,
                   fraction=1.0),
 }
-# The quick profile on a real dataset (a CPU machine with network) trains on a tenth of it at 64 px.
-QUICK_ON_IMAGES = dict(size=64, epochs=3, fraction=0.1)
+# The quick profile on a real dataset trains on a fraction of it: minutes on 2 cores.
+QUICK_ON_DATASET = {"sample": {}, "fashion-mnist": dict(size=28, epochs=3, fraction=0.05, bs=128)}
+QUICK_ON_IMAGES = dict(size=64, epochs=3, fraction=0.1)  # Imagenette and the other archives
+EXPERIMENT_DATASETS = ("imagenette-160", "fashion-mnist", "sample")  # DATASET="auto" in experiments.ipynb
+BASICS_DATASETS = ("mnist", "fashion-mnist", "sample")  # DATASET="auto" in batchnorm_basics.ipynb
 
 
 @dataclass
 class Study:
-    """A resolved study: every setting the sweep will use, and why the automatic ones were chosen."""
+    """A resolved study: every setting the sweep will use, and why the automatic ones were chosen.
+
+    `axes` holds the settings given as lists besides arch, norm and seed (e.g. ``k=[3, 5]``,
+    ``placement=["all", "last"]``): the grid is the product of all of them, BN trained once per seed.
+    """
 
     dataset: str
     profile: str
@@ -40,30 +63,52 @@ class Study:
     seeds: list[int]
     base: RunConfig
     reasons: list[str] = field(default_factory=list)
+    axes: dict[str, list] = field(default_factory=dict)
 
     @property
     def grid(self) -> dict[str, list]:
-        return {"arch": self.archs, "norm": self.norms, "seed": self.seeds}
+        return {"seed": self.seeds, "arch": self.archs, "norm": self.norms, **self.axes}  # seed-major: a cut study stays paired
+
+    def configs(self) -> list[RunConfig]:
+        """Every run of the study, validated (bad values raise ValueError before anything is trained)."""
+        return expand_grid(self.base, self.grid)
 
     def describe(self) -> str:
         b = self.base
+        k, placement = self.axes.get("k", b.k), self.axes.get("placement", b.placement)
         lines = [f"dataset: {self.dataset} | profile: {self.profile} | archs: {', '.join(self.archs)} | "
-                 f"norms: {', '.join(self.norms)} | seeds: {self.seeds}",
-                 f"size {b.size} px, {b.epochs} epochs, bs {b.bs}, lr {b.lr}, k {b.k}, placement {b.placement!r}, "
-                 f"training fraction {b.fraction}"]
+                 f"norms: {', '.join(self.norms)} | seeds: {self.seeds} | {len(self.configs())} runs",
+                 f"size {b.size} px, {b.epochs} epochs, bs {b.bs}, lr {b.lr}, opt {b.opt}, schedule {b.schedule}, "
+                 f"k {k}, placement {placement}, training fraction {b.fraction:.3g}"]
         return "\n".join(lines + self.reasons)
 
 
 def dataset_available(name: str, timeout: float = 5.0) -> bool:
-    """True when dataset `name` is extracted under the data root or its archive answers a HEAD request."""
-    archive = DATASETS[name].archive
-    if (data_root() / archive.removesuffix(".tgz") / EXTRACTED_FILE).exists():
+    """True when dataset `name` can be had: `sample` always; Fashion-MNIST when written or its files are on
+    disk (no network asked); an archive when extracted under the data root or it answers a HEAD request."""
+    spec = DATASETS[name]
+    if spec.writer == "sample":
+        return True
+    if spec.writer == "fashion-mnist":
+        return fashion_mnist.available_offline(data_root() / spec.folder)
+    if (data_root() / spec.folder / EXTRACTED_FILE).exists():
         return True
     try:
         with urllib.request.urlopen(urllib.request.Request(download_url(name), method="HEAD"), timeout=timeout):
             return True
     except (OSError, ValueError):
         return False
+
+
+def auto_dataset(candidates: tuple[str, ...] = EXPERIMENT_DATASETS) -> tuple[str, str]:
+    """The first of `candidates` that `dataset_available` finds, and a sentence saying why."""
+    passed = []
+    for name in candidates:
+        if dataset_available(name):
+            why = f"{', '.join(passed)} not available; " if passed else ""
+            return name, f"DATASET auto -> {name!r}: {why}{name} is available"
+        passed.append(name)
+    raise ValueError(f"none of the datasets {', '.join(candidates)} is available")
 
 
 def resolve(dataset: str = "auto", profile: str = "auto", archs: list[str] | None = None,
@@ -74,24 +119,27 @@ def resolve(dataset: str = "auto", profile: str = "auto", archs: list[str] | Non
     if profile == "auto":
         profile = "full" if torch.cuda.is_available() else "quick"
         reasons.append(f"PROFILE auto -> {profile!r}: {'a GPU is' if profile == 'full' else 'no GPU is'} available")
-    if dataset == "auto":
-        dataset = "imagenette-160" if dataset_available("imagenette-160") else "sample"
-        reasons.append(f"DATASET auto -> {dataset!r}: Imagenette-160 is "
-                       f"{'on disk or reachable' if dataset != 'sample' else 'neither on disk nor reachable'}")
-    check_choice("dataset", dataset, DATASETS)
     settings = dict(PROFILES[profile])
-    if profile == "quick" and dataset != "sample":
-        settings.update(QUICK_ON_IMAGES)
+    if dataset == "auto" and "dataset" in settings:
+        dataset = settings["dataset"]
+        reasons.append(f"DATASET auto -> {dataset!r}: the {profile!r} profile's dataset")
+    elif dataset == "auto":
+        dataset, why = auto_dataset(EXPERIMENT_DATASETS)
+        reasons.append(why)
+    check_choice("dataset", dataset, DATASETS)
+    settings.pop("dataset", None)
+    if profile == "quick":
+        settings.update(QUICK_ON_DATASET.get(dataset, QUICK_ON_IMAGES))
     archs, seeds = archs or settings.pop("archs"), seeds if seeds is not None else settings.pop("seeds")
     settings.pop("archs", None), settings.pop("seeds", None)
     settings.update({k: v for k, v in overrides.items() if v is not None})
-    base = RunConfig(dataset=dataset, **settings)
-    study = Study(dataset, profile, list(archs), list(norms or ["bn", "bnet"]), list(seeds), base, reasons)
-    for config in (dataclasses.replace(base, arch=a, norm=n) for a in study.archs for n in study.norms):
-        config.validate()
+    axes = {k: list(v) for k, v in settings.items() if isinstance(v, (list, tuple))}
+    base = RunConfig(dataset=dataset, **{k: v for k, v in settings.items() if k not in axes})
+    study = Study(dataset, profile, list(archs), list(norms or ["bn", "bnet"]), list(seeds), base, reasons, axes)
+    study.configs()  # validates every run
     return study
 
 
-def run_study(study: Study, out: str | Path) -> list[dict]:
-    """Run (or reuse) every run of `study` into the experiment folder `out`."""
-    return sweep(study.base, study.grid, out)
+def run_study(study: Study, out: str | Path, **kw) -> list[dict]:
+    """Run (or reuse) every run of `study` into the experiment folder `out` (`kw` go to `sweep`)."""
+    return sweep(study.base, study.grid, out, **kw)

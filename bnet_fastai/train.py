@@ -19,7 +19,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
-from fastai.callback import schedule  # noqa: F401  (adds Learner.fit_one_cycle)
+from fastai.callback import schedule  # noqa: F401  (adds Learner.fit_one_cycle and fit_flat_cos)
 from fastai.callback.channelslast import ChannelsLast
 from fastai.callback.fp16 import MixedPrecision
 from fastai.callback.progress import CSVLogger
@@ -34,12 +34,16 @@ from ._checks import check_choice
 from ._files import atomic_write
 from .cache import cached_dataloaders
 from .data import DATASETS, dataloaders
-from .models import check_model_args, create_model
+from .models import check_block_args, check_model_args, create_model
 from .norms import kernel_stats
 from .runstate import DONE, raw_status, run_lock, write_status
 from .weight_decay import BNETWeightDecay, no_decay_params
 
 OPTIMIZERS = {"adam": Adam, "ranger": ranger, "sgd": SGD}
+SCHEDULES = {"one_cycle": "fit_one_cycle", "flat_cos": "fit_flat_cos"}  # fastai Learner methods
+# Fields added after runs were first published: at their default they stay out of the run_id hash, so
+# run folders written before them keep their names and are reused.
+_ADDED_LATER = {"schedule": "one_cycle", "sa": False, "pool": "avg"}
 PIPELINES = {"cached": cached_dataloaders, "fastai": dataloaders}  # same items, split and augmentation
 
 
@@ -52,8 +56,9 @@ class RunConfig:
     dataset: str = "imagenette-160"  # a name from list_datasets()
     size: int = 128  # training image size (RandomResizedCrop), pixels
     bs: int = 64  # batch size
-    epochs: int = 5  # fit_one_cycle epochs
-    lr: float = 3e-3  # peak learning rate of the one-cycle schedule
+    epochs: int = 5  # training epochs
+    lr: float = 3e-3  # peak learning rate of the schedule
+    schedule: str = "one_cycle"  # "one_cycle" (fit_one_cycle) or "flat_cos" (fit_flat_cos: the leaderboard's)
     wd: float = 1e-2  # decoupled weight decay (AdamW-style, fastai's default true_wd)
     wd_norm: bool = False  # decay norm affine params too (BN gamma/beta, BNET kernel/bias); fastai: False
     opt: str = "adam"  # "adam", "ranger" or "sgd" (fastai's optimizers)
@@ -63,6 +68,8 @@ class RunConfig:
     placement: str = "all"  # "all" or "last" (BNET only in each residual block's last norm)
     bnet_init: str = "auto"  # zero where the library zero-inits gamma, identity elsewhere
     act: str = "relu"  # activation: "relu", "mish" or "silu"
+    sa: bool = False  # fastai's simple self-attention (xresnet family only), as in the leaderboard recipe
+    pool: str = "avg"  # shortcut downsampling pool of the xresnet family: "avg" (fastai's), "max", "maxblur"
     fraction: float = 1.0  # share of each training class used (quick runs); validation stays whole
     channels_last: bool = True  # channels_last memory format: faster for BN and BNET (benchmarks/README.md)
     fp16: str = "auto"  # mixed precision: "auto" (on when a GPU is used), "on" or "off"
@@ -73,6 +80,8 @@ class RunConfig:
     def validate(self) -> None:
         """Raise ValueError naming the valid choices for any bad field, before anything is written."""
         check_model_args(self.arch, self.norm, self.placement, self.k, self.act, self.bnet_init)
+        check_choice("schedule", self.schedule, SCHEDULES)
+        check_block_args(self.arch, sa=self.sa, pool=self.pool)
         check_choice("dataset", self.dataset, DATASETS)
         check_choice("opt", self.opt, OPTIMIZERS)
         check_choice("fp16", self.fp16, ("auto", "on", "off"))
@@ -99,6 +108,7 @@ class RunConfig:
         a grid over k trains its BN baseline once.
         """
         ignored = {"workers"} | ({"k", "placement", "bnet_init"} if self.norm == "bn" else set())
+        ignored |= {k for k, default in _ADDED_LATER.items() if getattr(self, k) == default}
         fields = {k: v for k, v in asdict(self).items() if k not in ignored}
         digest = hashlib.sha1(json.dumps(fields, sort_keys=True).encode()).hexdigest()[:8]
         variant = f"{self.norm}-k{self.k}-{self.placement}" if self.norm == "bnet" else self.norm
@@ -175,9 +185,9 @@ def _fit(learn: Learner, divergence: "DivergenceCallback", config: RunConfig, ru
             from .distributed import distrib_ctx
 
             with distrib_ctx(learn, sync_bn=torch.cuda.is_available()):
-                learn.fit_one_cycle(config.epochs, config.lr)
+                getattr(learn, SCHEDULES[config.schedule])(config.epochs, config.lr)
         else:
-            learn.fit_one_cycle(config.epochs, config.lr)
+            getattr(learn, SCHEDULES[config.schedule])(config.epochs, config.lr)
     except KeyboardInterrupt:
         if main_process:
             write_status(run_dir, "interrupted", reason="KeyboardInterrupt or SIGTERM")
@@ -209,7 +219,7 @@ def build_learner(config: RunConfig) -> tuple[Learner, DivergenceCallback]:
         raise ValueError(f"bs={config.bs} is larger than the {len(dls.train_ds)} training images of "
                          f"{config.dataset!r} (fraction={config.fraction}); use a smaller --bs")
     model = create_model(config.arch, config.norm, n_out=len(dls.vocab), placement=config.placement, k=config.k,
-                         act=config.act, bnet_init=config.bnet_init)
+                         act=config.act, bnet_init=config.bnet_init, sa=config.sa, pool=config.pool)
     if config.compile:
         model = torch.compile(model)
     smoothing = config.label_smoothing
@@ -237,6 +247,6 @@ def _log_to(learn: Learner, config: RunConfig, run_dir: Path) -> None:
                   "parameters_not_decayed": sum(p.numel() for p in no_decay_params(model))},
         "weight_decay_rule": ("every parameter is decayed" if config.wd_norm else
                               "no decay for BN gamma/beta, BNET kernel/bias and any bias; decay for the rest"),
-        "training": {"schedule": "fit_one_cycle", "fp16": any(isinstance(cb, MixedPrecision) for cb in learn.cbs),
+        "training": {"schedule": SCHEDULES[config.schedule], "fp16": any(isinstance(cb, MixedPrecision) for cb in learn.cbs),
                      "world_size": max(num_distrib(), 1)},
         "environment": _environment()}, indent=1))

@@ -1,0 +1,180 @@
+"""Fashion-MNIST (Zalando Research): the four original IDX files, checked, decoded, written once as PNGs.
+
+Sources, the first that has all four files: a folder named by ``BNET_FASTAI_FASHION_MNIST``, Debian's
+``dataset-fashion-mnist`` folder (``/usr/share/datasets/fashion-mnist``), then
+``BNET_FASTAI_MIRROR/<file name>`` when the mirror is set, else the dataset's official location. Downloaded
+files are kept in ``<data root>/archive/fashion-mnist/``. Every file is checked before use: gzip's CRC, the
+IDX magic number, 28x28 images, a payload of exactly the size the header announces, labels in 0..9, and
+as many labels as images. The images are then written once, atomically, into the Imagenette layout
+(``train/<class>/<index>.png``, ``val/<class>/<index>.png``; the 10,000 test images are the validation
+set) so the same loaders, cache and report run unchanged.
+"""
+from __future__ import annotations
+
+import gzip
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+import urllib.error
+import urllib.request
+import zlib
+from pathlib import Path
+
+import numpy as np
+
+from ._checks import DatasetError
+
+OFFICIAL_URL = "http://fashion-mnist.s3-website.eu-central-1.amazonaws.com"
+DEBIAN_FOLDER = Path("/usr/share/datasets/fashion-mnist")
+FILES = {  # split -> (images, labels)
+    "train": ("train-images-idx3-ubyte.gz", "train-labels-idx1-ubyte.gz"),
+    "val": ("t10k-images-idx3-ubyte.gz", "t10k-labels-idx1-ubyte.gz"),
+}
+# SHA-256 of the decompressed published files (Debian recompresses them, so the .gz bytes differ).
+PUBLISHED_SHA256 = {
+    "train-images-idx3-ubyte.gz": "c59f468a2f672dc815687fe0f83887768d799fd8a3f3276145d20f83aa44d888",
+    "train-labels-idx1-ubyte.gz": "bad3541b69d912435c50bb6ba87bec294ff4f6a2e1246121d8633921760443d9",
+    "t10k-images-idx3-ubyte.gz": "5b4141f0afbad91edebe8549f8fcffe087ea10ca49f1dbef5c9a5cd8815ce37b",
+    "t10k-labels-idx1-ubyte.gz": "0402a96d92fd2663957122ceb108a494c5af83dab82d92729df917d7dec38c34",
+}
+CLASSES = ("tshirt_top", "trouser", "pullover", "dress", "coat", "sandal", "shirt", "sneaker", "bag", "ankle_boot")
+IMAGE_MAGIC, LABEL_MAGIC, SIDE = 2051, 2049, 28
+INFO_FILE = ".bnet_fastai_fashion_mnist.json"  # written last: the folder is complete
+
+
+class FashionMNISTError(DatasetError):
+    """A Fashion-MNIST file is missing, truncated or corrupt; the message names the file and the fix."""
+
+
+def local_folder() -> Path | None:
+    """The first local folder holding all four files: `BNET_FASTAI_FASHION_MNIST`, then Debian's."""
+    names = [n for pair in FILES.values() for n in pair]
+    named = os.environ.get("BNET_FASTAI_FASHION_MNIST")
+    if named and not all((Path(named) / n).is_file() for n in names):
+        missing = [n for n in names if not (Path(named) / n).is_file()]
+        raise FashionMNISTError(f"BNET_FASTAI_FASHION_MNIST={named} lacks {', '.join(missing)}: put the four "
+                                f"Fashion-MNIST files there or unset the variable")
+    for folder in ([Path(named)] if named else []) + [DEBIAN_FOLDER]:
+        if all((folder / n).is_file() for n in names):
+            return folder
+    return None
+
+
+def is_written(dest: Path) -> bool:
+    """True when `dest` holds a complete Fashion-MNIST written by `write`."""
+    return (dest / INFO_FILE).is_file()
+
+
+def available_offline(dest: Path) -> bool:
+    """True when Fashion-MNIST can be had without a network: written already, or its files on disk."""
+    try:
+        return is_written(dest) or local_folder() is not None
+    except FashionMNISTError:
+        return False
+
+
+def _download(name: str, archive: Path) -> Path:
+    """`name` from the mirror (or the official host) into `archive`, once; the partial file never stays."""
+    path = archive / name
+    if path.is_file():
+        return path
+    mirror = os.environ.get("BNET_FASTAI_MIRROR", "").rstrip("/")
+    url = f"{mirror or OFFICIAL_URL}/{name}"
+    setting = "BNET_FASTAI_MIRROR" if mirror else "BNET_FASTAI_MIRROR (or install Debian's dataset-fashion-mnist)"
+    archive.mkdir(parents=True, exist_ok=True)
+    tmp = archive / f".{name}.{os.getpid()}.part"
+    try:
+        with urllib.request.urlopen(url, timeout=60) as response, open(tmp, "wb") as out:
+            shutil.copyfileobj(response, out)
+        os.replace(tmp, path)
+    except urllib.error.HTTPError as e:
+        raise FashionMNISTError(f"cannot download {name}: HTTP {e.code} from {url}; check {setting}") from None
+    except (urllib.error.URLError, OSError, ValueError) as e:
+        reason = getattr(e, "reason", None) or e
+        raise FashionMNISTError(f"cannot download {name} from {url} ({reason}); set {setting}") from None
+    finally:
+        tmp.unlink(missing_ok=True)
+    return path
+
+
+def read_idx(path: Path, magic: int) -> tuple[np.ndarray, str]:
+    """Decode one gzipped IDX file into uint8 (n,) labels or (n, 28, 28) images, checking it whole; also
+    returns the SHA-256 of its decompressed bytes."""
+    fix = "delete it (or fix its source) and run again"
+    try:
+        with gzip.open(path) as f:
+            data = f.read()
+    except (OSError, EOFError, zlib.error) as e:
+        raise FashionMNISTError(f"{path} is truncated or corrupt ({e}); {fix}") from None
+    found = int.from_bytes(data[:4], "big") if len(data) >= 4 else None
+    if found != magic:
+        raise FashionMNISTError(f"{path} is not an IDX {'image' if magic == IMAGE_MAGIC else 'label'} file "
+                                f"(magic number {found}, expected {magic}); {fix}")
+    dims = 3 if magic == IMAGE_MAGIC else 1
+    header = 4 + 4 * dims
+    shape = tuple(int.from_bytes(data[4 + 4 * i:8 + 4 * i], "big") for i in range(dims))
+    if len(data) < header or (dims == 3 and shape[1:] != (SIDE, SIDE)):
+        raise FashionMNISTError(f"{path} has a bad header {shape}, expected (n, {SIDE}, {SIDE}); {fix}")
+    expected = header + int(np.prod(shape))
+    if len(data) != expected:
+        raise FashionMNISTError(f"{path} holds {len(data)} bytes, its header announces {expected}: "
+                                f"truncated or corrupt; {fix}")
+    values = np.frombuffer(data, dtype=np.uint8, offset=header).reshape(shape)
+    if magic == LABEL_MAGIC and values.max(initial=0) >= len(CLASSES):
+        raise FashionMNISTError(f"{path} has labels outside 0..9; {fix}")
+    return values, hashlib.sha256(data).hexdigest()
+
+
+def load(folder: Path) -> tuple[dict[str, tuple[np.ndarray, np.ndarray]], dict[str, str]]:
+    """The checked (images, labels) of each split from `folder`, and each file's SHA-256."""
+    splits, digests = {}, {}
+    for split, (image_name, label_name) in FILES.items():
+        (images, digests[image_name]), (labels, digests[label_name]) = (read_idx(folder / image_name, IMAGE_MAGIC),
+                                                                        read_idx(folder / label_name, LABEL_MAGIC))
+        if len(images) != len(labels):
+            raise FashionMNISTError(f"{folder / label_name} has {len(labels)} labels for {len(images)} images in "
+                                    f"{image_name}: the files do not belong together; replace them and run again")
+        splits[split] = images, labels
+    return splits, digests
+
+
+def write(dest: Path, archive: Path) -> Path:
+    """Fashion-MNIST as PNGs in the Imagenette layout at `dest`, written once; returns `dest`."""
+    if is_written(dest):
+        return dest
+    from PIL import Image
+
+    folder = local_folder()
+    if folder is None:
+        for name in (n for pair in FILES.values() for n in pair):
+            _download(name, archive)
+        folder = archive
+    splits, digests = load(folder)
+    published = all(PUBLISHED_SHA256[n] == d for n, d in digests.items())
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=".fashion-mnist-", dir=dest.parent))
+    try:
+        for split, (images, labels) in splits.items():
+            for name in CLASSES:
+                (tmp / split / name).mkdir(parents=True)
+            for i, (pixels, label) in enumerate(zip(images, labels)):
+                Image.fromarray(pixels, mode="L").save(tmp / split / CLASSES[label] / f"{i:05d}.png")
+        (tmp / INFO_FILE).write_text(json.dumps({"source": str(folder), "sha256": digests, "published": published,
+                                                 "counts": {s: len(v[1]) for s, v in splits.items()}}, indent=1))
+        if is_written(dest):  # another process (another rank, a parallel run) wrote it meanwhile
+            shutil.rmtree(tmp)
+            return dest
+        if dest.exists():  # an earlier, incomplete attempt (no INFO_FILE): replaced whole
+            shutil.rmtree(dest)
+        tmp.rename(dest)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        if not is_written(dest):
+            raise
+        return dest  # another process wrote it meanwhile: use that copy
+    if not published:
+        print(f"note: the Fashion-MNIST files in {folder} are not the published ones (checksums differ); "
+              f"used as given", flush=True)
+    return dest
