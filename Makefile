@@ -1,10 +1,10 @@
-# The two README commands. Each creates the virtual environment in $(VENV) if it is missing.
+# The README commands. Each creates the virtual environment in $(VENV) if it is missing.
 VENV ?= .venv
 PYTHON ?= python3
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: test experiments env clean-env
+.PHONY: test experiments lab env clean-env
 
 env: $(STAMP)
 
@@ -19,9 +19,17 @@ test: $(STAMP)
 	$(PY) -m pytest $(PYTEST_ARGS)
 
 # Executes notebooks/experiments.ipynb and notebooks/batchnorm_basics.ipynb headless (papermill); the executed
-# copies, CSVs and PNGs land in results/. No GPU and no network: the sample digits and the quick profile.
+# copies (and their HTML), CSVs and PNGs land in results/. No GPU and no network: the sample digits and the
+# quick profile.
 experiments: $(STAMP)
 	$(PY) -m bnet_fastai.notebooks
+
+# Registers the environment's kernel "bnet-fastai" inside the environment (ipykernel's --sys-prefix: seen by
+# this JupyterLab, no root needed, nothing written to ~), then starts JupyterLab on notebooks/ at 127.0.0.1.
+# Extra or overriding jupyter lab options: make lab LAB_ARGS="--ip=0.0.0.0 --port=8890 --no-browser"
+LAB_ARGS ?=
+lab: $(STAMP)
+	$(PY) -m bnet_fastai.lab $(LAB_ARGS)
 
 clean-env:
 	rm -rf $(VENV)

@@ -1,4 +1,4 @@
-"""BatchNorm itself, for `notebooks/batchnorm_basics.ipynb`: digits as tensors, small models, measurements.
+"""BatchNorm itself, for `notebooks/batchnorm_basics.ipynb`: small images as tensors, small models, measurements.
 
 - an MLP (784-128-64-10, bias-free linear layers, BN before the activation) with and without BatchNorm1d;
 - one trained BN model evaluated in train mode (batch statistics) and eval mode (running statistics);
@@ -29,14 +29,17 @@ from ._checks import check_choice
 from .data import DATASETS, image_files, prepare
 
 SIDE = 28  # MNIST's size; the 8x8 sample digits are resized to it so every model is the same
+BASICS_DATASETS = ("mnist", "fashion-mnist", "sample")  # 10 classes of 28x28 grayscale images each
 
 
 def digit_tensors(dataset: str = "mnist", max_train: int | None = None, max_valid: int | None = None,
                   seed: int = 0) -> tuple[TensorDataset, TensorDataset]:
-    """(train, valid) datasets of (1, 28, 28) float images scaled to mean 0, std 1 and integer labels."""
-    check_choice("dataset", dataset, ("mnist", "sample"))
+    """(train, valid) datasets of (1, 28, 28) float images scaled to mean 0, std 1 and integer labels (the
+    index of the class folder in sorted order): MNIST, Fashion-MNIST or the `sample` digits."""
+    check_choice("dataset", dataset, BASICS_DATASETS)
     spec, path = DATASETS[dataset], prepare(dataset)
     files = image_files(path, spec)
+    classes = sorted({p.parent.name for p in files})
     rng = np.random.default_rng(seed)
     splits = []
     for split, limit in ((spec.train, max_train), (spec.valid, max_valid)):
@@ -44,7 +47,7 @@ def digit_tensors(dataset: str = "mnist", max_train: int | None = None, max_vali
         if limit is not None and limit < len(chosen):
             chosen = [chosen[i] for i in sorted(rng.choice(len(chosen), limit, replace=False))]
         pixels = np.stack([_load(p) for p in chosen])
-        labels = torch.tensor([int(p.parent.name) for p in chosen])
+        labels = torch.tensor([classes.index(p.parent.name) for p in chosen])
         splits.append((torch.from_numpy(pixels).unsqueeze(1), labels))
     mean, std = splits[0][0].mean(), splits[0][0].std()  # training-set statistics for both splits
     return tuple(TensorDataset((x - mean) / std, y) for x, y in splits)

@@ -99,15 +99,19 @@ def _study(args: argparse.Namespace) -> int:
 
 
 def _report(args: argparse.Namespace) -> int:
-    from .report import report
+    from .report import report, results_markdown
 
-    tables = report(args.dir, target=args.target)
+    tables = report(args.dirs, target=args.target, out=args.out)
+    if args.markdown:
+        print(results_markdown(tables))
+        return 0
     for row in tables["skipped"].itertuples():
         print(f"left out {row.run_id}: {row.status}{': ' + row.reason if row.reason else ''}")
-    columns = ["arch", "variant", "n_seeds", "final_accuracy_mean", "final_accuracy_ci_low", "final_accuracy_ci_high",
-               "epochs_to_target_mean", "auc_mean", "valid_loss_spread"]
+    columns = ["dataset", "arch", "variant", "n_seeds", "final_accuracy_mean", "final_accuracy_ci_low",
+               "final_accuracy_ci_high", "epochs_to_target_mean", "auc_mean", "valid_loss_spread"]
     print(tables["summary"][columns].to_string(index=False, float_format="%.4f"))
-    print(f"wrote summary.csv, paired.csv and PNG plots in {args.dir}")
+    print(f"intervals: {tables['summary']['ci_method'].iloc[0]}")
+    print(f"wrote summary.csv, paired.csv and PNG plots in {args.out or args.dirs[0]}")
     return 0
 
 
@@ -147,8 +151,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dataset", default="auto", help="default: the profile's dataset, else the first available")
     p.add_argument("--out", default=None, help="experiment folder (default: results/<dataset>-<profile>)")
     p.set_defaults(func=_study)
-    p = sub.add_parser("report", help="summary.csv and plots of an experiment folder")
-    p.add_argument("dir")
+    p = sub.add_parser("report", help="summary.csv and plots of one experiment folder, or of several combined")
+    p.add_argument("dirs", nargs="+", metavar="DIR", help="experiment folder(s): the --out of runs or sweeps")
+    p.add_argument("--out", default=None, help="where to write when several folders are combined")
+    p.add_argument("--markdown", action="store_true", help="print the tables as the README's Results show them")
     p.add_argument("--target", type=float, default=None,
                    help="accuracy for 'epochs to target' (default: 90%% of the best mean final accuracy)")
     p.set_defaults(func=_report)

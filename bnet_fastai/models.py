@@ -104,7 +104,7 @@ def max_blur_pools(model: nn.Module) -> nn.Module:
     for name, child in model.named_children():
         if isinstance(child, nn.MaxPool2d):
             stride = child.stride if isinstance(child.stride, int) else child.stride[0]
-            setattr(model, name, MaxBlurPool2D(3, stride=stride, max_pool_size=2, ceil_mode=True))
+            setattr(model, name, MaxBlurPool2D(3, stride=stride, max_pool_size=2))
         else:
             max_blur_pools(child)
     return model

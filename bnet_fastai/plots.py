@@ -1,7 +1,8 @@
 """Report figures: curves with seed bands, final accuracy with intervals, and the learned BNET kernels.
 
 Every title names the dataset, image size, epochs and seeds. Figures are built with matplotlib's
-object API (no pyplot state, no backend switch): they save anywhere and display in a notebook.
+object API (no pyplot state, no backend switch): they save anywhere and display in a notebook. Layouts are
+constrained and saved with a tight bounding box, so a long title makes the figure grow rather than be cut.
 """
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 from matplotlib.figure import Figure
+from matplotlib.ticker import MaxNLocator
 
 COLOURS = {"bn": "#4c72b0"}  # BN always blue; BNET variants take the next colours
 _CYCLE = ["#dd8452", "#55a868", "#c44e52", "#8172b3", "#937860"]
@@ -21,15 +23,28 @@ def _colour(variant: str, variants: list[str]) -> str:
 
 
 def _save(fig: Figure, path: Path) -> Figure:
-    fig.tight_layout()
-    fig.savefig(path, dpi=130)
+    fig.savefig(path, dpi=130, bbox_inches="tight", pad_inches=0.15)  # the canvas grows to fit every title
     return fig
+
+
+def log_scale_if_wide(ax, values) -> None:
+    """A logarithmic y axis when the positive `values` span more than 10x (an early loss spike would
+    otherwise flatten the rest of the curve)."""
+    values = np.asarray(values, dtype=float)
+    values = values[np.isfinite(values) & (values > 0)]
+    if len(values) and values.max() > 10 * values.min():
+        ax.set_yscale("log")
+
+
+def integer_epochs(ax) -> None:
+    """Epoch ticks at whole numbers only."""
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
 
 
 def plot_curves(history: pd.DataFrame, title: str, path: Path) -> Figure:
     """Validation accuracy and loss per epoch, BN vs BNET, mean over seeds with a ±1 std band, per arch."""
     archs, variants = sorted(history["arch"].unique()), sorted(history["variant"].unique())
-    fig = Figure(figsize=(4.2 * len(archs), 6.4))
+    fig = Figure(figsize=(max(4.2 * len(archs), 6.5), 6.4), layout="constrained")
     axes = fig.subplots(2, len(archs), squeeze=False, sharex=True)
     for col, arch in enumerate(archs):
         for variant, group in history[history["arch"] == arch].groupby("variant"):
@@ -44,8 +59,10 @@ def plot_curves(history: pd.DataFrame, title: str, path: Path) -> Figure:
         axes[0, col].set_ylabel("validation accuracy")
         axes[1, col].set_ylabel("validation loss")
         axes[1, col].set_xlabel("epoch")
+        log_scale_if_wide(axes[1, col], history.loc[history["arch"] == arch, "valid_loss"])
         for ax in axes[:, col]:
             ax.grid(alpha=0.3)
+            integer_epochs(ax)
         axes[0, col].legend(fontsize=8)
     fig.suptitle(f"BN vs BNET: mean ± 1 std over seeds — {title}", fontsize=9)
     return _save(fig, path)
@@ -55,7 +72,7 @@ def plot_final_accuracy(summary: pd.DataFrame, title: str, path: Path) -> Figure
     """Final validation accuracy per arch and variant: mean over seeds with its 95% t interval."""
     archs, variants = sorted(summary["arch"].unique()), sorted(summary["variant"].unique())
     width = 0.8 / len(variants)
-    fig = Figure(figsize=(max(4.5, 1.6 * len(archs) * len(variants) ** 0.5 + 2), 3.8))
+    fig = Figure(figsize=(max(5.5, 1.6 * len(archs) * len(variants) ** 0.5 + 2), 3.8), layout="constrained")
     ax = fig.subplots()
     for i, variant in enumerate(variants):
         rows = summary[summary["variant"] == variant].set_index("arch").reindex(archs)
@@ -68,32 +85,34 @@ def plot_final_accuracy(summary: pd.DataFrame, title: str, path: Path) -> Figure
     ax.set_ylabel("final validation accuracy")
     ax.grid(alpha=0.3, axis="y")
     ax.legend(fontsize=8)
-    ax.set_title(f"Final accuracy, mean and 95% interval over seeds\n{title}", fontsize=9)
+    method = summary["ci_method"].iloc[0] if "ci_method" in summary else "95% interval"
+    ax.set_title(f"Final accuracy, mean over seeds and interval ({method})\n{title}", fontsize=9)
     return _save(fig, path)
 
 
 def plot_kernels(kernels: pd.DataFrame, title: str, path: Path) -> Figure | None:
-    """Mean |weight| per tap of the learned BNET kernels, per stage (rows: arch × variant).
+    """Mean |weight| per tap of the learned BNET kernels, per stage; one row per arch × variant, each named.
 
-    Layers that only ever see 1x1 maps (ResNeSt's split attention) are left out: their outer taps never
-    meet data. Each panel is averaged over layers of the stage, channels and seeds, and normalised so the
-    taps sum to 1, which makes the share of the centre tap (BN's gamma) comparable across stages.
+    Layers that only ever see 1x1 maps (ResNeSt's split attention) are left out, and named under the title:
+    their outer taps never meet data. Each panel is averaged over layers of the stage, channels and seeds,
+    and normalised so the taps sum to 1, which makes the share of the centre tap (BN's gamma) comparable.
     """
-    seen = kernels["spatial"].map(lambda s: s is None or max(s) > 1) if "spatial" in kernels else True
-    kernels = kernels[seen & (kernels["k"] > 1)]
+    one_by_one = kernels["spatial"].map(lambda s: s is not None and max(s) <= 1) if "spatial" in kernels else False
+    left_out = kernels[one_by_one & (kernels["k"] > 1)]
+    kernels = kernels[~one_by_one & (kernels["k"] > 1)]
     if kernels.empty:
         return None
     rows = sorted(kernels.groupby(["arch", "variant"]).groups)
     stages = sorted(kernels["stage"].unique(), key=lambda s: (s != "stem", s))
-    fig = Figure(figsize=(2.2 * len(stages) + 1, 2.6 * len(rows) + 1.0))
-    axes = fig.subplots(len(rows), len(stages), squeeze=False)
-    for r, (arch, variant) in enumerate(rows):
-        for c, stage in enumerate(stages):
-            ax = axes[r, c]
+    fig = Figure(figsize=(max(2.2 * len(stages) + 1, 6.5), 2.7 * len(rows) + 1.2), layout="constrained")
+    for subfig, (arch, variant) in zip(np.atleast_1d(fig.subfigures(len(rows), 1)), rows):
+        subfig.suptitle(f"{arch} — {variant}", fontsize=9, fontweight="bold")
+        for ax, stage in zip(np.atleast_1d(subfig.subplots(1, len(stages))), stages):
             ax.set_xticks([])
             ax.set_yticks([])
             layers = kernels[(kernels["arch"] == arch) & (kernels["variant"] == variant) & (kernels["stage"] == stage)]
             if layers.empty:
+                ax.set_title(f"{stage}: no BNET", fontsize=8)
                 ax.set_axis_off()
                 continue
             taps = np.mean([np.asarray(m) for m in layers["mean_abs"]], axis=0)
@@ -102,8 +121,11 @@ def plot_kernels(kernels: pd.DataFrame, title: str, path: Path) -> Figure | None
             for (i, j), v in np.ndenumerate(taps):
                 ax.text(j, i, f"{v:.2f}", ha="center", va="center", fontsize=7,
                         color="white" if v < taps.max() / 2 else "black")
-            ax.set_title(f"{stage} ({len(layers)} layers)", fontsize=8)
-            if c == 0:
-                ax.set_ylabel(f"{arch}\n{variant}", fontsize=8)
-    fig.suptitle(f"Learned BNET kernels: share of mean |weight| per tap\n{title}", fontsize=9)
+            ax.set_title(f"{stage} ({layers['layer'].nunique()} layers)", fontsize=8)
+    note = ""
+    if len(left_out):
+        named = ", ".join(f"{a} {v}: {n} layer(s) in {', '.join(sorted(g['stage'].unique()))}"
+                          for (a, v), g in left_out.groupby(["arch", "variant"]) for n in [g["layer"].nunique()])
+        note = f"\nleft out, they only see 1×1 maps: {named}"
+    fig.suptitle(f"Learned BNET kernels: share of mean |weight| per tap\n{title}{note}", fontsize=9)
     return _save(fig, path)

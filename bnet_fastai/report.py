@@ -1,8 +1,12 @@
 """Analysis of an experiment folder: one tidy DataFrame of every run, statistics across seeds, plots.
 
 Definitions (each per run, then summarised across seeds of one dataset × size × epochs × arch × variant):
-- final accuracy: validation accuracy after the last epoch; its 95% interval is Student's t over seeds;
-- paired difference: BNET − BN on the same seed (same init seed, same data order), with a t interval;
+- final accuracy: validation accuracy after the last epoch; its 95% interval over seeds is Student's t
+  computed on the logit scale and mapped back (`bounded_t_interval`), so it stays inside [0, 1] even with
+  two seeds near 100% (a plain t interval reaches past 1);
+- paired difference: BNET − BN on the same seed (same init seed, same data order), with the same interval
+  on the [−1, 1] scale (the logit of (d + 1) / 2, i.e. 2·atanh(d)); for small differences it is the plain
+  t interval;
 - epochs (seconds) to target: the first epoch whose accuracy reaches `target` (and the training time up to
   its end); runs that never reach it count in ``n_reached`` only;
 - AUC: the area under the validation-accuracy curve with one unit per epoch, divided by the number of
@@ -22,6 +26,7 @@ from scipy import stats
 
 from ._files import atomic_write
 from .runstate import read_status
+from .train import ADDED_LATER
 
 STUDY_KEYS = ["dataset", "size", "epochs", "recipe"]
 GROUP_KEYS = STUDY_KEYS + ["arch", "variant"]
@@ -48,8 +53,13 @@ def variant(config: dict) -> str:
 
 
 def recipe(config: dict) -> str:
-    """The settings shared by both arms of a comparison, as text: lr, wd, bs, optimizer, ..."""
-    return " ".join(f"{k}={config[k]}" for k in sorted(config) if k not in _NOT_RECIPE)
+    """The settings shared by both arms of a comparison, as text: lr, wd, bs, optimizer, ...
+
+    Fields added to `RunConfig` later are named only when they differ from their default, so runs written
+    before them and runs written after read as the same recipe.
+    """
+    return " ".join(f"{k}={config[k]}" for k in sorted(config)
+                    if k not in _NOT_RECIPE and not (k in ADDED_LATER and config[k] == ADDED_LATER[k]))
 
 
 def _seconds(text: str) -> float:
@@ -57,14 +67,26 @@ def _seconds(text: str) -> float:
     return sum(p * 60 ** i for i, p in enumerate(reversed(parts)))
 
 
-def load_runs(experiment: str | Path) -> Runs:
-    """Every run folder of `experiment`; runs that are not `finished` are left out, with the reason."""
+def _run_dirs(experiments: list[Path]) -> list[Path]:
+    """The run folders of `experiments`; a run found in several folders (same run_id) counts once."""
+    seen: dict[str, Path] = {}
+    for experiment in experiments:
+        for run_dir in sorted(p for p in experiment.iterdir() if p.is_dir() and not p.name.startswith(".")):
+            seen.setdefault(run_dir.name, run_dir)
+    return list(seen.values())
+
+
+def load_runs(experiments: str | Path | list) -> Runs:
+    """Every run folder of one experiment folder or several; runs that are not `finished` are left out,
+    with the reason."""
+    experiments = [Path(e) for e in (experiments if isinstance(experiments, (list, tuple)) else [experiments])]
     histories, kernels, skipped = [], [], []
-    for run_dir in sorted(p for p in Path(experiment).iterdir() if p.is_dir()):
+    for run_dir in _run_dirs(experiments):
         status = read_status(run_dir)
         if status["status"] != "finished":
             reason = status.get("error") or status.get("reason") or ""
-            skipped.append({"run_id": run_dir.name, "status": status["status"], "reason": reason})
+            skipped.append({"run_id": run_dir.name, "status": status["status"], "reason": reason,
+                            "folder": str(run_dir.parent)})
             continue
         config = json.loads((run_dir / "config.json").read_text())["config"]
         keys = {k: config[k] for k in ("arch", "norm", "k", "placement", "seed", "dataset", "size", "epochs")}
@@ -78,7 +100,10 @@ def load_runs(experiment: str | Path) -> Runs:
             kernels.append(layers.assign(**keys))
     return Runs(pd.concat(histories, ignore_index=True) if histories else pd.DataFrame(),
                 pd.concat(kernels, ignore_index=True) if kernels else pd.DataFrame(),
-                pd.DataFrame(skipped, columns=["run_id", "status", "reason"]))
+                pd.DataFrame(skipped, columns=["run_id", "status", "reason", "folder"]))
+
+
+CI_METHOD = "95% Student-t on the logit scale"  # named in every table that carries an interval
 
 
 def t_interval(values) -> tuple[float, float]:
@@ -88,6 +113,16 @@ def t_interval(values) -> tuple[float, float]:
         return float("nan"), float("nan")
     half = stats.t.ppf(0.975, len(values) - 1) * values.std(ddof=1) / np.sqrt(len(values))
     return float(values.mean() - half), float(values.mean() + half)
+
+
+def bounded_t_interval(values, low: float = 0.0, high: float = 1.0) -> tuple[float, float]:
+    """95% t interval for values bounded in [low, high]: computed on the logit of their position in the
+    range and mapped back, so it never leaves [low, high]. Values on a bound are moved 1e-6 of the range
+    inside it (a logit of 0 or 1 is infinite)."""
+    values = np.asarray(values, dtype=float)
+    share = np.clip((values - low) / (high - low), 1e-6, 1 - 1e-6)
+    lo, hi = t_interval(np.log(share / (1 - share)))
+    return tuple(float(low + (high - low) / (1 + np.exp(-v))) for v in (lo, hi))
 
 
 def per_run(history: pd.DataFrame, target: float) -> pd.DataFrame:
@@ -112,12 +147,12 @@ def summarize(history: pd.DataFrame, target: float = 0.8) -> pd.DataFrame:
     runs = per_run(history, target)
     rows = []
     for keys, group in runs.groupby(GROUP_KEYS):
-        low, high = t_interval(group["final_accuracy"])
+        low, high = bounded_t_interval(group["final_accuracy"])
         rows.append({**dict(zip(GROUP_KEYS, keys)), "n_seeds": len(group),
                      "seeds": ",".join(map(str, sorted(group["seed"]))),
                      "final_accuracy_mean": group["final_accuracy"].mean(),
                      "final_accuracy_std": group["final_accuracy"].std(ddof=1),
-                     "final_accuracy_ci_low": low, "final_accuracy_ci_high": high,
+                     "final_accuracy_ci_low": low, "final_accuracy_ci_high": high, "ci_method": CI_METHOD,
                      "target": target, "n_reached": int(group["epochs_to_target"].notna().sum()),
                      "epochs_to_target_mean": group["epochs_to_target"].mean(),
                      "seconds_to_target_mean": group["seconds_to_target"].mean(),
@@ -144,10 +179,10 @@ def paired_differences(history: pd.DataFrame, target: float = 0.8) -> pd.DataFra
                "seeds": ",".join(str(i[-1]) for i in pairs.index)}
         for metric in ("final_accuracy", "auc"):
             diff = pairs[metric] - pairs[f"{metric}_bn"]
-            low, high = t_interval(diff)
+            low, high = bounded_t_interval(diff, -1.0, 1.0)
             row.update({f"{metric}_diff_mean": diff.mean(), f"{metric}_diff_ci_low": low,
                         f"{metric}_diff_ci_high": high})
-        rows.append(row)
+        rows.append({**row, "ci_method": CI_METHOD})
     return _recipe_last(pd.DataFrame(rows))
 
 
@@ -173,20 +208,31 @@ def auto_target(history: pd.DataFrame) -> float:
     return float(np.floor(0.9 * best.max() * 100) / 100)
 
 
-def report(experiment: str | Path, target: float | None = None) -> dict[str, pd.DataFrame]:
-    """Write ``summary.csv``, ``paired.csv`` and PNG plots into `experiment`; returns the tables.
+def report(experiments: str | Path | list, target: float | None = None,
+           out: str | Path | None = None) -> dict[str, pd.DataFrame]:
+    """Write ``summary.csv``, ``paired.csv`` and PNG plots of one experiment folder (into it) or of several
+    combined (into `out`); returns the tables.
 
     `target` is the accuracy for "epochs to target" (None: `auto_target`). Runs that are not finished
-    are left out and listed (``skipped``) with their status and reason.
+    are left out and listed (``skipped``) with their status and reason. Runs of different recipes are
+    never pooled: each recipe keeps its own rows and its own figures.
     """
     from .plots import plot_curves, plot_final_accuracy, plot_kernels
 
-    experiment = Path(experiment)
-    if not experiment.is_dir():
-        raise ValueError(f"no experiment folder at {experiment}: give the --out folder of a run or sweep")
-    runs = load_runs(experiment)
+    folders = [Path(e) for e in (experiments if isinstance(experiments, (list, tuple)) else [experiments])]
+    for folder in folders:
+        if not folder.is_dir():
+            raise ValueError(f"no experiment folder at {folder}: give the --out folder of a run or sweep")
+    if out is None and len(folders) > 1:
+        raise ValueError("several experiment folders are combined into one report: name its folder with --out")
+    experiment = Path(out) if out is not None else folders[0]
+    experiment.mkdir(parents=True, exist_ok=True)
+    runs = load_runs(folders)
     if runs.history.empty:
-        raise ValueError(f"no finished run in {experiment} ({len(runs.skipped)} left out)")
+        reasons = "; ".join(f"{r.run_id}: {r.status}{' (' + r.reason + ')' if r.reason else ''}"
+                            for r in runs.skipped.itertuples())
+        raise ValueError(f"no finished run in {', '.join(map(str, folders))}"
+                         + (f": {reasons}" if reasons else " (no run folder)"))
     target = auto_target(runs.history) if target is None else target
     summary, paired = summarize(runs.history, target), paired_differences(runs.history, target)
     atomic_write(experiment / "summary.csv", summary.to_csv(index=False))
@@ -202,3 +248,26 @@ def report(experiment: str | Path, target: float | None = None) -> dict[str, pd.
         if len(kernels):
             plot_kernels(kernels, title, experiment / f"kernels{suffix}.png")
     return {"summary": summary, "paired": paired, "skipped": runs.skipped, "history": runs.history}
+
+
+def results_markdown(tables: dict[str, pd.DataFrame]) -> str:
+    """The summary and paired tables of `report` as Markdown, as the README publishes them."""
+    s, p = tables["summary"], tables["paired"]
+    lines = [f"Intervals: {s['ci_method'].iloc[0]} (mapped back, so they stay inside [0, 1], and [−1, 1] for "
+             f"differences). Target for \"epochs to target\": {s['target'].iloc[0]:.2f}.", "",
+             "| dataset | arch | variant | seeds | final accuracy, mean [95% interval] | epochs to target (reached) "
+             "| AUC | valid-loss spread |", "|---|---|---|---|---|---|---|---|"]
+    for r in s.itertuples():
+        lines.append(f"| {r.dataset} | {r.arch} | {r.variant} | {r.n_seeds} | {r.final_accuracy_mean:.4f} "
+                     f"[{r.final_accuracy_ci_low:.4f}, {r.final_accuracy_ci_high:.4f}] | "
+                     f"{r.epochs_to_target_mean:.2f} ({r.n_reached}/{r.n_seeds}) | {r.auc_mean:.4f} | "
+                     f"{r.valid_loss_spread:.4f} |")
+    lines += ["", "| arch | variant − bn | pairs | final accuracy difference [95% interval] | "
+                  "AUC difference [95% interval] | verdict |", "|---|---|---|---|---|---|"]
+    for r in p.itertuples():
+        low, high = r.final_accuracy_diff_ci_low, r.final_accuracy_diff_ci_high
+        verdict = ("cannot tell" if low <= 0 <= high else "BNET higher" if low > 0 else "BN higher")
+        lines.append(f"| {r.arch} | {r.variant} | {r.n_pairs} | {r.final_accuracy_diff_mean:+.4f} "
+                     f"[{low:+.4f}, {high:+.4f}] | {r.auc_diff_mean:+.4f} [{r.auc_diff_ci_low:+.4f}, "
+                     f"{r.auc_diff_ci_high:+.4f}] | {verdict} |")
+    return "\n".join(lines)

@@ -45,7 +45,6 @@ PROFILES: dict[str, dict] = {
 QUICK_ON_DATASET = {"sample": {}, "fashion-mnist": dict(size=28, epochs=3, fraction=0.05, bs=128)}
 QUICK_ON_IMAGES = dict(size=64, epochs=3, fraction=0.1)  # Imagenette and the other archives
 EXPERIMENT_DATASETS = ("imagenette-160", "fashion-mnist", "sample")  # DATASET="auto" in experiments.ipynb
-BASICS_DATASETS = ("mnist", "fashion-mnist", "sample")  # DATASET="auto" in batchnorm_basics.ipynb
 
 
 @dataclass
@@ -101,6 +100,7 @@ def dataset_available(name: str, timeout: float = 5.0) -> bool:
 
 
 def auto_dataset(candidates: tuple[str, ...] = EXPERIMENT_DATASETS) -> tuple[str, str]:
+    # batchnorm_basics.ipynb passes basics.BASICS_DATASETS: MNIST, else Fashion-MNIST, else `sample`
     """The first of `candidates` that `dataset_available` finds, and a sentence saying why."""
     passed = []
     for name in candidates:

@@ -11,6 +11,8 @@ import itertools
 from pathlib import Path
 
 from .data import prepare
+from .live import LiveMonitor, live_monitor
+from .progress import plain_output
 from .train import RunConfig, run
 
 
@@ -29,24 +31,41 @@ def expand_grid(base: RunConfig, grid: dict[str, list]) -> list[RunConfig]:
     return list({c.run_id: c for c in configs}.values())
 
 
-def sweep(base: RunConfig, grid: dict[str, list], out: str | Path, force: bool = False) -> list[dict]:
+def sweep(base: RunConfig, grid: dict[str, list], out: str | Path, force: bool = False,
+          live: bool | LiveMonitor | None = None) -> list[dict]:
     """Run every configuration of the grid into `out`; returns each run's final status.
 
     A run that raises is recorded as `failed` (its status.json says why) and the sweep goes on;
-    Ctrl-C or SIGTERM marks the current run `interrupted` and stops the sweep.
+    Ctrl-C or SIGTERM marks the current run `interrupted` and stops the sweep. `live` shows a bar over the
+    grid and a live accuracy figure (`bnet_fastai.live`): None shows them in a notebook only, True or False
+    always or never, or pass a `LiveMonitor` of your own.
     """
     configs = expand_grid(base, grid)
     for dataset in dict.fromkeys(c.dataset for c in configs):
         prepare(dataset)  # one download per dataset, before the first run
+    monitor = live_monitor(live)
+    if monitor:
+        monitor.start(configs)
     results = []
     for i, config in enumerate(configs, 1):
-        print(f"[{i}/{len(configs)}] {config.run_id}", flush=True)
+        if not plain_output():  # off a terminal each epoch line names the run: one line per run is enough
+            print(f"[{i}/{len(configs)}] {config.run_id}", flush=True)
         try:
-            results.append(run(config, out, force=force))
+            results.append(run(config, out, force=force, cbs=monitor.callbacks(config) if monitor else None))
         except Exception as e:  # noqa: BLE001  (one failed run must not stop the grid; status.json has it)
             results.append({"status": "failed", "error": f"{type(e).__name__}: {e}",
                             "run_dir": str(Path(out).resolve() / config.run_id)})
-        last = results[-1]
-        print(f"[{i}/{len(configs)}] {config.run_id}: {last['status']}{' (reused)' if last.get('reused') else ''}"
-              f"{': ' + last['error'] if last.get('error') else ''}", flush=True)
+        if monitor:
+            monitor.run_done(config, results[-1])
+        print(f"[{i}/{len(configs)}] {config.run_id}: {_outcome(results[-1])}", flush=True)
     return results
+
+
+def _outcome(result: dict) -> str:
+    """`finished (reused), accuracy 0.8231, 61 s` or `failed: <error>`: a run's result in one line."""
+    text = result["status"] + (" (reused)" if result.get("reused") else "")
+    if result.get("final_accuracy") is not None:
+        text += f", accuracy {result['final_accuracy']:.4f}"
+    if result.get("seconds") is not None:
+        text += f", {result['seconds']:.0f} s"
+    return text + (f": {result['error']}" if result.get("error") else "")

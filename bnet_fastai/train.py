@@ -1,8 +1,10 @@
 """One run: `RunConfig` (the whole configuration, logged with the results) and `run(config)`.
 
 A run folder ``<out>/<run_id>/`` holds ``config.json``, ``history.csv`` (fastai's `CSVLogger`, one row per
-epoch), ``status.json`` (see `bnet_fastai.runstate`) and, for BNET runs, ``kernels.json`` (mean |weight| of
-each kernel tap per layer, for the report's kernel picture).
+epoch), ``status.json`` (see `bnet_fastai.runstate`), TensorBoard event files (losses, accuracy and learning
+rate per epoch, see `bnet_fastai.tensorboard_log`) and, for BNET runs, ``kernels.json`` (mean |weight| of each
+kernel tap per layer, for the report's kernel picture). Off a terminal a run prints one line per epoch
+instead of progress bars (`bnet_fastai.progress`).
 """
 from __future__ import annotations
 
@@ -21,6 +23,7 @@ from pathlib import Path
 import torch
 from fastai.callback import schedule  # noqa: F401  (adds Learner.fit_one_cycle and fit_flat_cos)
 from fastai.callback.channelslast import ChannelsLast
+from fastai.callback.core import Callback
 from fastai.callback.fp16 import MixedPrecision
 from fastai.callback.progress import CSVLogger
 from fastai.callback.tracker import TerminateOnNaNCallback
@@ -36,14 +39,16 @@ from .cache import cached_dataloaders
 from .data import DATASETS, dataloaders
 from .models import check_block_args, check_model_args, create_model
 from .norms import kernel_stats
+from .progress import show_progress
 from .runstate import DONE, raw_status, run_lock, write_status
+from .tensorboard_log import TensorBoardScalars
 from .weight_decay import BNETWeightDecay, no_decay_params
 
 OPTIMIZERS = {"adam": Adam, "ranger": ranger, "sgd": SGD}
 SCHEDULES = {"one_cycle": "fit_one_cycle", "flat_cos": "fit_flat_cos"}  # fastai Learner methods
 # Fields added after runs were first published: at their default they stay out of the run_id hash, so
 # run folders written before them keep their names and are reused.
-_ADDED_LATER = {"schedule": "one_cycle", "sa": False, "pool": "avg"}
+ADDED_LATER = {"schedule": "one_cycle", "sa": False, "pool": "avg"}
 PIPELINES = {"cached": cached_dataloaders, "fastai": dataloaders}  # same items, split and augmentation
 
 
@@ -108,7 +113,7 @@ class RunConfig:
         a grid over k trains its BN baseline once.
         """
         ignored = {"workers"} | ({"k", "placement", "bnet_init"} if self.norm == "bn" else set())
-        ignored |= {k for k, default in _ADDED_LATER.items() if getattr(self, k) == default}
+        ignored |= {k for k, default in ADDED_LATER.items() if getattr(self, k) == default}
         fields = {k: v for k, v in asdict(self).items() if k not in ignored}
         digest = hashlib.sha1(json.dumps(fields, sort_keys=True).encode()).hexdigest()[:8]
         variant = f"{self.norm}-k{self.k}-{self.placement}" if self.norm == "bnet" else self.norm
@@ -147,13 +152,15 @@ class RunFailed(RuntimeError):
     """Training itself failed (not the configuration); the run's status.json holds the error."""
 
 
-def run(config: RunConfig, out: str | Path = "results/default", force: bool = False) -> dict:
+def run(config: RunConfig, out: str | Path = "results/default", force: bool = False,
+        cbs: list[Callback] | None = None) -> dict:
     """Train `config` into ``<out>/<run_id>/`` and return its final status (with ``run_dir``).
 
     A run already `finished` or `diverged` there is reused, not retrained, unless `force`; any other
     state (missing, failed, interrupted) is trained from the start. Data and model are built before the
     folder is touched, so bad input (ValueError) never costs a finished run. Under a distributed launch
     (``WORLD_SIZE`` > 1, e.g. ``accelerate launch``) every rank trains and rank 0 writes the files.
+    `cbs` are extra fastai callbacks for this fit (a sweep's live view, for instance).
     """
     config.validate()
     run_dir = Path(out).resolve() / config.run_id
@@ -174,6 +181,8 @@ def run(config: RunConfig, out: str | Path = "results/default", force: bool = Fa
             run_dir.mkdir(parents=True)
             write_status(run_dir, "running")
             _log_to(learn, config, run_dir)
+        show_progress(learn, config.run_id, main_process)
+        learn.add_cbs(cbs or [])
         return _fit(learn, divergence, config, run_dir, main_process)
 
 
@@ -235,9 +244,9 @@ def build_learner(config: RunConfig) -> tuple[Learner, DivergenceCallback]:
 
 
 def _log_to(learn: Learner, config: RunConfig, run_dir: Path) -> None:
-    """Point the Learner's history.csv (fastai CSVLogger) at `run_dir` and write config.json there."""
+    """Point the Learner's history.csv (fastai CSVLogger) and TensorBoard events at `run_dir`; write config.json."""
     learn.path = run_dir  # CSVLogger writes relative to learn.path, which fastai sets to the dataset folder
-    learn.add_cb(CSVLogger(fname="history.csv"))
+    learn.add_cbs([CSVLogger(fname="history.csv"), TensorBoardScalars(run_dir)])
     model, dls = learn.model, learn.dls
     atomic_write(run_dir / "config.json", json.dumps({
         "run_id": config.run_id, "config": asdict(config),

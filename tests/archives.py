@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import contextlib
+import gzip
 import functools
 import http.server
 import io
@@ -57,14 +58,19 @@ def write_archive(dest: Path, top: str = "imagenette2-160", **kw) -> Path:
 
 
 class _QuietHandler(http.server.SimpleHTTPRequestHandler):
+    requests: list | None = None  # when a list, every requested path is appended to it
+
     def log_message(self, *args) -> None:
-        pass
+        if self.requests is not None:
+            self.requests.append(self.path)
 
 
 @contextlib.contextmanager
-def serve(folder: Path):
-    """Serve `folder` on 127.0.0.1 (a free port) for the duration of the block; yields the base URL."""
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), functools.partial(_QuietHandler, directory=str(folder)))
+def serve(folder: Path, requests: list | None = None):
+    """Serve `folder` on 127.0.0.1 (a free port) for the duration of the block; yields the base URL.
+    With `requests`, every request's path is appended to that list."""
+    handler = type("Handler", (_QuietHandler,), {"requests": requests})
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), functools.partial(handler, directory=str(folder)))
     thread = threading.Thread(target=server.serve_forever, daemon=True)
     thread.start()
     try:
@@ -72,3 +78,28 @@ def serve(folder: Path):
     finally:
         server.shutdown()
         server.server_close()
+
+
+def write_idx(folder: Path, n_train: int = 20, n_valid: int = 10, **damage) -> dict[str, np.ndarray]:
+    """Small Fashion-MNIST files in the real IDX format, gzipped, with the official names; returns the
+    arrays written (train/val images and labels). Labels cycle through the 10 classes.
+
+    `damage`: ``truncate=<file name>`` cuts that file's gzip stream in half; ``magic=<file name>`` writes a
+    wrong magic number; ``extra_label=True`` writes one training label too many.
+    """
+    folder.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(0)
+    arrays = {}
+    for split, n, prefix in (("train", n_train, "train"), ("val", n_valid, "t10k")):
+        images = rng.integers(0, 256, (n, 28, 28), dtype=np.uint8)
+        labels = (np.arange(n + (1 if split == "train" and damage.get("extra_label") else 0)) % 10).astype(np.uint8)
+        arrays[f"{split}_images"], arrays[f"{split}_labels"] = images, labels[:n]
+        for name, magic, values in ((f"{prefix}-images-idx3-ubyte.gz", 2051, images),
+                                    (f"{prefix}-labels-idx1-ubyte.gz", 2049, labels)):
+            magic = 1234 if damage.get("magic") == name else magic
+            header = b"".join(int(v).to_bytes(4, "big") for v in (magic, *values.shape))
+            data = gzip.compress(header + values.tobytes())
+            if damage.get("truncate") == name:
+                data = data[:len(data) // 2]
+            (folder / name).write_bytes(data)
+    return arrays

@@ -29,18 +29,21 @@ def test_committed_notebooks_are_thin_and_clean(name):
 
 def test_experiments_notebook_runs_a_tiny_study_and_reports_it(roots):
     executed = execute("experiments", dict(DATASET="sample", PROFILE="quick", ARCHS=["xmininet"], SEEDS=[0, 1],
-                                           EPOCHS=2, SIZE=16, FRACTION=0.2, WORKERS=0, EXPERIMENT="tiny"), roots)
+                                           EPOCHS=2, SIZE=16, FRACTION=0.2, WORKERS=0, EXPERIMENT="tiny", K=[3, 5]),
+                       roots)
     text = "".join(o.get("text", "") for c in nbformat.read(executed, 4).cells for o in c.get("outputs", []))
-    assert "dataset: sample | profile: quick | archs: xmininet" in text
+    assert "dataset: sample | profile: quick | archs: xmininet" in text and "| 6 runs" in text
     summary = pd.read_csv(roots / "tiny" / "summary.csv")
-    assert list(summary["variant"]) == ["bn", "bnet-k3-all"] and (summary["n_seeds"] == 2).all()
+    assert list(summary["variant"]) == ["bn", "bnet-k3-all", "bnet-k5-all"] and (summary["n_seeds"] == 2).all()
+    assert (roots / "experiments.html").read_text().lower().startswith("<!doctype html>")
     assert np.isfinite(summary[["final_accuracy_mean", "final_accuracy_ci_low", "auc_mean"]].to_numpy()).all()
     assert (summary["final_accuracy_mean"].between(0, 1)).all()
     paired = pd.read_csv(roots / "tiny" / "paired.csv")
-    assert len(paired) == 1 and paired["n_pairs"].iloc[0] == 2 and np.isfinite(paired["final_accuracy_diff_mean"]).all()
+    assert list(paired["variant"]) == ["bnet-k3-all", "bnet-k5-all"] and (paired["n_pairs"] == 2).all()
+    assert np.isfinite(paired["final_accuracy_diff_mean"]).all()
     for png in ("curves.png", "final_accuracy.png", "kernels.png"):
         assert (roots / "tiny" / png).stat().st_size > 10_000
-    kernels = json.loads(next((roots / "tiny").glob("xmininet_bnet*_s0_*/kernels.json")).read_text())
+    kernels = json.loads(next((roots / "tiny").glob("xmininet_bnet-k3*_s0_*/kernels.json")).read_text())
     assert len(kernels) == 15 and all(np.isfinite(k["mean_abs"]).all() for k in kernels)
 
 

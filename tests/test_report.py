@@ -1,7 +1,7 @@
 """report on a hand-made results folder: known histories give known statistics, exactly."""
 import json
 from dataclasses import asdict
-from math import sqrt
+from math import exp, log, sqrt
 
 import pandas as pd
 import pytest
@@ -11,12 +11,23 @@ from bnet_fastai.runstate import write_status
 from bnet_fastai.train import RunConfig
 
 T_975_2 = 4.302652729911275  # Student's t, 97.5% quantile, 2 degrees of freedom
+T_975_1 = 12.706204736174707  # 1 degree of freedom
+
+
+def _logit_interval(values, t, low=0.0, high=1.0):
+    """The expected interval, by hand: t interval of the logits of the share of the range, mapped back."""
+    share = [(v - low) / (high - low) for v in values]
+    logits = [log(p / (1 - p)) for p in share]
+    mean = sum(logits) / len(logits)
+    sd = sqrt(sum((x - mean) ** 2 for x in logits) / (len(logits) - 1))
+    half = t * sd / sqrt(len(logits))
+    return tuple(low + (high - low) / (1 + exp(-(mean + s * half))) for s in (-1, 1))
 BN = {0: [0.5, 0.7, 0.8], 1: [0.6, 0.8, 0.9], 2: [0.4, 0.6, 0.7]}
 BNET = {0: [0.6, 0.8, 0.9], 1: [0.6, 0.9, 0.95], 2: [0.5, 0.7, 0.85]}
 
 
 def _write_run(out, accuracies, status="finished", **config):
-    config = RunConfig(arch="xmininet", dataset="sample", size=32, epochs=3, **config)
+    config = RunConfig(**{"arch": "xmininet", "dataset": "sample", "size": 32, "epochs": 3, **config})
     run_dir = out / config.run_id
     run_dir.mkdir(parents=True)
     (run_dir / "config.json").write_text(json.dumps({"config": asdict(config)}))
@@ -45,11 +56,12 @@ def test_summary_has_the_known_means_intervals_epochs_to_target_and_areas(experi
     summary = tables["summary"].set_index(["variant", "recipe"])
     bn = summary.loc["bn"].loc[lambda d: d.index.str.contains("lr=0.003")].iloc[0]
     bnet = summary.loc["bnet-k3-all"].iloc[0]
-    half = T_975_2 * 0.1 / sqrt(3)
     assert bn["n_seeds"] == 3 and bn["seeds"] == "0,1,2" and bn["dataset"] == "sample"
     assert bn["final_accuracy_mean"] == pytest.approx(0.8)
     assert bn["final_accuracy_std"] == pytest.approx(0.1)
-    assert (bn["final_accuracy_ci_low"], bn["final_accuracy_ci_high"]) == pytest.approx((0.8 - half, 0.8 + half))
+    assert (bn["final_accuracy_ci_low"], bn["final_accuracy_ci_high"]) == pytest.approx(
+        _logit_interval([0.8, 0.9, 0.7], T_975_2))
+    assert bn["ci_method"] == "95% Student-t on the logit scale"
     assert bn["n_reached"] == 2 and bn["epochs_to_target_mean"] == pytest.approx(2.5)  # seed 2 never reaches it
     assert bn["seconds_to_target_mean"] == pytest.approx(25.0)  # 30 s and 20 s
     assert bn["auc_mean"] == pytest.approx((0.2 / 0.3 + 2.3 / 3 + 1.7 / 3) / 3)
@@ -65,11 +77,46 @@ def test_paired_difference_is_per_seed_with_its_interval(experiment):
     paired = report(experiment, target=0.8)["paired"]
     assert len(paired) == 1
     row = paired.iloc[0]
-    half = T_975_2 * 0.05 / sqrt(3)  # differences 0.1, 0.05, 0.15
     assert row["variant"] == "bnet-k3-all" and row["n_pairs"] == 3 and row["seeds"] == "0,1,2"
     assert row["final_accuracy_diff_mean"] == pytest.approx(0.1)
     assert (row["final_accuracy_diff_ci_low"], row["final_accuracy_diff_ci_high"]) == pytest.approx(
-        (0.1 - half, 0.1 + half))
+        _logit_interval([0.1, 0.05, 0.15], T_975_2, -1, 1))  # differences per seed
+    half = T_975_2 * 0.05 / sqrt(3)  # for differences this small it is close to the plain t interval
+    assert row["final_accuracy_diff_ci_low"] == pytest.approx(0.1 - half, abs=0.005)
+
+
+def test_intervals_stay_in_range_for_two_seeds_near_100_percent(tmp_path):
+    """Two seeds at 0.97 and 0.999: a plain t interval (12.7 x sd) reaches far past 1.0."""
+    _write_run(tmp_path, [0.9, 0.97], seed=0, norm="bn", epochs=2)
+    _write_run(tmp_path, [0.95, 0.999], seed=1, norm="bn", epochs=2)
+    _write_run(tmp_path, [0.1, 0.2], seed=0, norm="bnet", epochs=2)  # differences -0.77 and -0.799
+    _write_run(tmp_path, [0.9, 1.0], seed=1, norm="bnet", epochs=2)  # and an accuracy of exactly 1
+    tables = report(tmp_path, target=0.9)
+    bn = tables["summary"].set_index("variant").loc["bn"]
+    assert 0.97 + 0.999 < 2 * 1 and 0.9845 + T_975_1 * 0.0205 / sqrt(2) > 1  # the plain interval would exceed 1
+    assert 0 <= bn["final_accuracy_ci_low"] < 0.97 and 0.999 < bn["final_accuracy_ci_high"] <= 1
+    assert (bn["final_accuracy_ci_low"], bn["final_accuracy_ci_high"]) == pytest.approx(
+        _logit_interval([0.97, 0.999], T_975_1))
+    summary = tables["summary"]
+    assert ((summary["final_accuracy_ci_low"] >= 0) & (summary["final_accuracy_ci_high"] <= 1)).all()
+    paired = tables["paired"].iloc[0]
+    for metric in ("final_accuracy", "auc"):
+        assert -1 <= paired[f"{metric}_diff_ci_low"] <= paired[f"{metric}_diff_ci_high"] <= 1
+
+
+def test_several_folders_combine_but_recipes_stay_apart(experiment, tmp_path):
+    other = tmp_path / "other"
+    for seed in range(2):
+        _write_run(other, BN[seed], seed=seed, norm="bn", wd=0.1)  # another recipe: weight decay 0.1
+    _write_run(other, BN[0], seed=0, norm="bn")  # the same run as in `experiment`: counted once
+    with pytest.raises(ValueError, match="--out"):
+        report([experiment, other])
+    tables = report([experiment, other], target=0.8, out=tmp_path / "combined")
+    summary = tables["summary"]
+    bn = summary[summary["variant"] == "bn"].set_index(summary[summary["variant"] == "bn"]["recipe"])
+    assert sorted(bn["n_seeds"]) == [1, 2, 3]  # lr=0.1 (1 seed), wd=0.1 (2 seeds), default recipe (3, not 4)
+    assert bn.loc[lambda d: d.index.str.contains("wd=0.1 ")].iloc[0]["final_accuracy_mean"] == pytest.approx(0.85)
+    assert (tmp_path / "combined" / "summary.csv").exists() and len(list((tmp_path / "combined").glob("curves_*.png"))) == 3
 
 
 def test_failed_diverged_and_interrupted_runs_are_left_out_and_named(experiment):

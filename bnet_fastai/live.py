@@ -1,0 +1,144 @@
+"""The live view of a sweep in a notebook: one bar over the runs of the grid (runs done of total, elapsed,
+ETA) above fastai's per-epoch bars, and a figure of validation accuracy per epoch of every finished and
+running run — one panel per arch, BN always blue, each BNET variant its own colour — redrawn in place after
+every epoch. Runs reused from an earlier sweep appear from their history.csv.
+
+Both are display handles updated in place (IPython's ``display(..., display_id=True)`` / ``.update``); the
+`display` argument of `LiveMonitor` swaps them for anything with an ``update`` method (tests count updates).
+"""
+from __future__ import annotations
+
+import dataclasses
+import io
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import TYPE_CHECKING, Protocol
+
+import pandas as pd
+from fastai.callback.core import Callback
+from fastai.learner import Recorder
+from fastcore.imports import IN_NOTEBOOK
+from fastprogress.fastprogress import format_time, html_progress_bar
+
+from .report import variant
+
+if TYPE_CHECKING:
+    from .train import RunConfig
+
+
+class Handle(Protocol):
+    def update(self, obj: object) -> None: ...
+
+
+def ipython_display(obj: object) -> Handle:
+    """Show `obj` in the notebook; the returned handle replaces it in place."""
+    from IPython.display import DisplayHandle
+
+    handle = DisplayHandle()
+    handle.display(obj)
+    return handle
+
+
+class _AccuracyFeed(Callback):
+    """Hands each epoch's validation accuracy of one run to its `LiveMonitor`."""
+
+    order = Recorder.order + 1  # after the Recorder has the epoch's values
+
+    def __init__(self, monitor: LiveMonitor, config: RunConfig):
+        self.monitor, self.config = monitor, config
+
+    def after_epoch(self) -> None:
+        values = dict(zip(self.recorder.metric_names[1:], self.recorder.values[-1]))
+        self.monitor.epoch_done(self.config, float(values["accuracy"]))
+
+
+class LiveMonitor:
+    """A sweep's grid bar and live accuracy figure; `sweep(..., live=LiveMonitor())` drives it.
+
+    `display(obj)` shows a first version of an output and returns its handle (default: IPython's).
+    The sweep calls `start` once, passes `callbacks(config)` to each run and `run_done` after each.
+    """
+
+    def __init__(self, display: Callable[[object], Handle] = ipython_display, dpi: int = 80):
+        self.display, self.dpi = display, dpi
+
+    def start(self, configs: list[RunConfig]) -> None:
+        """Show the bar at 0 of len(configs) runs and the empty figure, one panel per arch."""
+        self.configs = {c.run_id: c for c in configs}
+        self.curves: dict[str, list[float]] = {}  # run_id -> validation accuracy per epoch
+        self.finished: set[str] = set()
+        self.current, self.trained_epochs, self.started = "", 0, time.time()
+        variants = sorted({variant(dataclasses.asdict(c)) for c in configs})  # "bn" first when present
+        others = [v for v in variants if v != "bn"]
+        self.colours = {v: "C0" if v == "bn" else f"C{1 + others.index(v) % 9}" for v in variants}  # C0 is blue
+        self.bar, self.figure = self.display(self._bar()), self.display(self._figure())
+
+    def callbacks(self, config: RunConfig) -> list[Callback]:
+        """The fastai callbacks that feed run `config`'s epochs into this view."""
+        return [_AccuracyFeed(self, config)]
+
+    def epoch_done(self, config: RunConfig, accuracy: float) -> None:
+        """Add an epoch to the running run's curve; redraw bar and figure."""
+        curve = self.curves.setdefault(config.run_id, [])
+        curve.append(accuracy)
+        self.trained_epochs += 1
+        self.current = f"{config.run_id} epoch {len(curve)}/{config.epochs}"
+        self.bar.update(self._bar())
+        self.figure.update(self._figure())
+
+    def run_done(self, config: RunConfig, result: dict) -> None:
+        """Count the run as done; a reused run's curve comes from its history.csv."""
+        self.finished.add(config.run_id)
+        self.current = ""
+        if result.get("reused"):
+            history = Path(result["run_dir"]) / "history.csv"
+            self.curves[config.run_id] = pd.read_csv(history)["accuracy"].tolist() if history.exists() else []
+            self.figure.update(self._figure())
+        self.bar.update(self._bar())
+
+    def _bar(self) -> object:
+        done, total = len(self.finished), len(self.configs)
+        elapsed = time.time() - self.started
+        eta = "?"
+        if self.trained_epochs:  # seconds per trained epoch (reused runs cost none) times the epochs left
+            left = sum(c.epochs - len(self.curves.get(run_id, [])) for run_id, c in self.configs.items()
+                       if run_id not in self.finished)
+            eta = format_time(elapsed / self.trained_epochs * left)
+        label = f"{done}/{total} runs, {format_time(elapsed)} elapsed, ETA {eta}"
+        return html_progress_bar(done, total, label + (f" | {self.current}" if self.current else ""))
+
+    def _figure(self) -> object:
+        from IPython.display import Image
+        from matplotlib.figure import Figure
+        from matplotlib.lines import Line2D
+        from matplotlib.ticker import MaxNLocator
+
+        archs = list(dict.fromkeys(c.arch for c in self.configs.values()))
+        fig = Figure(figsize=(4.2 * len(archs), 3.4), layout="constrained")
+        axes = fig.subplots(1, len(archs), squeeze=False, sharey=True)[0]
+        for run_id, curve in self.curves.items():
+            config = self.configs[run_id]
+            colour = self.colours[variant(dataclasses.asdict(config))]
+            axes[archs.index(config.arch)].plot(range(1, len(curve) + 1), curve, marker="o", ms=3, color=colour)
+        last = max(c.epochs for c in self.configs.values())
+        for ax, arch in zip(axes, archs):
+            ax.set(title=arch, xlabel="epoch", xlim=(0.8, last + 0.2))
+            ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+            ax.grid(alpha=0.3)
+        axes[0].set_ylabel("validation accuracy")
+        axes[0].legend(handles=[Line2D([], [], color=c, marker="o", ms=3, label=v) for v, c in self.colours.items()],
+                       fontsize=8, loc="lower right")
+        studies = ", ".join(dict.fromkeys(f"{c.dataset}, {c.size} px" for c in self.configs.values()))
+        fig.suptitle(f"Validation accuracy per epoch — {studies}", fontsize=9)
+        png = io.BytesIO()
+        fig.savefig(png, format="png", dpi=self.dpi)
+        return Image(data=png.getvalue())
+
+
+def live_monitor(live: bool | LiveMonitor | None) -> LiveMonitor | None:
+    """The monitor a sweep uses: `live` itself, a new one (True; None: in a notebook only), or none (False)."""
+    if isinstance(live, LiveMonitor):
+        return live
+    on = IN_NOTEBOOK if live is None else live
+    return LiveMonitor() if on else None

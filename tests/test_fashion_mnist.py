@@ -1,0 +1,144 @@
+"""Fashion-MNIST: IDX files decoded into the Imagenette layout, from a local folder or a loopback mirror;
+damaged files are rejected in one line naming them; the automatic dataset choices."""
+import json
+import os
+import subprocess
+import sys
+from collections import Counter
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from bnet_fastai import fashion_mnist, study
+from bnet_fastai.basics import BASICS_DATASETS
+from bnet_fastai.data import prepare
+
+from .archives import serve, write_idx
+
+CLI = str(Path(sys.executable).with_name("bnet-fastai"))
+TRAIN_IMAGES, TRAIN_LABELS = fashion_mnist.FILES["train"]
+
+
+@pytest.fixture
+def data_root(tmp_path, monkeypatch):
+    """An empty data root; Debian's folder (installed on our machines) hidden so each test picks its source."""
+    monkeypatch.setenv("BNET_FASTAI_DATA", str(tmp_path / "data"))
+    monkeypatch.delenv("BNET_FASTAI_FASHION_MNIST", raising=False)
+    monkeypatch.delenv("BNET_FASTAI_MIRROR", raising=False)
+    monkeypatch.setattr(fashion_mnist, "DEBIAN_FOLDER", tmp_path / "no-debian-package")
+    return tmp_path / "data"
+
+
+def _cli(*args, env):
+    return subprocess.run([CLI, *args], capture_output=True, text=True, env={**os.environ, **env})
+
+
+def test_files_from_the_mirror_are_decoded_into_the_imagenette_layout(tmp_path, data_root, monkeypatch):
+    arrays = write_idx(tmp_path / "mirror", n_train=20, n_valid=10)
+    requests = []
+    with serve(tmp_path / "mirror", requests) as url:
+        monkeypatch.setenv("BNET_FASTAI_MIRROR", url)
+        path = prepare("fashion-mnist")
+    assert sorted(requests) == sorted(f"/{n}" for pair in fashion_mnist.FILES.values() for n in pair)
+    assert path == data_root / "fashion-mnist"
+    for split, n in (("train", 20), ("val", 10)):
+        files = sorted((path / split).rglob("*.png"))
+        assert Counter(p.parent.name for p in files) == {c: n // 10 for c in fashion_mnist.CLASSES}
+        for p in files:  # every pixel and label round-trips
+            i = int(p.stem)
+            assert p.parent.name == fashion_mnist.CLASSES[arrays[f"{split}_labels"][i]]
+            np.testing.assert_array_equal(np.asarray(Image.open(p)), arrays[f"{split}_images"][i])
+    info = json.loads((path / fashion_mnist.INFO_FILE).read_text())
+    assert info["counts"] == {"train": 20, "val": 10} and info["published"] is False
+    assert (data_root / "archive" / "fashion-mnist" / TRAIN_IMAGES).is_file()  # downloaded once, kept
+    assert not list(data_root.glob(".fashion-mnist-*"))  # no temporary folder left
+    with serve(tmp_path / "mirror", requests) as url:  # written once: a second prepare asks nothing
+        monkeypatch.setenv("BNET_FASTAI_MIRROR", url)
+        before = len(requests)
+        assert prepare("fashion-mnist") == path and len(requests) == before
+
+
+def test_a_local_folder_is_used_without_any_network_request(tmp_path, data_root, monkeypatch):
+    write_idx(tmp_path / "local")
+    write_idx(tmp_path / "mirror")
+    requests = []
+    with serve(tmp_path / "mirror", requests) as url:
+        monkeypatch.setenv("BNET_FASTAI_MIRROR", url)
+        monkeypatch.setenv("BNET_FASTAI_FASHION_MNIST", str(tmp_path / "local"))
+        path = prepare("fashion-mnist")
+    assert requests == []
+    assert json.loads((path / fashion_mnist.INFO_FILE).read_text())["source"] == str(tmp_path / "local")
+    assert not (data_root / "archive").exists()
+
+
+@pytest.mark.parametrize("damage, named, words", [
+    (dict(truncate=TRAIN_IMAGES), TRAIN_IMAGES, "truncated or corrupt"),
+    (dict(magic=TRAIN_LABELS), TRAIN_LABELS, "magic number 1234, expected 2049"),
+    (dict(extra_label=True), TRAIN_LABELS, "21 labels for 20 images"),
+])
+def test_a_damaged_file_exits_2_in_one_line_naming_it_and_a_retry_after_the_fix_works(tmp_path, damage, named,
+                                                                                        words):
+    local, root = tmp_path / "local", tmp_path / "data"
+    write_idx(local, **damage)
+    env = {"BNET_FASTAI_DATA": str(root), "BNET_FASTAI_FASHION_MNIST": str(local)}
+    done = _cli("data", "fashion-mnist", env=env)
+    assert done.returncode == 2 and done.stdout == ""
+    assert len(done.stderr.strip().splitlines()) == 1 and "Traceback" not in done.stderr
+    assert str(local / named) in done.stderr and words in done.stderr
+    assert not (root / "fashion-mnist").exists()  # nothing half-written looks complete
+    write_idx(local)  # the fix
+    fixed = _cli("data", "fashion-mnist", env=env)
+    assert fixed.returncode == 0, fixed.stderr
+    assert fixed.stdout.strip().splitlines()[-1] == str(root / "fashion-mnist")
+
+
+def test_a_mirror_without_the_files_names_the_file_the_status_and_the_setting(tmp_path, data_root, monkeypatch):
+    (tmp_path / "empty").mkdir()
+    with serve(tmp_path / "empty") as url:
+        monkeypatch.setenv("BNET_FASTAI_MIRROR", url)
+        with pytest.raises(fashion_mnist.FashionMNISTError) as caught:
+            prepare("fashion-mnist")
+    message = str(caught.value)
+    assert "\n" not in message and "<html" not in message.lower()
+    assert message.startswith(f"cannot download {TRAIN_IMAGES}: HTTP 404 from {url}/{TRAIN_IMAGES}")
+    assert "BNET_FASTAI_MIRROR" in message
+    assert not list((data_root / "archive" / "fashion-mnist").iterdir())  # no partial download left
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not fashion_mnist.DEBIAN_FOLDER.is_dir(), reason="Debian's dataset-fashion-mnist is not installed")
+def test_debians_files_are_the_published_dataset(tmp_path, monkeypatch):
+    monkeypatch.setenv("BNET_FASTAI_DATA", str(tmp_path / "data"))
+    monkeypatch.delenv("BNET_FASTAI_FASHION_MNIST", raising=False)
+    path = prepare("fashion-mnist")
+    info = json.loads((path / fashion_mnist.INFO_FILE).read_text())
+    assert info["published"] is True and info["counts"] == {"train": 60000, "val": 10000}
+    assert Counter(p.parent.name for p in (path / "val").rglob("*.png")) == {c: 1000 for c in fashion_mnist.CLASSES}
+
+
+def _available(names):
+    return lambda name, timeout=5.0: name in names
+
+
+@pytest.mark.parametrize("available, experiments, basics", [
+    ({"imagenette-160", "mnist", "fashion-mnist"}, "imagenette-160", "mnist"),
+    ({"fashion-mnist"}, "fashion-mnist", "fashion-mnist"),
+    (set(), "sample", "sample"),
+])
+def test_auto_dataset_takes_the_first_that_can_be_had(monkeypatch, available, experiments, basics):
+    monkeypatch.setattr(study, "dataset_available", _available(available | {"sample"}))
+    assert study.auto_dataset(study.EXPERIMENT_DATASETS)[0] == experiments
+    assert study.auto_dataset(BASICS_DATASETS)[0] == basics
+    resolved = study.resolve("auto", "quick")
+    assert resolved.dataset == experiments and any(experiments in r for r in resolved.reasons)
+    expected = study.QUICK_ON_DATASET.get(experiments, study.QUICK_ON_IMAGES)
+    assert all(getattr(resolved.base, k) == v for k, v in expected.items())
+
+
+def test_fashion_mnist_is_available_offline_only_with_its_files(tmp_path, data_root, monkeypatch):
+    assert not study.dataset_available("fashion-mnist")
+    write_idx(tmp_path / "local")
+    monkeypatch.setenv("BNET_FASTAI_FASHION_MNIST", str(tmp_path / "local"))
+    assert study.dataset_available("fashion-mnist")
