@@ -19,8 +19,8 @@ test: $(STAMP)
 	$(PY) -m pytest $(PYTEST_ARGS)
 
 # Executes notebooks/experiments.ipynb and notebooks/batchnorm_basics.ipynb headless (papermill); the executed
-# copies (and their HTML), CSVs and PNGs land in results/. No GPU and no network: the sample digits and the
-# quick profile.
+# copies (and their HTML), CSVs and PNGs land in results/. No GPU: the quick profile on the first dataset to be
+# had (Imagenette-160, else Fashion-MNIST from Debian's dataset-fashion-mnist, else the sample digits).
 experiments: $(STAMP)
 	$(PY) -m bnet_fastai.notebooks
 

@@ -60,10 +60,21 @@ def _config_args(args: argparse.Namespace) -> dict:
     return {f.name: getattr(args, f.name) for f in dataclasses.fields(RunConfig) if getattr(args, f.name) is not None}
 
 
+def output_folder(args: argparse.Namespace, default: str = "default") -> str:
+    """`--out`, or ``<results root>/<default>``: under `BNET_FASTAI_RESULTS` when that is set."""
+    if args.out is not None:
+        return args.out
+    from .data import results_root  # imported only when needed: it loads fastai
+
+    return str(results_root() / default)
+
+
 def _run(args: argparse.Namespace) -> int:
     from .train import RunConfig, run
 
-    result = run(RunConfig(**_config_args(args)), args.out, force=args.force)
+    result = run(RunConfig(**_config_args(args)), output_folder(args), force=args.force)
+    if result.get("damaged"):
+        print(f"the earlier run was damaged ({result['damaged']}): trained again")
     print(f"{result['status']}{' (reused)' if result.get('reused') else ''}: {result['run_dir']}")
     return 0  # finished or diverged: the run completed; its status says which
 
@@ -73,10 +84,10 @@ def _sweep(args: argparse.Namespace) -> int:
     from .sweep import sweep
     from .train import RunConfig
 
-    grid = _config_args(args)
-    results = sweep(RunConfig(), grid, args.out, force=args.force)
+    grid, out = _config_args(args), output_folder(args)
+    results = sweep(RunConfig(), grid, out, force=args.force)
     counts = {s: sum(r["status"] == s for r in results) for s in dict.fromkeys(r["status"] for r in results)}
-    print(f"sweep done: {', '.join(f'{n} {s}' for s, n in counts.items())} in {args.out}")
+    print(f"sweep done: {', '.join(f'{n} {s}' for s, n in counts.items())} in {out}")
     return 0 if all(r["status"] in DONE for r in results) else EXIT_RUN_FAILED
 
 
@@ -86,7 +97,7 @@ def _study(args: argparse.Namespace) -> int:
     from .study import resolve, run_study
 
     study = resolve(args.dataset, args.profile)
-    out = args.out or f"results/{study.dataset}-{study.profile}"
+    out = output_folder(args, f"{study.dataset}-{study.profile}")
     print(study.describe(), flush=True)
     results = run_study(study, out)
     if not all(r["status"] in DONE for r in results):
@@ -98,15 +109,27 @@ def _study(args: argparse.Namespace) -> int:
     return 0
 
 
-def _report(args: argparse.Namespace) -> int:
-    from .report import report, results_markdown
+def _left_out(row) -> str:
+    """`<run_id>: failed: <error>` or `<run_id>: damaged: history.csv: ...`: why a run is not reported."""
+    return f"{row.run_id}: {row.status}{': ' + row.reason if row.reason else ''}"
 
-    tables = report(args.dirs, target=args.target, out=args.out)
+
+def _report(args: argparse.Namespace) -> int:
+    from .report import NoFinishedRun, report, results_markdown
+
+    try:
+        tables = report(args.dirs, target=args.target, out=args.out)
+    except NoFinishedRun as e:  # every run left out: say why, one line per run
+        print(f"bnet-fastai report: error: no finished run in {', '.join(args.dirs)}"
+              + ("" if len(e.skipped) else " (no run folder)"), file=sys.stderr)
+        for row in e.skipped.itertuples():
+            print(f"  {_left_out(row)}", file=sys.stderr)
+        return EXIT_BAD_INPUT
     if args.markdown:
         print(results_markdown(tables))
         return 0
     for row in tables["skipped"].itertuples():
-        print(f"left out {row.run_id}: {row.status}{': ' + row.reason if row.reason else ''}")
+        print(f"left out {_left_out(row)}")
     columns = ["dataset", "arch", "variant", "n_seeds", "final_accuracy_mean", "final_accuracy_ci_low",
                "final_accuracy_ci_high", "epochs_to_target_mean", "auc_mean", "valid_loss_spread"]
     print(tables["summary"][columns].to_string(index=False, float_format="%.4f"))
@@ -141,7 +164,8 @@ def build_parser() -> argparse.ArgumentParser:
                                     ("sweep", _sweep, True, "train a grid (comma lists); re-run to resume")):
         p = sub.add_parser(name, help=text, description=text)
         _add_config_options(p, lists)
-        p.add_argument("--out", default="results/default", help="experiment folder (one sub-folder per run)")
+        p.add_argument("--out", default=None, help="experiment folder, one sub-folder per run "
+                       "(default: results/default, under $BNET_FASTAI_RESULTS when set)")
         p.add_argument("--force", action="store_true", help="retrain runs that already finished")
         p.set_defaults(func=func)
     from .study import PROFILES
@@ -149,7 +173,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("study", help="run a study profile (the notebook's grid) and report it")
     p.add_argument("profile", choices=list(PROFILES), help="quick, cpu (the README's result), full or leaderboard")
     p.add_argument("--dataset", default="auto", help="default: the profile's dataset, else the first available")
-    p.add_argument("--out", default=None, help="experiment folder (default: results/<dataset>-<profile>)")
+    p.add_argument("--out", default=None, help="experiment folder (default: results/<dataset>-<profile>, "
+                   "under $BNET_FASTAI_RESULTS when set)")
     p.set_defaults(func=_study)
     p = sub.add_parser("report", help="summary.csv and plots of one experiment folder, or of several combined")
     p.add_argument("dirs", nargs="+", metavar="DIR", help="experiment folder(s): the --out of runs or sweeps")
@@ -170,10 +195,12 @@ def _sigterm(signum, frame):
 
 
 def main(argv: list[str] | None = None) -> int:
+    from .progress import plain_download_bars
     from .train import RunFailed
 
     args = build_parser().parse_args(argv)
     signal.signal(signal.SIGTERM, _sigterm)
+    plain_download_bars()
     try:
         return args.func(args)
     except RunFailed as e:  # training itself failed; status.json holds the details

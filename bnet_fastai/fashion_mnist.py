@@ -11,6 +11,8 @@ set) so the same loaders, cache and report run unchanged.
 """
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import gzip
 import hashlib
 import json
@@ -20,6 +22,7 @@ import tempfile
 import urllib.error
 import urllib.request
 import zlib
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -99,10 +102,9 @@ def _download(name: str, archive: Path) -> Path:
     return path
 
 
-def read_idx(path: Path, magic: int) -> tuple[np.ndarray, str]:
+def read_idx(path: Path, magic: int, fix: str = "replace it and run again") -> tuple[np.ndarray, str]:
     """Decode one gzipped IDX file into uint8 (n,) labels or (n, 28, 28) images, checking it whole; also
-    returns the SHA-256 of its decompressed bytes."""
-    fix = "delete it (or fix its source) and run again"
+    returns the SHA-256 of its decompressed bytes. `fix` ends every error message."""
     try:
         with gzip.open(path) as f:
             data = f.read()
@@ -127,33 +129,73 @@ def read_idx(path: Path, magic: int) -> tuple[np.ndarray, str]:
     return values, hashlib.sha256(data).hexdigest()
 
 
-def load(folder: Path) -> tuple[dict[str, tuple[np.ndarray, np.ndarray]], dict[str, str]]:
+def load(folder: Path, fix: str = "replace it and run again"
+         ) -> tuple[dict[str, tuple[np.ndarray, np.ndarray]], dict[str, str]]:
     """The checked (images, labels) of each split from `folder`, and each file's SHA-256."""
     splits, digests = {}, {}
     for split, (image_name, label_name) in FILES.items():
-        (images, digests[image_name]), (labels, digests[label_name]) = (read_idx(folder / image_name, IMAGE_MAGIC),
-                                                                        read_idx(folder / label_name, LABEL_MAGIC))
+        (images, digests[image_name]), (labels, digests[label_name]) = (
+            read_idx(folder / image_name, IMAGE_MAGIC, fix), read_idx(folder / label_name, LABEL_MAGIC, fix))
         if len(images) != len(labels):
             raise FashionMNISTError(f"{folder / label_name} has {len(labels)} labels for {len(images)} images in "
-                                    f"{image_name}: the files do not belong together; replace them and run again")
+                                    f"{image_name}: the files do not belong together; {fix}")
         splits[split] = images, labels
     return splits, digests
+
+
+def _fix_for(folder: Path, archive: Path) -> str:
+    """What to do about a damaged file, by where it came from."""
+    if folder == archive:
+        return "the downloaded files were deleted: run again to download them anew"
+    if folder == DEBIAN_FOLDER:
+        return "reinstall Debian's package: apt-get install --reinstall dataset-fashion-mnist"
+    return "replace it in the folder BNET_FASTAI_FASHION_MNIST names, or unset the variable"
+
+
+@contextlib.contextmanager
+def _writer_lock(dest: Path) -> Iterator[None]:
+    """One writer at a time (ranks of a distributed run, parallel runs); the others wait, then reuse."""
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    with open(dest.parent / f".{dest.name}.lock", "a") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
 
 
 def write(dest: Path, archive: Path) -> Path:
     """Fashion-MNIST as PNGs in the Imagenette layout at `dest`, written once; returns `dest`."""
     if is_written(dest):
         return dest
+    with _writer_lock(dest):
+        if is_written(dest):  # written by another process while this one waited
+            return dest
+        folder = local_folder()
+        if folder is None:
+            for name in (n for pair in FILES.values() for n in pair):
+                _download(name, archive)
+            folder = archive
+        try:
+            splits, digests = load(folder, _fix_for(folder, archive))
+        except FashionMNISTError:
+            if folder == archive:  # a damaged download is never reused: the next run fetches it again
+                shutil.rmtree(archive, ignore_errors=True)
+            raise
+        published = all(PUBLISHED_SHA256[n] == d for n, d in digests.items())
+        info = {"source": str(folder), "sha256": digests, "published": published,
+                "counts": {s: len(v[1]) for s, v in splits.items()}}
+        _write_pngs(dest, splits, info)
+    if not published:
+        print(f"note: the Fashion-MNIST files in {folder} are not the published ones (checksums differ); "
+              f"used as given", flush=True)
+    return dest
+
+
+def _write_pngs(dest: Path, splits: dict[str, tuple[np.ndarray, np.ndarray]], info: dict) -> None:
+    """Write every image into a hidden temporary folder, then rename it to `dest`: a crash leaves no `dest`."""
     from PIL import Image
 
-    folder = local_folder()
-    if folder is None:
-        for name in (n for pair in FILES.values() for n in pair):
-            _download(name, archive)
-        folder = archive
-    splits, digests = load(folder)
-    published = all(PUBLISHED_SHA256[n] == d for n, d in digests.items())
-    dest.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=".fashion-mnist-", dir=dest.parent))
     try:
         for split, (images, labels) in splits.items():
@@ -161,20 +203,9 @@ def write(dest: Path, archive: Path) -> Path:
                 (tmp / split / name).mkdir(parents=True)
             for i, (pixels, label) in enumerate(zip(images, labels)):
                 Image.fromarray(pixels, mode="L").save(tmp / split / CLASSES[label] / f"{i:05d}.png")
-        (tmp / INFO_FILE).write_text(json.dumps({"source": str(folder), "sha256": digests, "published": published,
-                                                 "counts": {s: len(v[1]) for s, v in splits.items()}}, indent=1))
-        if is_written(dest):  # another process (another rank, a parallel run) wrote it meanwhile
-            shutil.rmtree(tmp)
-            return dest
-        if dest.exists():  # an earlier, incomplete attempt (no INFO_FILE): replaced whole
+        (tmp / INFO_FILE).write_text(json.dumps(info, indent=1))
+        if dest.exists():  # an earlier attempt without INFO_FILE (incomplete, or not ours): replaced whole
             shutil.rmtree(dest)
         tmp.rename(dest)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        if not is_written(dest):
-            raise
-        return dest  # another process wrote it meanwhile: use that copy
-    if not published:
-        print(f"note: the Fashion-MNIST files in {folder} are not the published ones (checksums differ); "
-              f"used as given", flush=True)
-    return dest
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)  # gone after the rename; removes a partial one otherwise

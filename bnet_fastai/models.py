@@ -84,12 +84,18 @@ def check_model_args(arch: str, norm: str, placement: str, k: int, act: str, bne
     check_choice("bnet_init", bnet_init, SWAP_INITS)
 
 
-def check_block_args(arch: str, sa: bool = False, pool: str = "avg") -> None:
-    """Raise ValueError unless `sa` and `pool` are valid for `arch` (they exist in the xresnet family only)."""
+def check_block_args(arch: str, sa: bool = False, pool: str = "avg", size: int | None = None) -> None:
+    """Raise ValueError unless `sa` and `pool` are valid for `arch` (they exist in the xresnet family only)
+    and, for ``pool="maxblur"``, for the image `size`."""
     check_choice("pool", pool, POOLS)
     if (sa or pool != "avg") and ARCHS[arch].library != "fastai":
         raise ValueError(f"sa and pool apply to fastai's xresnet family only; {arch!r} is timm's: "
                          f"use sa=False, pool='avg'")
+    # kornia's MaxBlurPool2D rounds an odd map down where the block's strided conv rounds it up, so the
+    # residual sum of a downsampling block needs even maps there: sizes that are multiples of 32 give them.
+    if pool == "maxblur" and size is not None and size % 32:
+        raise ValueError(f"pool='maxblur' needs an image size that is a multiple of 32 (64, 128, 160, ...), "
+                         f"got {size}")
 
 
 def max_blur_pools(model: nn.Module) -> nn.Module:

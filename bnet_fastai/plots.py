@@ -10,6 +10,7 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
+from matplotlib.axes import Axes
 from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
 
@@ -27,7 +28,7 @@ def _save(fig: Figure, path: Path) -> Figure:
     return fig
 
 
-def log_scale_if_wide(ax, values) -> None:
+def log_scale_if_wide(ax: Axes, values) -> None:
     """A logarithmic y axis when the positive `values` span more than 10x (an early loss spike would
     otherwise flatten the rest of the curve)."""
     values = np.asarray(values, dtype=float)
@@ -36,7 +37,7 @@ def log_scale_if_wide(ax, values) -> None:
         ax.set_yscale("log")
 
 
-def integer_epochs(ax) -> None:
+def integer_epochs(ax: Axes) -> None:
     """Epoch ticks at whole numbers only."""
     ax.xaxis.set_major_locator(MaxNLocator(integer=True))
 
@@ -53,8 +54,10 @@ def plot_curves(history: pd.DataFrame, title: str, path: Path) -> Figure:
                 ax, colour = axes[row, col], _colour(variant, variants)
                 ax.plot(stats.index, stats["mean"], marker="o", ms=3, color=colour,
                         label=f"{variant} (n={int(stats['count'].max())})")
-                ax.fill_between(stats.index, stats["mean"] - stats["std"], stats["mean"] + stats["std"],
-                                color=colour, alpha=0.2, lw=0)
+                lower = stats["mean"] - stats["std"]
+                if metric == "valid_loss":  # on a log axis a band reaching 0 would vanish: keep it positive
+                    lower = lower.clip(lower=stats["mean"].min() / 10)
+                ax.fill_between(stats.index, lower, stats["mean"] + stats["std"], color=colour, alpha=0.2, lw=0)
         axes[0, col].set_title(arch)
         axes[0, col].set_ylabel("validation accuracy")
         axes[1, col].set_ylabel("validation loss")
@@ -77,8 +80,9 @@ def plot_final_accuracy(summary: pd.DataFrame, title: str, path: Path) -> Figure
     for i, variant in enumerate(variants):
         rows = summary[summary["variant"] == variant].set_index("arch").reindex(archs)
         x = np.arange(len(archs)) + (i - (len(variants) - 1) / 2) * width
-        low = (rows["final_accuracy_mean"] - rows["final_accuracy_ci_low"]).fillna(0)
-        high = (rows["final_accuracy_ci_high"] - rows["final_accuracy_mean"]).fillna(0)
+        # The logit-scale interval need not be centred on the plain mean (skewed seeds): never a negative bar
+        low = (rows["final_accuracy_mean"] - rows["final_accuracy_ci_low"]).fillna(0).clip(lower=0)
+        high = (rows["final_accuracy_ci_high"] - rows["final_accuracy_mean"]).fillna(0).clip(lower=0)
         ax.errorbar(x, rows["final_accuracy_mean"], yerr=[low, high], fmt="o", capsize=4,
                     color=_colour(variant, variants), label=variant)
     ax.set_xticks(np.arange(len(archs)), archs)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import sys
 
+import fastprogress.fastprogress
 from fastai.callback.core import Callback
 from fastai.callback.progress import ProgressCallback
 from fastai.learner import Learner
@@ -56,3 +57,10 @@ def show_progress(learn: Learner, name: str, main_process: bool = True) -> None:
         learn.remove_cb(ProgressCallback)
         if main_process:
             learn.add_cb(EpochLines(name))
+
+
+def plain_download_bars() -> None:
+    """Off a terminal and a notebook, switch off fastprogress's console bars everywhere (fastdownload's
+    download bar, for one), so a log file gets no carriage returns while a dataset downloads."""
+    if plain_output():
+        fastprogress.fastprogress.NO_BAR = True

@@ -25,7 +25,7 @@ import pandas as pd
 from scipy import stats
 
 from ._files import atomic_write
-from .runstate import read_status
+from .runstate import CONFIG_KEYS, check_run, read_status
 from .train import ADDED_LATER
 
 STUDY_KEYS = ["dataset", "size", "epochs", "recipe"]
@@ -67,29 +67,41 @@ def _seconds(text: str) -> float:
     return sum(p * 60 ** i for i, p in enumerate(reversed(parts)))
 
 
+def _usable(run_dir: Path) -> bool:
+    """Finished and not damaged since (`check_run`): a run a report may compute from."""
+    status = read_status(run_dir)
+    return status["status"] == "finished" and check_run(run_dir, status) is None
+
+
 def _run_dirs(experiments: list[Path]) -> list[Path]:
-    """The run folders of `experiments`; a run found in several folders (same run_id) counts once."""
+    """The run folders of `experiments`; a run found in several folders (same run_id) counts once, the
+    first finished, intact copy if there is one."""
     seen: dict[str, Path] = {}
     for experiment in experiments:
         for run_dir in sorted(p for p in experiment.iterdir() if p.is_dir() and not p.name.startswith(".")):
-            seen.setdefault(run_dir.name, run_dir)
+            if run_dir.name not in seen or not _usable(seen[run_dir.name]):
+                seen[run_dir.name] = run_dir  # a finished, intact copy wins over an unfinished or damaged one
     return list(seen.values())
 
 
 def load_runs(experiments: str | Path | list) -> Runs:
-    """Every run folder of one experiment folder or several; runs that are not `finished` are left out,
-    with the reason."""
+    """Every run folder of one experiment folder or several; runs that are not `finished`, or whose files
+    were damaged since they finished (`check_run`: status ``damaged``, the reason names the file), are left
+    out, with the reason."""
     experiments = [Path(e) for e in (experiments if isinstance(experiments, (list, tuple)) else [experiments])]
     histories, kernels, skipped = [], [], []
     for run_dir in _run_dirs(experiments):
         status = read_status(run_dir)
+        damage = check_run(run_dir, status) if status["status"] == "finished" else None
+        if damage:  # never computed from: a damaged file would give wrong statistics or a parser error
+            status = {"status": "damaged", "reason": damage}
         if status["status"] != "finished":
             reason = status.get("error") or status.get("reason") or ""
             skipped.append({"run_id": run_dir.name, "status": status["status"], "reason": reason,
                             "folder": str(run_dir.parent)})
             continue
         config = json.loads((run_dir / "config.json").read_text())["config"]
-        keys = {k: config[k] for k in ("arch", "norm", "k", "placement", "seed", "dataset", "size", "epochs")}
+        keys = {k: config[k] for k in CONFIG_KEYS}
         keys.update(variant=variant(config), recipe=recipe(config), run_id=run_dir.name)
         history = pd.read_csv(run_dir / "history.csv")
         history["epoch"] = history["epoch"] + 1  # 1-based: the row after epoch 1 has epoch 1
@@ -101,6 +113,14 @@ def load_runs(experiments: str | Path | list) -> Runs:
     return Runs(pd.concat(histories, ignore_index=True) if histories else pd.DataFrame(),
                 pd.concat(kernels, ignore_index=True) if kernels else pd.DataFrame(),
                 pd.DataFrame(skipped, columns=["run_id", "status", "reason", "folder"]))
+
+
+class NoFinishedRun(ValueError):
+    """`report` found no run to compute from; `skipped` lists every run left out, with its reason."""
+
+    def __init__(self, message: str, skipped: pd.DataFrame):
+        super().__init__(message)
+        self.skipped = skipped
 
 
 CI_METHOD = "95% Student-t on the logit scale"  # named in every table that carries an interval
@@ -213,8 +233,9 @@ def report(experiments: str | Path | list, target: float | None = None,
     """Write ``summary.csv``, ``paired.csv`` and PNG plots of one experiment folder (into it) or of several
     combined (into `out`); returns the tables.
 
-    `target` is the accuracy for "epochs to target" (None: `auto_target`). Runs that are not finished
-    are left out and listed (``skipped``) with their status and reason. Runs of different recipes are
+    `target` is the accuracy for "epochs to target" (None: `auto_target`). Runs that are not finished, or
+    are damaged, are left out and listed (``skipped``) with their status and reason; if that is every run,
+    `NoFinishedRun` (a ValueError) carries the list. Runs of different recipes are
     never pooled: each recipe keeps its own rows and its own figures.
     """
     from .plots import plot_curves, plot_final_accuracy, plot_kernels
@@ -231,8 +252,8 @@ def report(experiments: str | Path | list, target: float | None = None,
     if runs.history.empty:
         reasons = "; ".join(f"{r.run_id}: {r.status}{' (' + r.reason + ')' if r.reason else ''}"
                             for r in runs.skipped.itertuples())
-        raise ValueError(f"no finished run in {', '.join(map(str, folders))}"
-                         + (f": {reasons}" if reasons else " (no run folder)"))
+        raise NoFinishedRun(f"no finished run in {', '.join(map(str, folders))}"
+                            + (f": {reasons}" if reasons else " (no run folder)"), runs.skipped)
     target = auto_target(runs.history) if target is None else target
     summary, paired = summarize(runs.history, target), paired_differences(runs.history, target)
     atomic_write(experiment / "summary.csv", summary.to_csv(index=False))
@@ -250,6 +271,10 @@ def report(experiments: str | Path | list, target: float | None = None,
     return {"summary": summary, "paired": paired, "skipped": runs.skipped, "history": runs.history}
 
 
+def _number(value: float) -> str:
+    return "—" if pd.isna(value) else f"{value:.2f}"
+
+
 def results_markdown(tables: dict[str, pd.DataFrame]) -> str:
     """The summary and paired tables of `report` as Markdown, as the README publishes them."""
     s, p = tables["summary"], tables["paired"]
@@ -260,7 +285,7 @@ def results_markdown(tables: dict[str, pd.DataFrame]) -> str:
     for r in s.itertuples():
         lines.append(f"| {r.dataset} | {r.arch} | {r.variant} | {r.n_seeds} | {r.final_accuracy_mean:.4f} "
                      f"[{r.final_accuracy_ci_low:.4f}, {r.final_accuracy_ci_high:.4f}] | "
-                     f"{r.epochs_to_target_mean:.2f} ({r.n_reached}/{r.n_seeds}) | {r.auc_mean:.4f} | "
+                     f"{_number(r.epochs_to_target_mean)} ({r.n_reached}/{r.n_seeds}) | {r.auc_mean:.4f} | "
                      f"{r.valid_loss_spread:.4f} |")
     lines += ["", "| arch | variant − bn | pairs | final accuracy difference [95% interval] | "
                   "AUC difference [95% interval] | verdict |", "|---|---|---|---|---|---|"]

@@ -4,12 +4,20 @@
 ``diverged``, ``failed`` or ``interrupted``, so a crash or a kill never leaves a run that looks finished.
 Whether a ``running`` run is really alive is told by its lock, ``<out>/.<run_id>.lock``, which the training
 process holds with ``flock`` and the kernel releases when that process dies, however it dies.
+
+A finished (or diverged) run's status also records what its files must be (`file_record`: size and sha256 of
+``history.csv``, ``config.json`` and ``kernels.json``, and the number of history rows), so a file damaged
+later is caught (`check_run`) before a sweep reuses the run or a report counts it. Runs written before that
+record existed are checked by parsing: complete history rows, as many as epochs, and readable JSON.
 """
 from __future__ import annotations
 
 import contextlib
+import csv
 import fcntl
+import hashlib
 import json
+import math
 import os
 import platform
 import time
@@ -19,6 +27,9 @@ from pathlib import Path
 from ._files import atomic_write
 
 DONE = ("finished", "diverged")  # a sweep does not redo these: a diverged run would diverge again
+RECORDED = ("history.csv", "config.json", "kernels.json")  # the files a finished run's status vouches for
+HISTORY_COLUMNS = ("epoch", "train_loss", "valid_loss", "accuracy", "time")  # fastai CSVLogger's columns
+CONFIG_KEYS = ("arch", "norm", "k", "placement", "seed", "dataset", "size", "epochs")  # what a report reads
 
 
 def _lock_path(run_dir: Path) -> Path:
@@ -54,11 +65,17 @@ def _lock_held(run_dir: Path) -> bool:
 
 
 def raw_status(run_dir: Path) -> dict:
-    """`status.json` as written (``{"status": "missing"}`` if there is none)."""
+    """`status.json` as written: ``{"status": "missing"}`` if there is none, ``"damaged"`` (with the
+    reason) if it is unreadable or has no status."""
     try:
-        return json.loads((Path(run_dir) / "status.json").read_text())
-    except (FileNotFoundError, json.JSONDecodeError):
+        status = json.loads((Path(run_dir) / "status.json").read_text())
+    except FileNotFoundError:
         return {"status": "missing"}
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        return {"status": "damaged", "reason": "status.json: not valid JSON"}
+    if not isinstance(status, dict) or not isinstance(status.get("status"), str):
+        return {"status": "damaged", "reason": "status.json: no status entry"}
+    return status
 
 
 def read_status(run_dir: Path) -> dict:
@@ -73,3 +90,110 @@ def write_status(run_dir: Path, status: str, **extra) -> None:
     """Replace `status.json` atomically."""
     atomic_write(Path(run_dir) / "status.json", json.dumps(
         {"status": status, "pid": os.getpid(), "host": platform.node(), "time": time.time(), **extra}, indent=1))
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _history_rows(path: Path, allow_nan: bool) -> int:
+    """The number of complete rows of a fastai history.csv; ValueError (without the file name) if any is not."""
+    text = path.read_text(encoding="utf-8")
+    if not text.endswith("\n"):  # CSVLogger ends every line with a newline: anything else was cut
+        raise ValueError("empty" if not text else "last row cut short (no line end)")
+    rows = list(csv.reader(text.splitlines()))
+    header = rows[0]
+    missing = [c for c in HISTORY_COLUMNS if c not in header]
+    if missing:
+        raise ValueError(f"no column {', '.join(missing)}")
+    for number, row in enumerate(rows[1:]):
+        if len(row) != len(header) or "" in row:
+            raise ValueError(f"row {number + 1} is incomplete")
+        values = dict(zip(header, row))
+        try:
+            numbers = [float(values[c]) for c in ("train_loss", "valid_loss", "accuracy")]
+            time_parts = [float(p) for p in values["time"].split(":")]
+            epoch = int(values["epoch"])
+        except ValueError:
+            raise ValueError(f"row {number + 1} is not numbers") from None
+        if epoch != number:
+            raise ValueError(f"row {number + 1} is epoch {epoch}, expected {number}")
+        if not all(map(math.isfinite, time_parts)) or not (allow_nan or all(map(math.isfinite, numbers))):
+            raise ValueError(f"row {number + 1} has a number that is not finite")
+    return len(rows) - 1
+
+
+def _json(path: Path) -> object:
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        raise ValueError("not valid JSON") from None
+
+
+def file_record(run_dir: Path) -> dict:
+    """What a finished run's files must be, for its status.json: size and sha256 of each of `RECORDED` that
+    exists, and the number of rows of history.csv."""
+    run_dir = Path(run_dir)
+    files = {name: {"size": (run_dir / name).stat().st_size, "sha256": _sha256(run_dir / name)}
+             for name in RECORDED if (run_dir / name).exists()}
+    rows = len((run_dir / "history.csv").read_text().splitlines()) - 1 if "history.csv" in files else 0
+    return {"files": files, "history_rows": rows}
+
+
+def check_run(run_dir: Path, status: dict | None = None) -> str | None:
+    """None if the files of a finished or diverged run are intact, else one line naming the damaged file
+    and what is wrong: ``history.csv: size 120, expected 363`` or ``config.json: not valid JSON``.
+
+    With the record of `file_record` in its status, sizes and checksums decide; a run written before that
+    record is checked by parsing (`status`: its status.json, read here when not given).
+    """
+    run_dir = Path(run_dir)
+    status = raw_status(run_dir) if status is None else status
+    if status["status"] == "damaged":
+        return status["reason"]
+    recorded = status.get("files")
+    if isinstance(recorded, dict) and "history.csv" in recorded and all(isinstance(v, dict) for v in recorded.values()):
+        for name, expected in recorded.items():
+            path = run_dir / name
+            if not path.is_file():
+                return f"{name}: missing"
+            if path.stat().st_size != expected.get("size"):
+                return f"{name}: size {path.stat().st_size}, expected {expected.get('size')}"
+            if _sha256(path) != expected.get("sha256"):
+                return f"{name}: sha256 differs from the one recorded when the run finished"
+        return None
+    return _check_by_parsing(run_dir, status)
+
+
+def _check_by_parsing(run_dir: Path, status: dict) -> str | None:
+    """`check_run` for a run whose status has no file record: every file parses, history has every epoch."""
+    try:
+        config = _json(run_dir / "config.json") if (run_dir / "config.json").is_file() else None
+    except ValueError as e:
+        return f"config.json: {e}"
+    if config is None:
+        return "config.json: missing"
+    settings = config.get("config") if isinstance(config, dict) else None
+    if not isinstance(settings, dict) or any(k not in settings for k in CONFIG_KEYS):
+        return f"config.json: no 'config' entry with {', '.join(CONFIG_KEYS)}"
+    if not (run_dir / "history.csv").is_file():
+        return "history.csv: missing"
+    try:
+        rows = _history_rows(run_dir / "history.csv", allow_nan=status["status"] == "diverged")
+    except (ValueError, UnicodeDecodeError, csv.Error) as e:
+        return f"history.csv: {e}"
+    # a diverged run stopped early: its epochs_done says when (at most `epochs` if it does not say)
+    expected = status.get("epochs_done", settings["epochs"])
+    if rows != expected and not (status["status"] == "diverged" and "epochs_done" not in status and rows <= expected):
+        return f"history.csv: {rows} complete rows, expected {expected}"
+    if (run_dir / "kernels.json").is_file():
+        try:
+            if not isinstance(_json(run_dir / "kernels.json"), list):
+                return "kernels.json: not a list of layers"
+        except ValueError as e:
+            return f"kernels.json: {e}"
+    return None

@@ -3,6 +3,8 @@
 Re-running the same sweep skips runs that are `finished` (or `diverged`) and restarts any other, so a
 sweep killed at any moment is resumed by running the same command again; every finished run's files
 stay byte for byte as they were, because a run folder is only ever written by the run that owns it.
+A finished run whose files were damaged since (`bnet_fastai.runstate.check_run`) is named, with the damaged
+file, and trained again.
 """
 from __future__ import annotations
 
@@ -13,6 +15,7 @@ from pathlib import Path
 from .data import prepare
 from .live import LiveMonitor, live_monitor
 from .progress import plain_output
+from .runstate import DONE, check_run, raw_status
 from .train import RunConfig, run
 
 
@@ -50,6 +53,9 @@ def sweep(base: RunConfig, grid: dict[str, list], out: str | Path, force: bool =
     for i, config in enumerate(configs, 1):
         if not plain_output():  # off a terminal each epoch line names the run: one line per run is enough
             print(f"[{i}/{len(configs)}] {config.run_id}", flush=True)
+        damage = None if force else _damage(Path(out).resolve() / config.run_id)
+        if damage:
+            print(f"[{i}/{len(configs)}] {config.run_id}: damaged ({damage}): training it again", flush=True)
         try:
             results.append(run(config, out, force=force, cbs=monitor.callbacks(config) if monitor else None))
         except Exception as e:  # noqa: BLE001  (one failed run must not stop the grid; status.json has it)
@@ -59,6 +65,12 @@ def sweep(base: RunConfig, grid: dict[str, list], out: str | Path, force: bool =
             monitor.run_done(config, results[-1])
         print(f"[{i}/{len(configs)}] {config.run_id}: {_outcome(results[-1])}", flush=True)
     return results
+
+
+def _damage(run_dir: Path) -> str | None:
+    """Why a run that reads as done (or has a damaged status.json) cannot be reused; None otherwise."""
+    status = raw_status(run_dir)
+    return check_run(run_dir, status) if status["status"] in (*DONE, "damaged") else None
 
 
 def _outcome(result: dict) -> str:

@@ -40,7 +40,7 @@ from .data import DATASETS, dataloaders
 from .models import check_block_args, check_model_args, create_model
 from .norms import kernel_stats
 from .progress import show_progress
-from .runstate import DONE, raw_status, run_lock, write_status
+from .runstate import DONE, check_run, file_record, raw_status, run_lock, write_status
 from .tensorboard_log import TensorBoardScalars
 from .weight_decay import BNETWeightDecay, no_decay_params
 
@@ -86,7 +86,7 @@ class RunConfig:
         """Raise ValueError naming the valid choices for any bad field, before anything is written."""
         check_model_args(self.arch, self.norm, self.placement, self.k, self.act, self.bnet_init)
         check_choice("schedule", self.schedule, SCHEDULES)
-        check_block_args(self.arch, sa=self.sa, pool=self.pool)
+        check_block_args(self.arch, sa=self.sa, pool=self.pool, size=self.size)
         check_choice("dataset", self.dataset, DATASETS)
         check_choice("opt", self.opt, OPTIMIZERS)
         check_choice("fp16", self.fp16, ("auto", "on", "off"))
@@ -156,8 +156,9 @@ def run(config: RunConfig, out: str | Path = "results/default", force: bool = Fa
         cbs: list[Callback] | None = None) -> dict:
     """Train `config` into ``<out>/<run_id>/`` and return its final status (with ``run_dir``).
 
-    A run already `finished` or `diverged` there is reused, not retrained, unless `force`; any other
-    state (missing, failed, interrupted) is trained from the start. Data and model are built before the
+    A run already `finished` or `diverged` there is reused, not retrained, unless `force` or its files are
+    damaged (`check_run`; the result then names the damage under ``"damaged"``); any other state (missing,
+    failed, interrupted) is trained from the start. Data and model are built before the
     folder is touched, so bad input (ValueError) never costs a finished run. Under a distributed launch
     (``WORLD_SIZE`` > 1, e.g. ``accelerate launch``) every rank trains and rank 0 writes the files.
     `cbs` are extra fastai callbacks for this fit (a sweep's live view, for instance).
@@ -166,9 +167,13 @@ def run(config: RunConfig, out: str | Path = "results/default", force: bool = Fa
     run_dir = Path(out).resolve() / config.run_id
     main_process = rank_distrib() == 0
     with run_lock(run_dir) if main_process else contextlib.nullcontext():
-        status = raw_status(run_dir)["status"]  # under the lock a "running" status is stale
+        previous = raw_status(run_dir)  # under the lock a "running" status is stale
+        status, damage = previous["status"], None
         if status in DONE and not force:
-            return {**raw_status(run_dir), "run_dir": str(run_dir), "reused": True}
+            damage = check_run(run_dir, previous)
+            if damage is None:
+                return {**previous, "run_dir": str(run_dir), "reused": True}
+            status = "damaged"  # trained again from the start, like any run that is not done
         try:
             learn, divergence = build_learner(config)
         except Exception as e:
@@ -183,7 +188,8 @@ def run(config: RunConfig, out: str | Path = "results/default", force: bool = Fa
             _log_to(learn, config, run_dir)
         show_progress(learn, config.run_id, main_process)
         learn.add_cbs(cbs or [])
-        return _fit(learn, divergence, config, run_dir, main_process)
+        result = _fit(learn, divergence, config, run_dir, main_process)
+        return {**result, "damaged": damage} if damage else result
 
 
 def _fit(learn: Learner, divergence: "DivergenceCallback", config: RunConfig, run_dir: Path,
@@ -214,7 +220,7 @@ def _fit(learn: Learner, divergence: "DivergenceCallback", config: RunConfig, ru
             model = getattr(model, "_orig_mod", model)  # and torch.compile
             sample = learn.dls.valid.one_batch()[0][:2].float()
             atomic_write(run_dir / "kernels.json", json.dumps(kernel_stats(model, sample)))
-        write_status(run_dir, status, **final)
+        write_status(run_dir, status, **final, **file_record(run_dir))  # what its files must be from now on
     return {"status": status, **final, "run_dir": str(run_dir), "reused": False}
 
 

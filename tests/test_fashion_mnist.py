@@ -64,9 +64,14 @@ def test_a_local_folder_is_used_without_any_network_request(tmp_path, data_root,
     write_idx(tmp_path / "local")
     write_idx(tmp_path / "mirror")
     requests = []
+
+    def no_network(*args, **kw):
+        raise AssertionError(f"a network request: {args}")
+
     with serve(tmp_path / "mirror", requests) as url:
         monkeypatch.setenv("BNET_FASTAI_MIRROR", url)
         monkeypatch.setenv("BNET_FASTAI_FASHION_MNIST", str(tmp_path / "local"))
+        monkeypatch.setattr(fashion_mnist.urllib.request, "urlopen", no_network)
         path = prepare("fashion-mnist")
     assert requests == []
     assert json.loads((path / fashion_mnist.INFO_FILE).read_text())["source"] == str(tmp_path / "local")
@@ -87,11 +92,44 @@ def test_a_damaged_file_exits_2_in_one_line_naming_it_and_a_retry_after_the_fix_
     assert done.returncode == 2 and done.stdout == ""
     assert len(done.stderr.strip().splitlines()) == 1 and "Traceback" not in done.stderr
     assert str(local / named) in done.stderr and words in done.stderr
+    assert done.stderr.rstrip().endswith("replace it in the folder BNET_FASTAI_FASHION_MNIST names, or unset the variable")
     assert not (root / "fashion-mnist").exists()  # nothing half-written looks complete
     write_idx(local)  # the fix
     fixed = _cli("data", "fashion-mnist", env=env)
     assert fixed.returncode == 0, fixed.stderr
     assert fixed.stdout.strip().splitlines()[-1] == str(root / "fashion-mnist")
+
+
+def test_a_damaged_download_is_deleted_and_a_retry_from_the_fixed_mirror_works(tmp_path, data_root, monkeypatch):
+    write_idx(tmp_path / "mirror", truncate=TRAIN_IMAGES)
+    with serve(tmp_path / "mirror") as url:
+        monkeypatch.setenv("BNET_FASTAI_MIRROR", url)
+        with pytest.raises(fashion_mnist.FashionMNISTError, match="downloaded files were deleted: run again"):
+            prepare("fashion-mnist")
+        assert not (data_root / "archive" / "fashion-mnist").exists() and not (data_root / "fashion-mnist").exists()
+        write_idx(tmp_path / "mirror")  # the mirror is fixed
+        assert prepare("fashion-mnist") == data_root / "fashion-mnist"
+
+
+def test_a_write_killed_partway_leaves_nothing_that_looks_complete(tmp_path, data_root, monkeypatch):
+    write_idx(tmp_path / "local")
+    monkeypatch.setenv("BNET_FASTAI_FASHION_MNIST", str(tmp_path / "local"))
+    saved = []
+
+    def save_then_die(self, path, *args, **kw):
+        if len(saved) == 5:
+            raise KeyboardInterrupt  # as Ctrl-C or SIGTERM mid-write
+        saved.append(path)
+        return original(self, path, *args, **kw)
+
+    original = Image.Image.save
+    monkeypatch.setattr(Image.Image, "save", save_then_die)
+    with pytest.raises(KeyboardInterrupt):
+        prepare("fashion-mnist")
+    assert len(saved) == 5 and not (data_root / "fashion-mnist").exists()
+    assert not list(data_root.glob(".fashion-mnist-*"))
+    monkeypatch.setattr(Image.Image, "save", original)
+    assert fashion_mnist.is_written(prepare("fashion-mnist"))
 
 
 def test_a_mirror_without_the_files_names_the_file_the_status_and_the_setting(tmp_path, data_root, monkeypatch):

@@ -28,13 +28,15 @@ def test_sa_and_maxblur_build_into_the_xresnet_family_and_keep_shapes():
     assert not any(isinstance(m, nn.MaxPool2d) for m in model.modules())
     assert sum(isinstance(m, MaxBlurPool2D) for m in model.modules()) == 4  # the stem's and 3 shortcut pools
     assert any(isinstance(m, nn.Mish) for m in model.modules())
-    out = model.eval()(torch.randn(2, 3, 64, 64))
-    assert out.shape == (2, 10) and torch.isfinite(out).all()
+    for size in (64, 96, 160):  # multiples of 32, as RunConfig.validate demands for maxblur
+        out = model.eval()(torch.randn(2, 3, size, size))
+        assert out.shape == (2, 10) and torch.isfinite(out).all()
 
 
 @pytest.mark.parametrize("bad, message", [(dict(arch="mininest", sa=True), "sa and pool apply to fastai's xresnet"),
                                           (dict(arch="mininest", pool="maxblur"), "'mininest' is timm's"),
-                                          (dict(arch="xmininet", pool="blur"), "valid choices: avg, max, maxblur")])
+                                          (dict(arch="xmininet", pool="blur"), "valid choices: avg, max, maxblur"),
+                                          (dict(arch="xmininet", pool="maxblur", size=28), "multiple of 32")])
 def test_sa_and_pool_are_rejected_where_they_do_not_apply(bad, message):
     with pytest.raises(ValueError, match=message):
         RunConfig(**bad).validate()
