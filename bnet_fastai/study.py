@@ -9,13 +9,14 @@ embedded `sample` digits.
 """
 from __future__ import annotations
 
+import dataclasses
 import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
-from ._checks import check_choice
+from ._checks import check_choice, parse_parameter
 from . import fashion_mnist
 from .data import DATASETS, EXTRACTED_FILE, data_root, download_url
 from .sweep import expand_grid, sweep
@@ -113,7 +114,20 @@ def auto_dataset(candidates: tuple[str, ...] = EXPERIMENT_DATASETS) -> tuple[str
 
 def resolve(dataset: str = "auto", profile: str = "auto", archs: list[str] | None = None,
             norms: list[str] | None = None, seeds: list[int] | None = None, **overrides) -> Study:
-    """Turn the notebook's parameters into a `Study`; `None` means "the profile's value"."""
+    """Turn the notebook's parameters into a `Study`; `None` means "the profile's value".
+
+    Every value is checked and converted where it enters (`_checks.parse_parameter`): lists may come as
+    Python/JSON lists or comma-separated strings (what papermill's ``-p`` passes), numbers as text; `k` and
+    `placement` take a single value or a list. A bad value raises ValueError in one line, before anything
+    is written.
+    """
+    dataset, profile = parse_parameter("DATASET", dataset, str), parse_parameter("PROFILE", profile, str)
+    archs, norms = parse_parameter("ARCHS", archs, str, many=True), parse_parameter("NORMS", norms, str, many=True)
+    seeds = parse_parameter("SEEDS", seeds, int, many=True)
+    for seed in seeds or []:
+        if not 0 <= seed < 2 ** 32:  # numpy's and torch's seeding take 0 .. 2**32 - 1
+            raise ValueError(f"SEEDS must be in 0 .. {2 ** 32 - 1}, got {seed}")
+    overrides = {name: _parse_override(name, value) for name, value in overrides.items()}
     check_choice("profile", profile, ("auto", *PROFILES))
     reasons = []
     if profile == "auto":
@@ -138,6 +152,20 @@ def resolve(dataset: str = "auto", profile: str = "auto", archs: list[str] | Non
     study = Study(dataset, profile, list(archs), list(norms or ["bn", "bnet"]), list(seeds), base, reasons, axes)
     study.configs()  # validates every run
     return study
+
+
+_FIELD_TYPES = {"int": int, "float": float, "str": str, "bool": bool, "int | None": int}
+_LIST_FIELDS = ("k", "placement")  # grid axes a notebook may give as a list
+
+
+def _parse_override(name: str, value: object) -> object:
+    """A `RunConfig` field from the notebook, converted to the field's type (a list for `k`, `placement`)."""
+    fields = {f.name: f.type for f in dataclasses.fields(RunConfig)}
+    if name not in fields:
+        raise ValueError(f"unknown setting {name!r}; valid: {', '.join(sorted(fields))}")
+    many = name in _LIST_FIELDS
+    parsed = parse_parameter(name.upper(), value, _FIELD_TYPES[fields[name]], many=many)
+    return parsed[0] if many and parsed is not None and len(parsed) == 1 else parsed
 
 
 def run_study(study: Study, out: str | Path, **kw) -> list[dict]:

@@ -1,0 +1,56 @@
+"""Notebook parameters are checked where they enter: papermill's `-p` strings run the same study as the
+values written in the cell, and a bad value stops the notebook at its first code cell with one line."""
+import papermill
+import pytest
+
+from bnet_fastai._checks import parse_parameter
+from bnet_fastai.notebooks import execute
+from bnet_fastai.study import resolve
+
+TINY = dict(epochs=2, size=16, fraction=0.2, workers=0)
+
+
+@pytest.mark.parametrize("value, many, kind, expected", [
+    ("[0, 1]", True, int, [0, 1]), ("0,1", True, int, [0, 1]), (" 3 ", True, int, [3]), ([3, 5], True, int, [3, 5]),
+    ('["xmininet"]', True, str, ["xmininet"]), ("xmininet, mininest", True, str, ["xmininet", "mininest"]),
+    ("2", False, int, 2), (2.0, False, int, 2), ("1e-2", False, float, 0.01), ("true", False, bool, True),
+    (None, True, int, None),
+])
+def test_parameters_are_read_as_papermill_or_a_user_gives_them(value, many, kind, expected):
+    assert parse_parameter("X", value, kind, many=many) == expected
+
+
+@pytest.mark.parametrize("value, many, kind, message", [
+    ("[0, x]", True, int, "X='[0, x]' is not a list"), ("two", False, int, "X takes whole numbers, got 'two'"),
+    (2.5, False, int, "takes whole numbers"), (True, False, int, "takes whole numbers"),
+    ("nan", False, float, "X takes numbers"), ("[]", True, int, "empty list"), (3, False, str, "X takes names"),
+])
+def test_a_bad_parameter_is_one_line_naming_it(value, many, kind, message):
+    with pytest.raises(ValueError, match=message.replace("[", r"\[")) as caught:
+        parse_parameter("X", value, kind, many=many)
+    assert "\n" not in str(caught.value)
+
+
+def test_papermill_strings_resolve_to_the_same_runs_as_the_cells_values():
+    written = resolve("sample", "quick", archs=["xmininet"], seeds=[0, 1], k=[3, 5], placement="all", **TINY)
+    passed = resolve("sample", "quick", archs='["xmininet"]', seeds="[0, 1]", k="3,5", placement="all",
+                     **{name: str(value) for name, value in TINY.items()})
+    assert [c.run_id for c in passed.configs()] == [c.run_id for c in written.configs()]
+    assert len(written.configs()) == 6  # 2 seeds x (bn + bnet-k3 + bnet-k5)
+
+
+@pytest.mark.parametrize("bad, message", [(dict(seeds=[2 ** 32]), "SEEDS must be in 0 .. 4294967295"),
+                                          (dict(lr="-1"), "lr must be a finite number > 0")])
+def test_out_of_range_values_are_rejected(bad, message):
+    with pytest.raises(ValueError, match=message):
+        resolve("sample", "quick", **bad)
+
+
+def test_a_bad_notebook_parameter_stops_the_first_code_cell_before_any_run_folder(tmp_path, monkeypatch):
+    monkeypatch.setenv("BNET_FASTAI_DATA", str(tmp_path / "data"))
+    monkeypatch.setenv("BNET_FASTAI_RESULTS", str(tmp_path / "results"))
+    with pytest.raises(papermill.PapermillExecutionError, match="unknown arch 'nope'") as caught:
+        execute("experiments", dict(DATASET="sample", PROFILE="quick", ARCHS='["nope"]', EXPERIMENT="bad"),
+                tmp_path / "results")
+    assert "study = resolve(" in caught.value.source  # the first code cell after the parameters
+    assert not (tmp_path / "results" / "bad").exists() and not (tmp_path / "data").exists()
