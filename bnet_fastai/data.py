@@ -13,6 +13,7 @@ import shutil
 import tarfile
 import tempfile
 import urllib.error
+import urllib.parse
 import zlib
 from dataclasses import dataclass
 from pathlib import Path
@@ -95,6 +96,9 @@ def download_url(name: str) -> str:
     """The URL `name` is fetched from: its fastai URL, or the mirror's copy of the same archive."""
     spec = DATASETS[name]
     mirror = os.environ.get("BNET_FASTAI_MIRROR", "").rstrip("/")
+    if mirror and urllib.parse.urlparse(mirror).scheme not in ("http", "https", "ftp", "file"):
+        raise DatasetError(f"BNET_FASTAI_MIRROR={mirror!r} is not a URL: give it with its scheme, "
+                           f"e.g. http://host/path")
     return f"{mirror}/{spec.archive}" if mirror else spec.url
 
 
@@ -110,8 +114,12 @@ def prepare(name: str) -> Path:
         path = _fetch(name)
     missing = _missing_splits(path, spec)
     if missing:
-        raise DatasetError(f"dataset {name!r} at {path} has no images in {' or '.join(f'{d}/' for d in missing)}: "
-                           f"it is incomplete; delete {path} and run again")
+        where = f"dataset {name!r} at {path} has no images in {' or '.join(f'{d}/' for d in missing)}: it is incomplete"
+        if spec.url:  # extracted from a bad archive: drop both, so "run again" really downloads it again
+            shutil.rmtree(path, ignore_errors=True)
+            (data_root() / "archive" / spec.archive).unlink(missing_ok=True)
+            raise DatasetError(f"{where}; it was deleted with its archive: run again to download it anew")
+        raise DatasetError(f"{where}; delete {path} and run again")
     return path
 
 
@@ -127,6 +135,10 @@ def _fetch(name: str) -> Path:
             (folder / EXTRACTED_FILE).touch()  # complete, extracted by fastai itself or by hand: keep it
     try:
         path = Path(untar_data(url, archive=root / "archive", data=root))
+    except urllib.error.HTTPError as e:  # the server answered: its page is no use in a one-line message
+        fix = (f"check BNET_FASTAI_MIRROR: it must serve {spec.archive}" if os.environ.get("BNET_FASTAI_MIRROR")
+               else f"check your network, or set BNET_FASTAI_MIRROR=<base url> serving {spec.archive}")
+        raise DatasetError(f"cannot download {name!r}: HTTP {e.code} from {url}; {fix}") from None
     except (urllib.error.URLError, ConnectionError, TimeoutError) as e:
         reason = getattr(e, "reason", None) or e
         raise DatasetError(f"cannot download {name!r} from {url} ({reason}); offline, use --dataset sample, "

@@ -81,8 +81,18 @@ def test_missing_archive_on_the_mirror_is_a_clear_error(tmp_path, data_root, mon
     (tmp_path / "empty").mkdir()
     with serve(tmp_path / "empty") as url:
         monkeypatch.setenv("BNET_FASTAI_MIRROR", url)
-        with pytest.raises(DatasetError, match="cannot download 'imagewoof-320' from .*/imagewoof2-320.tgz"):
+        with pytest.raises(DatasetError) as caught:
             prepare("imagewoof-320")
+    message = str(caught.value)
+    assert message == (f"cannot download 'imagewoof-320': HTTP 404 from {url}/imagewoof2-320.tgz; "
+                       f"check BNET_FASTAI_MIRROR: it must serve imagewoof2-320.tgz")
+
+
+def test_a_mirror_without_a_scheme_names_the_setting(data_root, monkeypatch):
+    monkeypatch.setenv("BNET_FASTAI_MIRROR", "127.0.0.1:8000/archives")
+    with pytest.raises(DatasetError, match="BNET_FASTAI_MIRROR='127.0.0.1:8000/archives' is not a URL"):
+        prepare("imagenette-160")
+    assert not data_root.exists()
 
 
 def test_corrupt_archive_is_deleted_and_a_retry_works(tmp_path, data_root, monkeypatch):
@@ -110,8 +120,12 @@ def test_partial_extraction_is_redone_and_incomplete_layout_is_reported(tmp_path
     for f in (path / "val").rglob("*"):
         if f.is_file():
             f.unlink()
-    with pytest.raises(DatasetError, match="has no images in val/: it is incomplete; delete"):
+    with pytest.raises(DatasetError, match="has no images in val/: it is incomplete; it was deleted with its archive"):
         prepare("imagenette-160")
+    assert not path.exists() and not (data_root / "archive" / "imagenette2-160.tgz").exists()
+    with serve(tmp_path / "mirror") as url:  # "run again" downloads and extracts it anew
+        monkeypatch.setenv("BNET_FASTAI_MIRROR", url)
+        assert len(list((prepare("imagenette-160") / "val").rglob("*.JPEG"))) == 6
 
 
 def test_sample_is_the_digits_in_the_imagenette_layout(data_root):
