@@ -57,7 +57,9 @@ def test_incomplete_dataset_exits_2_and_finished_runs_are_kept(tmp_path, monkeyp
     (broken / ".bnet_fastai_extracted").touch()
     assert main(["run", "--dataset", "imagewoof-160", "--out", str(tmp_path / "exp")]) == 2
     err = capsys.readouterr().err.strip()
-    assert err.endswith(f"has no images in train/ or val/: it is incomplete; delete {broken} and run again")
+    assert err.endswith("has no images in train/ or val/: it is incomplete; it was deleted with its archive: "
+                        "run again to download it anew")
+    assert len(err.splitlines()) == 1 and not broken.exists()
     assert {p.name: p.read_bytes() for p in Path(finished["run_dir"]).iterdir()} == before
 
 
