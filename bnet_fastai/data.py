@@ -27,8 +27,8 @@ from fastai.vision.core import imagenet_stats
 from fastai.vision.data import ImageBlock
 from fastai.vision.utils import verify_images
 
-from ._checks import DatasetError, check_choice
 from . import fashion_mnist
+from ._checks import DatasetError, check_choice
 from ._files import atomic_write
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png")

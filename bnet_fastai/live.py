@@ -112,7 +112,8 @@ class LiveMonitor:
         from IPython.display import Image
         from matplotlib.figure import Figure
         from matplotlib.lines import Line2D
-        from matplotlib.ticker import MaxNLocator
+
+        from .plots import integer_epochs
 
         archs = list(dict.fromkeys(c.arch for c in self.configs.values()))
         fig = Figure(figsize=(4.2 * len(archs), 3.4), layout="constrained")
@@ -124,7 +125,7 @@ class LiveMonitor:
         last = max(c.epochs for c in self.configs.values())
         for ax, arch in zip(axes, archs):
             ax.set(title=arch, xlabel="epoch", xlim=(0.8, last + 0.2))
-            ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+            integer_epochs(ax)
             ax.grid(alpha=0.3)
         axes[0].set_ylabel("validation accuracy")
         axes[0].legend(handles=[Line2D([], [], color=c, marker="o", ms=3, label=v) for v, c in self.colours.items()],

@@ -16,8 +16,8 @@ from pathlib import Path
 
 import torch
 
-from ._checks import check_choice, parse_parameter
 from . import fashion_mnist
+from ._checks import check_choice, parse_parameter
 from .data import DATASETS, EXTRACTED_FILE, data_root, download_url
 from .sweep import expand_grid, sweep
 from .train import RunConfig
@@ -67,7 +67,8 @@ class Study:
 
     @property
     def grid(self) -> dict[str, list]:
-        return {"seed": self.seeds, "arch": self.archs, "norm": self.norms, **self.axes}  # seed-major: a cut study stays paired
+        """Every field varied, with its values; seed first, so a study cut short leaves complete pairs."""
+        return {"seed": self.seeds, "arch": self.archs, "norm": self.norms, **self.axes}
 
     def configs(self) -> list[RunConfig]:
         """Every run of the study, validated (bad values raise ValueError before anything is trained)."""
@@ -101,8 +102,8 @@ def dataset_available(name: str, timeout: float = 5.0) -> bool:
 
 
 def auto_dataset(candidates: tuple[str, ...] = EXPERIMENT_DATASETS) -> tuple[str, str]:
-    # batchnorm_basics.ipynb passes basics.BASICS_DATASETS: MNIST, else Fashion-MNIST, else `sample`
-    """The first of `candidates` that `dataset_available` finds, and a sentence saying why."""
+    """The first of `candidates` that `dataset_available` finds, and a sentence saying why
+    (batchnorm_basics.ipynb passes `basics.BASICS_DATASETS`: MNIST, else Fashion-MNIST, else `sample`)."""
     passed = []
     for name in candidates:
         if dataset_available(name):

@@ -195,14 +195,15 @@ def run(config: RunConfig, out: str | Path = "results/default", force: bool = Fa
 def _fit(learn: Learner, divergence: "DivergenceCallback", config: RunConfig, run_dir: Path,
          main_process: bool) -> dict:
     start = time.time()
+    fit = getattr(learn, SCHEDULES[config.schedule])  # learn.fit_one_cycle or learn.fit_flat_cos
     try:
         if num_distrib() > 1:
             from .distributed import distrib_ctx
 
             with distrib_ctx(learn, sync_bn=torch.cuda.is_available()):
-                getattr(learn, SCHEDULES[config.schedule])(config.epochs, config.lr)
+                fit(config.epochs, config.lr)
         else:
-            getattr(learn, SCHEDULES[config.schedule])(config.epochs, config.lr)
+            fit(config.epochs, config.lr)
     except KeyboardInterrupt:
         if main_process:
             write_status(run_dir, "interrupted", reason="KeyboardInterrupt or SIGTERM")
@@ -262,6 +263,7 @@ def _log_to(learn: Learner, config: RunConfig, run_dir: Path) -> None:
                   "parameters_not_decayed": sum(p.numel() for p in no_decay_params(model))},
         "weight_decay_rule": ("every parameter is decayed" if config.wd_norm else
                               "no decay for BN gamma/beta, BNET kernel/bias and any bias; decay for the rest"),
-        "training": {"schedule": SCHEDULES[config.schedule], "fp16": any(isinstance(cb, MixedPrecision) for cb in learn.cbs),
+        "training": {"schedule": SCHEDULES[config.schedule],
+                     "fp16": any(isinstance(cb, MixedPrecision) for cb in learn.cbs),
                      "world_size": max(num_distrib(), 1)},
         "environment": _environment()}, indent=1))

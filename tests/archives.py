@@ -2,8 +2,8 @@
 from __future__ import annotations
 
 import contextlib
-import gzip
 import functools
+import gzip
 import http.server
 import io
 import tarfile

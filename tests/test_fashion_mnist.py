@@ -92,7 +92,8 @@ def test_a_damaged_file_exits_2_in_one_line_naming_it_and_a_retry_after_the_fix_
     assert done.returncode == 2 and done.stdout == ""
     assert len(done.stderr.strip().splitlines()) == 1 and "Traceback" not in done.stderr
     assert str(local / named) in done.stderr and words in done.stderr
-    assert done.stderr.rstrip().endswith("replace it in the folder BNET_FASTAI_FASHION_MNIST names, or unset the variable")
+    assert done.stderr.rstrip().endswith("replace it in the folder BNET_FASTAI_FASHION_MNIST names, "
+                                         "or unset the variable")
     assert not (root / "fashion-mnist").exists()  # nothing half-written looks complete
     write_idx(local)  # the fix
     fixed = _cli("data", "fashion-mnist", env=env)

@@ -6,6 +6,7 @@ import pytest
 import torch
 from fastai.layers import SimpleSelfAttention
 from kornia.filters import MaxBlurPool2D
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 from torch import nn
 
 from bnet_fastai import create_model
@@ -53,6 +54,10 @@ def test_a_tiny_leaderboard_run_trains_with_flat_cos_and_ranger(tmp_path):
     recorded = json.loads((run_dir / "config.json").read_text())
     assert recorded["training"]["schedule"] == "fit_flat_cos"
     assert recorded["config"] | {"arch": None} == {**dataclasses.asdict(config), "arch": None}
+    events = EventAccumulator(str(run_dir))  # the learning rate the run really used, epoch by epoch
+    events.Reload()
+    lrs = [p.value for p in events.Scalars("lr")]
+    assert lrs[0] == pytest.approx(8e-3) and lrs[1] < 8e-3 / 20  # flat through epoch 1, annealed by the end
 
 
 def test_flat_cos_holds_the_rate_for_three_quarters_then_anneals():

@@ -116,7 +116,8 @@ def test_several_folders_combine_but_recipes_stay_apart(experiment, tmp_path):
     bn = summary[summary["variant"] == "bn"].set_index(summary[summary["variant"] == "bn"]["recipe"])
     assert sorted(bn["n_seeds"]) == [1, 2, 3]  # lr=0.1 (1 seed), wd=0.1 (2 seeds), default recipe (3, not 4)
     assert bn.loc[lambda d: d.index.str.contains("wd=0.1 ")].iloc[0]["final_accuracy_mean"] == pytest.approx(0.85)
-    assert (tmp_path / "combined" / "summary.csv").exists() and len(list((tmp_path / "combined").glob("curves_*.png"))) == 3
+    assert (tmp_path / "combined" / "summary.csv").exists()
+    assert len(list((tmp_path / "combined").glob("curves_*.png"))) == 3
 
 
 def test_failed_diverged_and_interrupted_runs_are_left_out_and_named(experiment):
