@@ -1,20 +1,36 @@
-"""bnet-fastai: BatchNorm vs BNET (Batch Normalization with Enhanced Linear Transformation) with fastai."""
-import warnings
+"""bnet-fastai: BatchNorm vs BNET (Batch Normalization with Enhanced Linear Transformation) with fastai.
 
-# fastai.layers applies torch.jit.script at import time, which recent torch deprecates: fastai's warning,
-# nothing a user of this package can act on. Silenced for these imports only.
-with warnings.catch_warnings():
-    warnings.filterwarnings("ignore", message="`torch.jit.script` is deprecated", category=FutureWarning)
-    from .fuse import FusedBNET, fuse_bnet
-    from .layers import BNET1d, BNET2d, BNET3d, bnet_extra_params
-    from .models import create_model, list_archs
-    from .norms import count_norms, get_norm_layer, list_norms, select_norms, swap_norm
-    from .weight_decay import BNETWeightDecay, bnet_params, no_decay_params
+The public names below are imported on first use (PEP 562), so ``bnet-fastai --help`` and the argument
+checks of the command line never load torch.
+"""
+import importlib
+import warnings
 
 __version__ = "0.1.0"
 
-__all__ = [
-    "BNET1d", "BNET2d", "BNET3d", "BNETWeightDecay", "FusedBNET", "bnet_extra_params", "bnet_params",
-    "count_norms", "create_model", "fuse_bnet", "get_norm_layer", "list_archs", "list_norms",
-    "no_decay_params", "select_norms", "swap_norm",
-]
+_PUBLIC = {  # name -> the module that defines it
+    "FusedBNET": "fuse", "fuse_bnet": "fuse",
+    "BNET1d": "layers", "BNET2d": "layers", "BNET3d": "layers", "bnet_extra_params": "layers",
+    "create_model": "models", "list_archs": "models",
+    "count_norms": "norms", "get_norm_layer": "norms", "list_norms": "norms", "select_norms": "norms",
+    "swap_norm": "norms",
+    "BNETWeightDecay": "weight_decay", "bnet_params": "weight_decay", "no_decay_params": "weight_decay",
+}
+__all__ = sorted(_PUBLIC)
+
+# fastai.layers applies torch.jit.script at import time, which recent torch deprecates: fastai's warning,
+# nothing a user of this package can act on. Filtered by its message, for the torch.jit module only.
+warnings.filterwarnings("ignore", message="`torch.jit.script` is deprecated", category=FutureWarning,
+                        module="torch.jit")
+
+
+def __getattr__(name: str):
+    if name not in _PUBLIC:
+        raise AttributeError(f"module 'bnet_fastai' has no attribute {name!r}")
+    value = getattr(importlib.import_module(f".{_PUBLIC[name]}", __name__), name)
+    globals()[name] = value  # later lookups skip this function
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted([*globals(), *_PUBLIC])

@@ -3,7 +3,12 @@ from __future__ import annotations
 
 import ast
 import math
+import os
+import tempfile
 from collections.abc import Iterable
+from pathlib import Path
+
+from . import names
 
 
 def check_choice(what: str, value: object, choices: Iterable[str]) -> None:
@@ -17,6 +22,51 @@ def check_kernel_size(k: object) -> None:
     """BNET's kernel must be a positive odd integer so that `padding=k//2` keeps the shape."""
     if isinstance(k, bool) or not isinstance(k, int) or k < 1 or k % 2 == 0:
         raise ValueError(f"k must be a positive odd integer (1, 3, 5, 7, ...), got {k!r}")
+
+
+def check_model_args(arch: str, norm: str, placement: str, k: int, act: str, bnet_init: str) -> None:
+    """Raise ValueError naming the valid choices for any bad `create_model` argument."""
+    check_choice("arch", arch, names.ARCHS)
+    check_choice("norm", norm, names.NORMS)
+    check_choice("placement", placement, names.PLACEMENTS)
+    check_kernel_size(k)
+    check_choice("act", act, names.ACTIVATIONS)
+    check_choice("bnet_init", bnet_init, names.SWAP_INITS)
+
+
+def check_block_args(arch: str, sa: bool = False, pool: str = "avg", size: int | None = None) -> None:
+    """Raise ValueError unless `sa` and `pool` are valid for `arch` (they exist in the xresnet family only)
+    and, for ``pool="maxblur"``, for the image `size`."""
+    check_choice("pool", pool, names.POOLS)
+    if (sa or pool != "avg") and arch not in names.FASTAI_ARCHS:
+        raise ValueError(f"sa and pool apply to fastai's xresnet family only; {arch!r} is timm's: "
+                         f"use sa=False, pool='avg'")
+    # kornia's MaxBlurPool2D rounds an odd map down where the block's strided conv rounds it up, so the
+    # residual sum of a downsampling block needs even maps there: sizes that are multiples of 32 give them.
+    if pool == "maxblur" and size is not None and size % 32:
+        raise ValueError(f"pool='maxblur' needs an image size that is a multiple of 32 (64, 128, 160, ...), "
+                         f"got {size}")
+
+
+def check_output_folder(out: str | os.PathLike) -> Path:
+    """`out` resolved, if it is (or can be made as) a folder this process can write; else ValueError.
+
+    Nothing is created: the nearest existing folder on the way is tested with a temporary file that is
+    removed at once, so a rejected `out` leaves the disk as it was.
+    """
+    path = Path(out).expanduser().resolve()
+    existing = path
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    if not existing.is_dir():
+        where = "is a file" if existing == path else f"cannot be made: {existing} is a file"
+        raise ValueError(f"output folder {str(out)!r} {where}; give a folder path (--out)")
+    try:
+        tempfile.TemporaryFile(dir=existing).close()
+    except OSError as e:
+        raise ValueError(f"output folder {str(out)!r} cannot be written ({e.strerror or e} in {existing}); "
+                         f"give a folder you can write (--out)") from None
+    return path
 
 
 class DatasetError(ValueError):

@@ -9,7 +9,9 @@
 from __future__ import annotations
 
 import copy
+import math
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 import pandas as pd
@@ -25,11 +27,60 @@ from PIL import Image
 from torch import nn
 from torch.utils.data import TensorDataset
 
-from ._checks import check_choice
+from ._checks import check_choice, parse_parameter
+from .config import MAX_SEED
 from .data import DATASETS, image_files, prepare
 
 SIDE = 28  # MNIST's size; the 8x8 sample digits are resized to it so every model is the same
 BASICS_DATASETS = ("mnist", "fashion-mnist", "sample")  # 10 classes of 28x28 grayscale images each
+
+
+class Settings(NamedTuple):
+    """The notebook's parameters, checked and converted (`resolve`); `dataset` is never "auto"."""
+
+    dataset: str
+    max_train: int | None
+    max_valid: int | None
+    epochs: int
+    rnn_epochs: int
+    bs: int
+    lr: float
+    seed: int
+
+
+def resolve(dataset: str = "auto", max_train: int | None = 12000, max_valid: int | None = None, epochs: int = 5,
+            rnn_epochs: int = 5, bs: int = 128, lr: float = 1e-2, seed: int = 0) -> Settings:
+    """batchnorm_basics.ipynb's parameters as a user or papermill's ``-p`` gives them (numbers as text, "None"),
+    checked and converted; a bad value raises ValueError in one line naming the parameter, before anything
+    is written. ``dataset="auto"``: MNIST if on disk or downloadable, else Fashion-MNIST offline, else `sample`."""
+    def optional(name: str, value: object) -> int | None:
+        value = None if isinstance(value, str) and value.strip().lower() == "none" else value
+        number = parse_parameter(name, value, int)
+        if number is not None and number < 1:
+            raise ValueError(f"{name} must be a whole number >= 1 or None (all images), got {number}")
+        return number
+
+    dataset = parse_parameter("DATASET", dataset, str)
+    check_choice("DATASET", dataset, ("auto", *BASICS_DATASETS))
+    numbers = {name: parse_parameter(name, value, int) for name, value in
+               (("EPOCHS", epochs), ("RNN_EPOCHS", rnn_epochs), ("BS", bs), ("SEED", seed))}
+    for name, low in (("EPOCHS", 1), ("RNN_EPOCHS", 1), ("BS", 2)):  # BatchNorm needs 2 samples a batch
+        if numbers[name] < low:
+            raise ValueError(f"{name} must be a whole number >= {low}, got {numbers[name]}")
+    if not 0 <= numbers["SEED"] <= MAX_SEED:
+        raise ValueError(f"SEED must be in 0 .. {MAX_SEED}, got {numbers['SEED']}")
+    lr = parse_parameter("LR", lr, float)
+    if not (math.isfinite(lr) and lr > 0):
+        raise ValueError(f"LR must be a finite number > 0, got {lr}")
+    max_train, max_valid = optional("MAX_TRAIN", max_train), optional("MAX_VALID", max_valid)
+    if max_train is not None and max_train < numbers["BS"]:
+        raise ValueError(f"MAX_TRAIN={max_train} is smaller than BS={numbers['BS']}: no batch would be trained")
+    if dataset == "auto":
+        from .study import auto_dataset
+
+        dataset = auto_dataset(BASICS_DATASETS)[0]
+    return Settings(dataset, max_train, max_valid, numbers["EPOCHS"], numbers["RNN_EPOCHS"], numbers["BS"], lr,
+                    numbers["SEED"])
 
 
 def digit_tensors(dataset: str = "mnist", max_train: int | None = None, max_valid: int | None = None,

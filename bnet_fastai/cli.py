@@ -1,7 +1,9 @@
-"""The `bnet-fastai` command: run, sweep, report, data (and archs).
+"""The `bnet-fastai` command: run, sweep, study, report, data (and archs).
 
 Every `RunConfig` field is an option (``--label-smoothing`` for ``label_smoothing``); in `sweep` each
-takes a comma-separated list. Bad input exits 2 with one line naming the valid choices or the fix.
+takes a comma-separated list. Bad input exits 2 with one line naming the valid choices or the fix, before
+anything is written. Arguments, ``--help``, ``--version``, ``archs`` and the checks of every setting and of
+``--out`` run without importing torch (`bnet_fastai.names`, `bnet_fastai.config`): a rejection is quick.
 """
 from __future__ import annotations
 
@@ -10,7 +12,10 @@ import dataclasses
 import signal
 import sys
 
-from . import __version__
+from . import __version__, names
+from ._checks import check_output_folder
+from .config import RunConfig, expand_grid
+from .runstate import DONE, RunFailed
 
 EXIT_BAD_INPUT, EXIT_RUN_FAILED, EXIT_INTERRUPTED = 2, 1, 130
 
@@ -46,8 +51,6 @@ def _list_of(one):
 
 
 def _add_config_options(parser: argparse.ArgumentParser, lists: bool) -> None:
-    from .train import RunConfig
-
     for f in dataclasses.fields(RunConfig):
         convert = _list_of(_TYPES[f.type]) if lists else _TYPES[f.type]
         parser.add_argument(f"--{f.name.replace('_', '-')}", dest=f.name, type=convert, default=None,
@@ -55,24 +58,34 @@ def _add_config_options(parser: argparse.ArgumentParser, lists: bool) -> None:
 
 
 def _config_args(args: argparse.Namespace) -> dict:
-    from .train import RunConfig
-
     return {f.name: getattr(args, f.name) for f in dataclasses.fields(RunConfig) if getattr(args, f.name) is not None}
 
 
 def output_folder(args: argparse.Namespace, default: str = "default") -> str:
-    """`--out`, or ``<results root>/<default>``: under `BNET_FASTAI_RESULTS` when that is set."""
-    if args.out is not None:
-        return args.out
-    from .data import results_root  # imported only when needed: it loads fastai
+    """`--out`, or ``<results root>/<default>``: under `BNET_FASTAI_RESULTS` when that is set. Checked to be
+    a folder this process can write (ValueError otherwise), without creating it."""
+    from .paths import results_root
 
-    return str(results_root() / default)
+    out = args.out if args.out is not None else str(results_root() / default)
+    check_output_folder(out)
+    return out
+
+
+def _plain_download_bars() -> None:
+    """Once the arguments are checked and a command will load torch: no console bars in a log file."""
+    from .progress import plain_download_bars
+
+    plain_download_bars()
 
 
 def _run(args: argparse.Namespace) -> int:
-    from .train import RunConfig, run
+    config = RunConfig(**_config_args(args))
+    config.validate()  # before torch is imported: a bad setting is rejected at once
+    out = output_folder(args)
+    _plain_download_bars()
+    from .train import run
 
-    result = run(RunConfig(**_config_args(args)), output_folder(args), force=args.force)
+    result = run(config, out, force=args.force)
     if result.get("damaged"):
         print(f"the earlier run was damaged ({result['damaged']}): trained again")
     print(f"{result['status']}{' (reused)' if result.get('reused') else ''}: {result['run_dir']}")
@@ -80,11 +93,12 @@ def _run(args: argparse.Namespace) -> int:
 
 
 def _sweep(args: argparse.Namespace) -> int:
-    from .runstate import DONE
+    grid = _config_args(args)
+    expand_grid(RunConfig(), grid)  # every run of the grid checked before torch is imported
+    out = output_folder(args)
+    _plain_download_bars()
     from .sweep import sweep
-    from .train import RunConfig
 
-    grid, out = _config_args(args), output_folder(args)
     results = sweep(RunConfig(), grid, out, force=args.force)
     counts = {s: sum(r["status"] == s for r in results) for s in dict.fromkeys(r["status"] for r in results)}
     print(f"sweep done: {', '.join(f'{n} {s}' for s, n in counts.items())} in {out}")
@@ -92,8 +106,8 @@ def _sweep(args: argparse.Namespace) -> int:
 
 
 def _study(args: argparse.Namespace) -> int:
+    _plain_download_bars()
     from .report import report
-    from .runstate import DONE
     from .study import resolve, run_study
 
     study = resolve(args.dataset, args.profile)
@@ -139,6 +153,7 @@ def _report(args: argparse.Namespace) -> int:
 
 
 def _data(args: argparse.Namespace) -> int:
+    _plain_download_bars()
     from .data import prepare
 
     print(prepare(args.dataset))
@@ -146,13 +161,9 @@ def _data(args: argparse.Namespace) -> int:
 
 
 def _archs(args: argparse.Namespace) -> int:
-    from .data import list_datasets
-    from .models import list_archs
-    from .norms import list_norms
-
-    print("archs:", ", ".join(list_archs()))
-    print("norms:", ", ".join(list_norms()))
-    print("datasets:", ", ".join(list_datasets()))
+    print("archs:", ", ".join(names.ARCHS))
+    print("norms:", ", ".join(names.NORMS))
+    print("datasets:", ", ".join(names.DATASETS))
     return 0
 
 
@@ -168,10 +179,8 @@ def build_parser() -> argparse.ArgumentParser:
                        "(default: results/default, under $BNET_FASTAI_RESULTS when set)")
         p.add_argument("--force", action="store_true", help="retrain runs that already finished")
         p.set_defaults(func=func)
-    from .study import PROFILES
-
     p = sub.add_parser("study", help="run a study profile (the notebook's grid) and report it")
-    p.add_argument("profile", choices=list(PROFILES), help="quick, cpu (the README's result), full or leaderboard")
+    p.add_argument("profile", choices=names.PROFILES, help="quick, cpu (the README's result), full or leaderboard")
     p.add_argument("--dataset", default="auto", help="default: the profile's dataset, else the first available")
     p.add_argument("--out", default=None, help="experiment folder (default: results/<dataset>-<profile>, "
                    "under $BNET_FASTAI_RESULTS when set)")
@@ -195,12 +204,8 @@ def _sigterm(signum, frame):
 
 
 def main(argv: list[str] | None = None) -> int:
-    from .progress import plain_download_bars
-    from .train import RunFailed
-
     args = build_parser().parse_args(argv)
     signal.signal(signal.SIGTERM, _sigterm)
-    plain_download_bars()
     try:
         return args.func(args)
     except RunFailed as e:  # training itself failed; status.json holds the details

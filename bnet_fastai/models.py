@@ -17,11 +17,11 @@ from fastai.layers import AvgPool, MaxPool, ResBlock, SEBlock
 from fastai.vision.models import xresnet as fx
 from torch import nn
 
-from ._checks import check_choice, check_kernel_size
-from .norms import NORM_LAYERS, PLACEMENTS, SWAP_INITS, swap_norm
+from . import names
+from ._checks import check_block_args, check_model_args
+from .norms import swap_norm
 
 ACTIVATIONS: dict[str, type[nn.Module]] = {"relu": nn.ReLU, "mish": nn.Mish, "silu": nn.SiLU}
-POOLS = ("avg", "max", "maxblur")  # xresnet shortcut pooling: fastai AvgPool, fastai MaxPool, kornia MaxBlurPool2D
 
 # One block per stage, half width: small enough to train on a CPU in minutes.
 _MINI_XRESNET = dict(layers=[1, 1, 1, 1], widen=0.5)
@@ -56,46 +56,16 @@ def _xresnet_mini(block: Callable[..., nn.Module], **block_kw) -> Arch:
                    widen=_MINI_XRESNET["widen"], **block_kw)
 
 
-ARCHS: dict[str, Arch] = {
-    **{name: _fastai(getattr(fx, name)) for name in (
-        "xresnet18", "xresnet34", "xresnet50", "xresnet101",
-        "xse_resnet18", "xse_resnet34", "xse_resnet50",
-        "xresnext18", "xresnext34", "xresnext50",
-        "xse_resnext18", "xse_resnext50")},
-    **{name: _timm(name) for name in ("resnest14d", "resnest26d", "resnest50d")},
-    "xmininet": _xresnet_mini(ResBlock),
-    "xsemininet": _xresnet_mini(SEBlock, **fx.se_kwargs1),
-    "mininest": _timm("resnest14d", **_MINI_RESNEST),  # resnest14d has one block per stage already
-}
+_MINIS = {"xmininet": _xresnet_mini(ResBlock), "xsemininet": _xresnet_mini(SEBlock, **fx.se_kwargs1),
+          "mininest": _timm("resnest14d", **_MINI_RESNEST)}  # resnest14d has one block per stage already
+# every name of `names.ARCHS`: fastai's builder of that name, timm's, or a mini model
+ARCHS: dict[str, Arch] = {name: _MINIS.get(name) or (_fastai(getattr(fx, name)) if name in names.XRESNETS
+                                                      else _timm(name)) for name in names.ARCHS}
 
 
 def list_archs() -> list[str]:
     """Names accepted by `create_model`."""
     return list(ARCHS)
-
-
-def check_model_args(arch: str, norm: str, placement: str, k: int, act: str, bnet_init: str) -> None:
-    """Raise ValueError naming the valid choices for any bad `create_model` argument."""
-    check_choice("arch", arch, ARCHS)
-    check_choice("norm", norm, NORM_LAYERS)
-    check_choice("placement", placement, PLACEMENTS)
-    check_kernel_size(k)
-    check_choice("act", act, ACTIVATIONS)
-    check_choice("bnet_init", bnet_init, SWAP_INITS)
-
-
-def check_block_args(arch: str, sa: bool = False, pool: str = "avg", size: int | None = None) -> None:
-    """Raise ValueError unless `sa` and `pool` are valid for `arch` (they exist in the xresnet family only)
-    and, for ``pool="maxblur"``, for the image `size`."""
-    check_choice("pool", pool, POOLS)
-    if (sa or pool != "avg") and ARCHS[arch].library != "fastai":
-        raise ValueError(f"sa and pool apply to fastai's xresnet family only; {arch!r} is timm's: "
-                         f"use sa=False, pool='avg'")
-    # kornia's MaxBlurPool2D rounds an odd map down where the block's strided conv rounds it up, so the
-    # residual sum of a downsampling block needs even maps there: sizes that are multiples of 32 give them.
-    if pool == "maxblur" and size is not None and size % 32:
-        raise ValueError(f"pool='maxblur' needs an image size that is a multiple of 32 (64, 128, 160, ...), "
-                         f"got {size}")
 
 
 def max_blur_pools(model: nn.Module) -> nn.Module:

@@ -17,6 +17,7 @@ from timm.models.resnet import BasicBlock, Bottleneck
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
+from . import names
 from ._checks import check_choice, check_kernel_size
 from .layers import BNET1d, BNET2d, BNET3d, _BNETNd
 
@@ -25,8 +26,7 @@ NORM_LAYERS: dict[str, tuple[type[nn.Module], type[nn.Module], type[nn.Module]]]
     "bn": (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d),
     "bnet": (BNET1d, BNET2d, BNET3d),
 }
-PLACEMENTS = ("all", "last")
-SWAP_INITS = ("auto", "copy", "identity", "zero", "official")
+PLACEMENTS, SWAP_INITS = names.PLACEMENTS, names.SWAP_INITS
 
 # Residual blocks we know, and the attribute holding their shortcut branch (whose norms are never "last").
 RESIDUAL_BLOCKS: dict[type[nn.Module], str] = {

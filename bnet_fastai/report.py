@@ -25,8 +25,8 @@ import pandas as pd
 from scipy import stats
 
 from ._files import atomic_write
+from .config import ADDED_LATER
 from .runstate import CONFIG_KEYS, check_run, read_status
-from .train import ADDED_LATER
 
 STUDY_KEYS = ["dataset", "size", "epochs", "recipe"]
 GROUP_KEYS = STUDY_KEYS + ["arch", "variant"]

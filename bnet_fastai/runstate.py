@@ -32,19 +32,28 @@ HISTORY_COLUMNS = ("epoch", "train_loss", "valid_loss", "accuracy", "time")  # f
 CONFIG_KEYS = ("arch", "norm", "k", "placement", "seed", "dataset", "size", "epochs")  # what a report reads
 
 
+class RunFailed(RuntimeError):
+    """Training itself failed (not the configuration); the run's status.json holds the error."""
+
+
+class RunLocked(RuntimeError):
+    """Another live process holds the run's lock: it is training that run now."""
+
+
 def _lock_path(run_dir: Path) -> Path:
     return run_dir.parent / f".{run_dir.name}.lock"
 
 
 @contextlib.contextmanager
-def run_lock(run_dir: Path) -> Iterator[None]:
-    """Hold the run's lock for the block; RuntimeError if another live process holds it."""
+def run_lock(run_dir: Path, wait: bool = False) -> Iterator[None]:
+    """Hold the run's lock for the block: `RunLocked` if another live process holds it, or with `wait`, block
+    until that process is done."""
     run_dir.parent.mkdir(parents=True, exist_ok=True)
     with open(_lock_path(run_dir), "a") as f:
         try:
-            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            fcntl.flock(f, fcntl.LOCK_EX | (0 if wait else fcntl.LOCK_NB))
         except BlockingIOError:
-            raise RuntimeError(f"{run_dir} is being trained by another process: wait for it or stop it") from None
+            raise RunLocked(f"{run_dir} is being trained by another process: wait for it or stop it") from None
         try:
             yield
         finally:

@@ -8,30 +8,14 @@ file, and trained again.
 """
 from __future__ import annotations
 
-import dataclasses
-import itertools
 from pathlib import Path
 
-from .data import prepare
+from ._checks import check_output_folder
+from .config import RunConfig, expand_grid
 from .live import LiveMonitor, live_monitor
 from .progress import plain_output
 from .runstate import DONE, check_run, raw_status
-from .train import RunConfig, run
-
-
-def expand_grid(base: RunConfig, grid: dict[str, list]) -> list[RunConfig]:
-    """Every combination of `grid` values applied to `base`, validated before anything runs."""
-    names = {f.name for f in dataclasses.fields(RunConfig)}
-    unknown = sorted(set(grid) - names)
-    if unknown:
-        raise ValueError(f"unknown RunConfig field(s) {', '.join(unknown)}; valid fields: {', '.join(sorted(names))}")
-    keys = list(grid)
-    configs = [dataclasses.replace(base, **dict(zip(keys, values)))
-               for values in itertools.product(*(grid[k] for k in keys))]
-    for config in configs:
-        config.validate()
-    # the same run twice in one grid (k varied for norm="bn": same run_id) is trained once
-    return list({c.run_id: c for c in configs}.values())
+from .train import check_batch_size, run
 
 
 def sweep(base: RunConfig, grid: dict[str, list], out: str | Path, force: bool = False,
@@ -43,9 +27,10 @@ def sweep(base: RunConfig, grid: dict[str, list], out: str | Path, force: bool =
     grid and a live accuracy figure (`bnet_fastai.live`): None shows them in a notebook only, True or False
     always or never, or pass a `LiveMonitor` of your own.
     """
-    configs = expand_grid(base, grid)
-    for dataset in dict.fromkeys(c.dataset for c in configs):
-        prepare(dataset)  # one download per dataset, before the first run
+    configs = expand_grid(base, grid)  # the whole grid, its output folder and its data are checked first
+    check_output_folder(out)
+    for config in {(c.dataset, c.fraction, c.bs): c for c in configs}.values():
+        check_batch_size(config)  # downloads each dataset once, before the first run
     monitor = live_monitor(live)
     if monitor:
         monitor.start(configs)

@@ -9,15 +9,13 @@ instead of progress bars (`bnet_fastai.progress`).
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import json
-import math
 import os
 import platform
 import shutil
 import subprocess
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from pathlib import Path
 
 import torch
@@ -33,91 +31,20 @@ from fastai.metrics import accuracy
 from fastai.optimizer import SGD, Adam, ranger
 from fastai.torch_core import num_distrib, rank_distrib, set_seed
 
-from ._checks import check_choice
+from ._checks import check_output_folder
 from ._files import atomic_write
 from .cache import cached_dataloaders
-from .data import DATASETS, dataloaders
-from .models import check_block_args, check_model_args, create_model
+from .config import ADDED_LATER, SCHEDULES, RunConfig  # noqa: F401  (public here too)
+from .data import DATASETS, dataloaders, image_files, prepare, subsample_train
+from .models import create_model
 from .norms import kernel_stats
 from .progress import show_progress
-from .runstate import DONE, check_run, file_record, raw_status, run_lock, write_status
+from .runstate import DONE, RunFailed, check_run, file_record, raw_status, run_lock, write_status
 from .tensorboard_log import TensorBoardScalars
 from .weight_decay import BNETWeightDecay, no_decay_params
 
-OPTIMIZERS = {"adam": Adam, "ranger": ranger, "sgd": SGD}
-SCHEDULES = {"one_cycle": "fit_one_cycle", "flat_cos": "fit_flat_cos"}  # fastai Learner methods
-# Fields added after runs were first published: at their default they stay out of the run_id hash, so
-# run folders written before them keep their names and are reused.
-ADDED_LATER = {"schedule": "one_cycle", "sa": False, "pool": "avg"}
+OPTIMIZERS = {"adam": Adam, "ranger": ranger, "sgd": SGD}  # the names of `names.OPTIMIZERS`
 PIPELINES = {"cached": cached_dataloaders, "fastai": dataloaders}  # same items, split and augmentation
-
-
-@dataclass
-class RunConfig:
-    """Everything that defines a run. Written to config.json; its hash names the run folder."""
-
-    arch: str = "xresnet18"  # a name from list_archs()
-    norm: str = "bn"  # "bn" or "bnet"
-    dataset: str = "imagenette-160"  # a name from list_datasets()
-    size: int = 128  # training image size (RandomResizedCrop), pixels
-    bs: int = 64  # batch size
-    epochs: int = 5  # training epochs
-    lr: float = 3e-3  # peak learning rate of the schedule
-    schedule: str = "one_cycle"  # "one_cycle" (fit_one_cycle) or "flat_cos" (fit_flat_cos: the leaderboard's)
-    wd: float = 1e-2  # decoupled weight decay (AdamW-style, fastai's default true_wd)
-    wd_norm: bool = False  # decay norm affine params too (BN gamma/beta, BNET kernel/bias); fastai: False
-    opt: str = "adam"  # "adam", "ranger" or "sgd" (fastai's optimizers)
-    label_smoothing: float = 0.1  # 0 gives plain cross-entropy; 0.1 as fastai's Imagenette example
-    seed: int = 0  # set_seed(seed, reproducible=True): weights, data order, augmentation
-    k: int = 3  # BNET kernel size (odd)
-    placement: str = "all"  # "all" or "last" (BNET only in each residual block's last norm)
-    bnet_init: str = "auto"  # zero where the library zero-inits gamma, identity elsewhere
-    act: str = "relu"  # activation: "relu", "mish" or "silu"
-    sa: bool = False  # fastai's simple self-attention (xresnet family only), as in the leaderboard recipe
-    pool: str = "avg"  # shortcut downsampling pool of the xresnet family: "avg" (fastai's), "max", "maxblur"
-    fraction: float = 1.0  # share of each training class used (quick runs); validation stays whole
-    channels_last: bool = True  # channels_last memory format: faster for BN and BNET (benchmarks/README.md)
-    fp16: str = "auto"  # mixed precision: "auto" (on when a GPU is used), "on" or "off"
-    pipeline: str = "cached"  # "cached": decoded once, augmented as tensors (bnet_fastai.cache); "fastai": PIL
-    compile: bool = False  # torch.compile the model; off by default, see benchmarks/README.md
-    workers: int | None = None  # DataLoader worker processes; None: up to 8 (does not change results)
-
-    def validate(self) -> None:
-        """Raise ValueError naming the valid choices for any bad field, before anything is written."""
-        check_model_args(self.arch, self.norm, self.placement, self.k, self.act, self.bnet_init)
-        check_choice("schedule", self.schedule, SCHEDULES)
-        check_block_args(self.arch, sa=self.sa, pool=self.pool, size=self.size)
-        check_choice("dataset", self.dataset, DATASETS)
-        check_choice("opt", self.opt, OPTIMIZERS)
-        check_choice("fp16", self.fp16, ("auto", "on", "off"))
-        check_choice("pipeline", self.pipeline, PIPELINES)
-        for name, low in (("size", 1), ("bs", 2), ("epochs", 1)):  # BatchNorm needs 2 samples a batch
-            if getattr(self, name) < low:
-                raise ValueError(f"{name} must be an integer >= {low}, got {getattr(self, name)!r}")
-        if not (math.isfinite(self.lr) and self.lr > 0):
-            raise ValueError(f"lr must be a finite number > 0, got {self.lr!r}")
-        if not (math.isfinite(self.wd) and self.wd >= 0):
-            raise ValueError(f"wd must be a finite number >= 0, got {self.wd!r}")
-        if not 0 <= self.label_smoothing < 1:
-            raise ValueError(f"label_smoothing must be in [0, 1), got {self.label_smoothing!r}")
-        if self.workers is not None and self.workers < 0:
-            raise ValueError(f"workers must be >= 0 (or None for automatic), got {self.workers!r}")
-        if not 0 < self.fraction <= 1:
-            raise ValueError(f"fraction must be in (0, 1], got {self.fraction!r}")
-
-    @property
-    def run_id(self) -> str:
-        """Readable name plus a hash of every field that changes results.
-
-        `workers` does not change results; nor do `k`, `placement` and `bnet_init` when norm is "bn", so
-        a grid over k trains its BN baseline once.
-        """
-        ignored = {"workers"} | ({"k", "placement", "bnet_init"} if self.norm == "bn" else set())
-        ignored |= {k for k, default in ADDED_LATER.items() if getattr(self, k) == default}
-        fields = {k: v for k, v in asdict(self).items() if k not in ignored}
-        digest = hashlib.sha1(json.dumps(fields, sort_keys=True).encode()).hexdigest()[:8]
-        variant = f"{self.norm}-k{self.k}-{self.placement}" if self.norm == "bnet" else self.norm
-        return f"{self.arch}_{variant}_s{self.seed}_{digest}"
 
 
 class DivergenceCallback(TerminateOnNaNCallback):
@@ -148,25 +75,25 @@ def _environment() -> dict:
             "device": device, "host": platform.node()}
 
 
-class RunFailed(RuntimeError):
-    """Training itself failed (not the configuration); the run's status.json holds the error."""
-
-
 def run(config: RunConfig, out: str | Path = "results/default", force: bool = False,
-        cbs: list[Callback] | None = None) -> dict:
+        cbs: list[Callback] | None = None, wait: bool = False) -> dict:
     """Train `config` into ``<out>/<run_id>/`` and return its final status (with ``run_dir``).
 
     A run already `finished` or `diverged` there is reused, not retrained, unless `force` or its files are
     damaged (`check_run`; the result then names the damage under ``"damaged"``); any other state (missing,
-    failed, interrupted) is trained from the start. Data and model are built before the
-    folder is touched, so bad input (ValueError) never costs a finished run. Under a distributed launch
+    failed, interrupted) is trained from the start. Bad input (ValueError: a bad field, an `out` that is not a
+    writable folder, a dataset that cannot be had, a batch larger than the training set) is raised before
+    anything is written under `out`. Under a distributed launch
     (``WORLD_SIZE`` > 1, e.g. ``accelerate launch``) every rank trains and rank 0 writes the files.
-    `cbs` are extra fastai callbacks for this fit (a sweep's live view, for instance).
+    `cbs` are extra fastai callbacks for this fit (a sweep's live view, for instance). A run that another
+    live process is training raises `RunLocked`, or with `wait`, is waited for and then reused (or trained,
+    if that process ended without finishing it).
     """
     config.validate()
-    run_dir = Path(out).resolve() / config.run_id
+    run_dir = check_output_folder(out) / config.run_id
+    check_batch_size(config)  # prepares the dataset first
     main_process = rank_distrib() == 0
-    with run_lock(run_dir) if main_process else contextlib.nullcontext():
+    with run_lock(run_dir, wait) if main_process else contextlib.nullcontext():
         previous = raw_status(run_dir)  # under the lock a "running" status is stale
         status, damage = previous["status"], None
         if status in DONE and not force:
@@ -176,6 +103,8 @@ def run(config: RunConfig, out: str | Path = "results/default", force: bool = Fa
             status = "damaged"  # trained again from the start, like any run that is not done
         try:
             learn, divergence = build_learner(config)
+        except ValueError:  # bad input: the run folder is left as it was
+            raise
         except Exception as e:
             if main_process and status not in DONE:
                 run_dir.mkdir(parents=True, exist_ok=True)
@@ -223,6 +152,20 @@ def _fit(learn: Learner, divergence: "DivergenceCallback", config: RunConfig, ru
             atomic_write(run_dir / "kernels.json", json.dumps(kernel_stats(model, sample)))
         write_status(run_dir, status, **final, **file_record(run_dir))  # what its files must be from now on
     return {"status": status, **final, "run_dir": str(run_dir), "reused": False}
+
+
+def check_batch_size(config: RunConfig) -> None:
+    """ValueError unless `config.bs` images are there to train on (fastai drops the last partial batch, so
+    a larger batch would train on nothing). Prepares (downloads) the dataset to count them."""
+    spec, path = DATASETS[config.dataset], prepare(config.dataset)
+    train_dir = path / spec.train
+    items = image_files(path, spec)
+    if config.fraction < 1:
+        items = subsample_train(items, train_dir, config.fraction, config.seed)
+    n_train = sum(train_dir in p.parents for p in items)
+    if config.bs > n_train:
+        raise ValueError(f"bs={config.bs} is larger than the {n_train} training images of {config.dataset!r} "
+                         f"(fraction={config.fraction}); use a smaller --bs")
 
 
 def build_learner(config: RunConfig) -> tuple[Learner, DivergenceCallback]:

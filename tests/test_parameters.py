@@ -54,3 +54,34 @@ def test_a_bad_notebook_parameter_stops_the_first_code_cell_before_any_run_folde
                 tmp_path / "results")
     assert "study = resolve(" in caught.value.source  # the first code cell after the parameters
     assert not (tmp_path / "results" / "bad").exists() and not (tmp_path / "data").exists()
+
+
+def test_basics_parameters_as_papermill_passes_them_equal_the_written_ones():
+    from bnet_fastai import basics
+
+    written = basics.resolve("sample", 400, None, 2, 1, 64, 1e-2, 3)
+    assert basics.resolve("sample", "400", "None", "2", "1", "64", "1e-2", "3") == written
+    assert written == ("sample", 400, None, 2, 1, 64, 0.01, 3)
+
+
+@pytest.mark.parametrize("bad, message", [
+    (dict(seed=-1), "SEED must be in 0 .. 4294967295, got -1"), (dict(bs=1), "BS must be a whole number >= 2"),
+    (dict(max_train=100, bs=128), "MAX_TRAIN=100 is smaller than BS=128"), (dict(lr="fast"), "LR takes numbers"),
+    (dict(epochs=0), "EPOCHS must be a whole number >= 1"), (dict(dataset="imagenet"), "unknown DATASET 'imagenet'"),
+    (dict(max_valid="0"), "MAX_VALID must be a whole number >= 1 or None"),
+])
+def test_bad_basics_parameters_are_one_line(bad, message):
+    from bnet_fastai import basics
+
+    with pytest.raises(ValueError, match=message) as caught:
+        basics.resolve(**{"dataset": "sample", **bad})
+    assert "\n" not in str(caught.value)
+
+
+def test_a_bad_basics_parameter_stops_its_first_code_cell_before_anything_is_written(tmp_path, monkeypatch):
+    monkeypatch.setenv("BNET_FASTAI_DATA", str(tmp_path / "data"))
+    monkeypatch.setenv("BNET_FASTAI_RESULTS", str(tmp_path / "results"))
+    with pytest.raises(papermill.PapermillExecutionError, match="SEED must be in 0 .. 4294967295") as caught:
+        execute("batchnorm_basics", dict(DATASET="sample", SEED="-5"), tmp_path / "results")
+    assert "basics.resolve(" in caught.value.source
+    assert not (tmp_path / "results" / "batchnorm_basics").exists() and not (tmp_path / "data").exists()

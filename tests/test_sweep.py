@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 
+from bnet_fastai import train
 from bnet_fastai.runstate import read_status
 from bnet_fastai.sweep import expand_grid, sweep
 from bnet_fastai.train import RunConfig
@@ -63,8 +64,15 @@ def test_sweep_killed_mid_run_resumes_and_keeps_finished_runs_untouched(tmp_path
 def test_a_failing_run_is_recorded_and_the_sweep_goes_on(tmp_path, monkeypatch):
     monkeypatch.setenv("BNET_FASTAI_DATA", str(tmp_path / "data"))
     base = RunConfig(dataset="sample", size=16, epochs=1, fraction=0.2, workers=0, arch="xmininet")
-    # a batch size larger than the training set leaves fastai's training loader empty: that run fails
-    results = sweep(base, {"bs": [100000, 32]}, tmp_path / "exp")
+    build = train.create_model
+
+    def fail_for_bnet(arch, norm, **kw):  # a fault inside training, not bad input
+        if norm == "bnet":
+            raise RuntimeError("CUDA error: an illegal memory access was encountered")
+        return build(arch, norm, **kw)
+
+    monkeypatch.setattr(train, "create_model", fail_for_bnet)
+    results = sweep(base, {"norm": ["bnet", "bn"]}, tmp_path / "exp")
     assert [r["status"] for r in results] == ["failed", "finished"]
     failed = json.loads((Path(results[0]["run_dir"]) / "status.json").read_text())
-    assert failed["status"] == "failed" and "bs=100000 is larger than the" in failed["error"]
+    assert failed["status"] == "failed" and "illegal memory access" in failed["error"]
