@@ -9,9 +9,13 @@ torchvision's antialiased bilinear resize (PIL's bilinear, which fastai uses, al
 with probability 0.5 where the dataset allows it. Validation images are stored in their final form: fastai
 squishes the whole image to size + extra (extra = ceil(0.14 · size / 8) · 8) and centre-crops `size`.
 Batches go through fastai's IntToFloatTensor and ImageNet-stats Normalize, as in `data.dataloaders`.
+
+An image that cannot be decoded while the cache is built is named on stderr and left out of the cache. A
+damaged cache is found when it is opened, named on stderr in one line and rebuilt: see `cache_damage`.
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import os
@@ -19,6 +23,7 @@ import random
 import shutil
 import tempfile
 from concurrent.futures import ThreadPoolExecutor
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -30,9 +35,10 @@ from fastai.torch_core import TensorCategory, TensorImage
 from fastai.vision.core import imagenet_stats
 from PIL import Image
 
-from .data import DATASETS, image_files, prepare, subsample_train
+from .data import DATASETS, UNREADABLE, DatasetSpec, image_files, notice, prepare, report_unreadable, subsample_train
+from .fashion_mnist import _writer_lock
 
-CACHE_VERSION = 1
+CACHE_VERSION = 2  # 2: raw valid.bin, byte sizes and a checksum in index.json
 MIN_SCALE, RATIO, VAL_XTRA = 0.35, (3 / 4, 4 / 3), 0.14
 
 
@@ -47,6 +53,15 @@ def _decode(path: Path, side: int | None = None, square: int | None = None) -> n
             scale = side / min(w, h)
             image = image.resize((max(1, round(w * scale)), max(1, round(h * scale))), Image.BILINEAR)
         return np.asarray(image).transpose(2, 0, 1).copy()
+
+
+def _decode_or_skip(path: Path, **kw) -> np.ndarray | None:
+    """`_decode`, or None after naming `path` on stderr if it cannot be read."""
+    try:
+        return _decode(path, **kw)
+    except UNREADABLE as e:
+        report_unreadable(path, e)
+        return None
 
 
 def _rrc_params(w: int, h: int) -> tuple[int, int, int, int]:
@@ -66,44 +81,90 @@ def _rrc_params(w: int, h: int) -> tuple[int, int, int, int]:
     return (w - nw) // 2, (h - nh) // 2, nw, nh
 
 
+def _digest(index: dict) -> str:
+    return hashlib.sha256(json.dumps(index, sort_keys=True).encode()).hexdigest()
+
+
+def cache_damage(folder: Path) -> str | None:
+    """What is wrong with the cache in `folder`, or None if nothing that is cheap to find.
+
+    Checked: index.json parses and matches the SHA-256 of its content written with it (file names, labels,
+    shapes, vocab), and train.bin and valid.bin exist with the byte sizes those shapes give. Not checked, as
+    it would mean reading gigabytes on every open: pixel bytes altered in place without changing a file's size.
+    """
+    try:
+        index = json.loads((folder / "index.json").read_text())
+        if not isinstance(index, dict) or index.pop("sha256", None) != _digest(index):
+            return "index.json does not match its checksum"
+    except FileNotFoundError:
+        return "index.json is missing"
+    except (OSError, ValueError):  # ValueError: not JSON, or not text
+        return "index.json is not valid JSON"
+    for name, expected in index["bytes"].items():
+        if not (folder / name).is_file():
+            return f"{name} is missing"
+        if (size := (folder / name).stat().st_size) != expected:
+            return f"{name} has {size} bytes, {expected} expected"
+    return None
+
+
 def build_cache(name: str, size: int, cache_side: int | None = None, threads: int | None = None) -> Path:
-    """Decode dataset `name` once for training at `size`; returns the cache folder (built once, atomically)."""
+    """Decode dataset `name` once for training at `size`; returns the cache folder.
+
+    One process builds it (parallel runs, ranks: the others wait, then use it), in a temporary folder renamed
+    into place. A damaged cache (`cache_damage`) is named on stderr and rebuilt; images that cannot be
+    decoded are named on stderr and left out.
+    """
     spec, path = DATASETS[name], prepare(name)
     cache_side = cache_side or round(size * 1.25)
     folder = path / f".bnet_fastai_cache_s{size}_c{cache_side}_v{CACHE_VERSION}"
-    if folder.is_dir():
+    if folder.is_dir() and cache_damage(folder) is None:
         return folder
+    with _writer_lock(folder):
+        if folder.is_dir():
+            if (damage := cache_damage(folder)) is None:
+                return folder  # built by another process while this one waited
+            notice(f"decode cache {folder} is damaged ({damage}): rebuilding it")
+            shutil.rmtree(folder)
+        tmp = Path(tempfile.mkdtemp(prefix=".cache-", dir=path))
+        try:
+            _write(tmp, path, spec, size, cache_side, threads)
+            tmp.rename(folder)  # a kill leaves a hidden temp folder, never a half-written cache
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+    return folder
+
+
+def _write(tmp: Path, path: Path, spec: DatasetSpec, size: int, cache_side: int, threads: int | None) -> None:
+    """The cache of the dataset at `path`, in folder `tmp`: train.bin, valid.bin (raw uint8 pixels), index.json."""
     files = image_files(path, spec)
     split = [f.relative_to(path).parts[0] for f in files]
-    labels = [f.parent.name for f in files]
-    vocab = sorted(set(labels))
+    vocab = sorted({f.parent.name for f in files})
     train = [f for f, s in zip(files, split) if s == spec.train]
     valid = [f for f, s in zip(files, split) if s == spec.valid]
     valid_square = size + math.ceil(size * VAL_XTRA / 8) * 8
-    tmp = Path(tempfile.mkdtemp(prefix=".cache-", dir=path))
-    try:
-        with ThreadPoolExecutor(threads or os.cpu_count()) as pool:  # PIL releases the GIL while decoding
-            shapes, offset = [], 0
-            with open(tmp / "train.bin", "wb") as out:
-                for pixels in pool.map(lambda f: _decode(f, side=cache_side), train, chunksize=32):
+    crop = (valid_square - size) // 2
+    kept, shapes, offset = {spec.train: [], spec.valid: []}, [], 0  # unreadable images are left out
+    with ThreadPoolExecutor(threads or os.cpu_count()) as pool:  # PIL releases the GIL while decoding
+        with open(tmp / "train.bin", "wb") as out:
+            for f, pixels in zip(train, pool.map(partial(_decode_or_skip, side=cache_side), train)):
+                if pixels is not None:
                     out.write(pixels.tobytes())
+                    kept[spec.train].append(f)
                     shapes.append((offset, pixels.shape[1], pixels.shape[2]))
                     offset += pixels.size
-            crop = (valid_square - size) // 2
-            valid_pixels = np.stack([a[:, crop:crop + size, crop:crop + size] for a in
-                                     pool.map(lambda f: _decode(f, square=valid_square), valid, chunksize=32)])
-        np.save(tmp / "valid.npy", valid_pixels)
-        index = {"vocab": vocab, "train": [str(f.relative_to(path)) for f in train], "train_shapes": shapes,
-                 "train_labels": [vocab.index(f.parent.name) for f in train],
-                 "valid": [str(f.relative_to(path)) for f in valid],
-                 "valid_labels": [vocab.index(f.parent.name) for f in valid], "size": size, "cache_side": cache_side}
-        (tmp / "index.json").write_text(json.dumps(index))
-        tmp.rename(folder)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        if not folder.is_dir():
-            raise
-    return folder
+        with open(tmp / "valid.bin", "wb") as out:
+            for f, pixels in zip(valid, pool.map(partial(_decode_or_skip, square=valid_square), valid)):
+                if pixels is not None:
+                    out.write(pixels[:, crop:crop + size, crop:crop + size].tobytes())
+                    kept[spec.valid].append(f)
+    train, valid = kept[spec.train], kept[spec.valid]
+    index = {"vocab": vocab, "train": [str(f.relative_to(path)) for f in train], "train_shapes": shapes,
+             "train_labels": [vocab.index(f.parent.name) for f in train],
+             "valid": [str(f.relative_to(path)) for f in valid],
+             "valid_labels": [vocab.index(f.parent.name) for f in valid], "size": size, "cache_side": cache_side,
+             "bytes": {"train.bin": offset, "valid.bin": len(valid) * 3 * size * size}}
+    (tmp / "index.json").write_text(json.dumps({"sha256": _digest(index), **index}))
 
 
 class CachedTrain(torch.utils.data.Dataset):
@@ -139,7 +200,8 @@ class CachedValid(torch.utils.data.Dataset):
 
     def __init__(self, folder: Path):
         index = json.loads((folder / "index.json").read_text())
-        self.pixels = torch.from_numpy(np.load(folder / "valid.npy"))
+        size = index["size"]
+        self.pixels = torch.from_numpy(np.fromfile(folder / "valid.bin", dtype=np.uint8).reshape(-1, 3, size, size))
         self.labels, self.vocab = index["valid_labels"], index["vocab"]
         self.items = [folder.parent / p for p in index["valid"]]
 

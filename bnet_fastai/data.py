@@ -10,6 +10,7 @@ import gzip
 import json
 import os
 import shutil
+import sys
 import tarfile
 import tempfile
 import urllib.error
@@ -18,13 +19,13 @@ import zlib
 from dataclasses import dataclass
 from pathlib import Path
 
-from fastai.data.block import CategoryBlock, DataBlock
+from fastai.data.block import CategoryBlock, DataBlock, TransformBlock
 from fastai.data.core import DataLoaders
 from fastai.data.external import URLs, untar_data
-from fastai.data.transforms import GrandparentSplitter, Normalize, parent_label
+from fastai.data.load import SkipItemException
+from fastai.data.transforms import GrandparentSplitter, IntToFloatTensor, Normalize, parent_label
 from fastai.vision.augment import FlipItem, RandomResizedCrop
-from fastai.vision.core import imagenet_stats
-from fastai.vision.data import ImageBlock
+from fastai.vision.core import PILImage, imagenet_stats
 from fastai.vision.utils import verify_images
 
 from . import fashion_mnist
@@ -34,6 +35,8 @@ from ._files import atomic_write
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png")
 VERIFIED_FILE = ".bnet_fastai_verified.json"  # the unreadable images found once, so later runs skip them
 EXTRACTED_FILE = ".bnet_fastai_extracted"  # written once an archive is fully extracted
+UNREADABLE = (OSError, SyntaxError, ValueError)  # what PIL raises for a damaged or truncated image file
+_reported: set[str] = set()  # unreadable images already named by this process
 
 
 @dataclass(frozen=True)
@@ -190,8 +193,9 @@ def _write_sample(dest: Path) -> Path:
 def image_files(path: Path, spec: DatasetSpec) -> list[Path]:
     """The readable images under the train and valid folders of `path`, in sorted order.
 
-    Unreadable images are found once with fastai's `verify_images`, reported, remembered in
-    `VERIFIED_FILE` and skipped, rather than crashing a run in epoch 3.
+    Unreadable images are found once with fastai's `verify_images`, reported on stderr, remembered in
+    `VERIFIED_FILE` and skipped, rather than crashing a run in epoch 3. An image damaged after that check
+    is skipped when it is opened: see `open_image`.
     """
     files = sorted(p for d in (spec.train, spec.valid) for p in (path / d).rglob("*")
                    if p.suffix.lower() in IMAGE_EXTENSIONS)
@@ -202,10 +206,41 @@ def image_files(path: Path, spec: DatasetSpec) -> list[Path]:
         known = {"n_files": len(files), "unreadable": bad}
         atomic_write(record, json.dumps(known, indent=1))
     if known["unreadable"]:
-        print(f"skipping {len(known['unreadable'])} unreadable image(s) in {path}: "
-              f"{', '.join(known['unreadable'][:5])}{' ...' if len(known['unreadable']) > 5 else ''}")
+        notice(f"skipping {len(known['unreadable'])} unreadable image(s) in {path}: "
+               f"{', '.join(known['unreadable'][:5])}{' ...' if len(known['unreadable']) > 5 else ''}")
     bad = set(known["unreadable"])
     return [p for p in files if str(p.relative_to(path)) not in bad]
+
+
+def notice(message: str) -> None:
+    """`message` on stderr as a line of its own: stdout is flushed first and the line is written whole."""
+    sys.stdout.flush()
+    sys.stderr.write(message + "\n")
+    sys.stderr.flush()
+
+
+def report_unreadable(path: Path, error: BaseException) -> None:
+    """Name an image that cannot be read, and why, on stderr: once per process."""
+    if str(path) not in _reported:
+        _reported.add(str(path))
+        notice(f"skipped unreadable image {path}: {' '.join(str(error).split()) or type(error).__name__}")
+
+
+class UnreadableImage(SkipItemException):
+    """An image that cannot be read: fastai's `DataLoader.do_item` drops the item from its batch."""
+
+    def __init__(self, path: Path):
+        super().__init__(str(path))
+        self.path = path
+
+
+def open_image(fn: Path | str) -> PILImage:
+    """`ImageBlock`'s `PILImage.create` (RGB); a file that cannot be read is reported and skipped."""
+    try:
+        return PILImage.create(fn)
+    except UNREADABLE as e:
+        report_unreadable(fn, e)
+        raise UnreadableImage(fn) from e
 
 
 def dataloaders(name: str, size: int = 128, bs: int = 64, workers: int | None = None, fraction: float = 1.0,
@@ -213,9 +248,10 @@ def dataloaders(name: str, size: int = 128, bs: int = 64, workers: int | None = 
     """fastai DataLoaders for dataset `name`, with the augmentation of fastai's Imagenette example.
 
     Split by the train/valid folders; items: RandomResizedCrop(size, min_scale=0.35) and a horizontal
-    flip (not for digits); batches: ImageNet-stats normalisation. `ImageBlock` opens every image as
-    RGB, so grayscale and CMYK JPEGs are converted. `fraction` < 1 keeps that share of each training
-    class (seeded), for quick runs; the validation set is always whole.
+    flip (not for digits); batches: ImageNet-stats normalisation. Images are opened as `ImageBlock` does,
+    as RGB, so grayscale and CMYK JPEGs are converted; one damaged since `image_files` verified it is
+    named on stderr and left out of its batch, in training and validation alike. `fraction` < 1 keeps
+    that share of each training class (seeded), for quick runs; the validation set is always whole.
     """
     check_choice("dataset", name, DATASETS)
     if not 0 < fraction <= 1:
@@ -225,10 +261,15 @@ def dataloaders(name: str, size: int = 128, bs: int = 64, workers: int | None = 
     if fraction < 1:
         items = subsample_train(items, path / spec.train, fraction, seed)
     item_tfms = [RandomResizedCrop(size, min_scale=0.35)] + ([FlipItem(0.5)] if spec.flip else [])
-    block = DataBlock(blocks=(ImageBlock, CategoryBlock), splitter=GrandparentSplitter(spec.train, spec.valid),
+    images = TransformBlock(type_tfms=open_image, batch_tfms=IntToFloatTensor)  # ImageBlock, skipping bad files
+    block = DataBlock(blocks=(images, CategoryBlock), splitter=GrandparentSplitter(spec.train, spec.valid),
                       get_y=parent_label, item_tfms=item_tfms, batch_tfms=Normalize.from_stats(*imagenet_stats))
     workers = min(os.cpu_count() or 1, 8) if workers is None else workers
-    return block.dataloaders(items, bs=bs, num_workers=workers, device=device, path=path)
+    while True:
+        try:
+            return block.dataloaders(items, bs=bs, num_workers=workers, device=device, path=path)
+        except UnreadableImage as e:  # fastai opens the first training image to set its pipeline up
+            items.remove(e.path)
 
 
 def subsample_train(items: list[Path], train_dir: Path, fraction: float, seed: int) -> list[Path]:
