@@ -1,8 +1,8 @@
 """Datasets: a registry of names, fetched with fastai's `untar_data`, and the embedded offline `sample`.
 
-Data root: ``data/`` beside the package's project (or ``./data`` when installed elsewhere), unless the
-environment variable ``BNET_FASTAI_DATA`` names another folder. When ``BNET_FASTAI_MIRROR=<base url>``
-is set, every archive is fetched from ``<base url>/<archive file name>`` instead of its usual host.
+Data root: ``data/`` beside the package's project, unless ``BNET_FASTAI_DATA`` names another folder
+(`bnet_fastai.paths`). When ``BNET_FASTAI_MIRROR=<base url>`` is set, every archive is fetched from
+``<base url>/<archive file name>`` instead of its usual host.
 """
 from __future__ import annotations
 
@@ -31,6 +31,7 @@ from fastai.vision.utils import verify_images
 from . import fashion_mnist
 from ._checks import DatasetError, check_choice
 from ._files import atomic_write
+from .paths import data_root, results_root  # noqa: F401  (results_root: public here too)
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png")
 VERIFIED_FILE = ".bnet_fastai_verified.json"  # the unreadable images found once, so later runs skip them
@@ -76,23 +77,6 @@ DATASETS: dict[str, DatasetSpec] = {
 def list_datasets() -> list[str]:
     """Names accepted wherever a dataset is asked for."""
     return list(DATASETS)
-
-
-def _project_folder(name: str, variable: str) -> Path:
-    if os.environ.get(variable):
-        return Path(os.environ[variable]).expanduser().resolve()
-    project = Path(__file__).resolve().parents[1]
-    return project / name if (project / "pyproject.toml").exists() else Path.cwd() / name
-
-
-def data_root() -> Path:
-    """The folder datasets are downloaded and extracted into: `BNET_FASTAI_DATA`, else ``data/``."""
-    return _project_folder("data", "BNET_FASTAI_DATA")
-
-
-def results_root() -> Path:
-    """The folder the notebooks write experiments into: `BNET_FASTAI_RESULTS`, else ``results/``."""
-    return _project_folder("results", "BNET_FASTAI_RESULTS")
 
 
 def download_url(name: str) -> str:

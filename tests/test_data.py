@@ -42,7 +42,7 @@ def test_run_downloads_imagenette_from_the_mirror_and_trains_one_epoch(tmp_path)
         done = _cli("run", "--dataset", "imagenette-160", "--arch", "xmininet", "--norm", "bnet", "--epochs", "1",
                     "--size", "32", "--bs", "4", "--workers", "0", "--out", str(tmp_path / "res"), env=env)
     assert done.returncode == 0, done.stderr
-    assert "skipping 1 unreadable image(s)" in done.stdout and "_broken.JPEG" in done.stdout
+    assert "skipping 1 unreadable image(s)" in done.stderr and "_broken.JPEG" in done.stderr
     run_dir = next(p for p in (tmp_path / "res").iterdir() if p.is_dir())
     history = pd.read_csv(run_dir / "history.csv")
     assert list(history.columns) == ["epoch", "train_loss", "valid_loss", "accuracy", "time"]
