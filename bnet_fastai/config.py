@@ -50,6 +50,7 @@ class RunConfig:
     pipeline: str = "cached"  # "cached": decoded once, augmented as tensors (bnet_fastai.cache); "fastai": PIL
     compile: bool = False  # torch.compile the model; off by default, see benchmarks/README.md
     workers: int | None = None  # DataLoader worker processes; None: up to 8 (does not change results)
+    keep_weights: bool = True  # keep model.pth when the run finishes; false saves disk (does not change results)
 
     def validate(self) -> None:
         """Raise ValueError naming the valid choices for any bad field, before anything is written."""
@@ -81,10 +82,10 @@ class RunConfig:
     def run_id(self) -> str:
         """Readable name plus a hash of every field that changes results.
 
-        `workers` does not change results; nor do `k`, `placement` and `bnet_init` when norm is "bn", so
+        `workers` and `keep_weights` do not change results; nor do `k`, `placement` and `bnet_init` when norm is "bn", so
         a grid over k trains its BN baseline once.
         """
-        ignored = {"workers"} | ({"k", "placement", "bnet_init"} if self.norm == "bn" else set())
+        ignored = {"workers", "keep_weights"} | ({"k", "placement", "bnet_init"} if self.norm == "bn" else set())
         ignored |= {k for k, default in ADDED_LATER.items() if getattr(self, k) == default}
         fields = {k: v for k, v in asdict(self).items() if k not in ignored}
         digest = hashlib.sha1(json.dumps(fields, sort_keys=True).encode()).hexdigest()[:8]

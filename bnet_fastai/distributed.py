@@ -13,11 +13,15 @@ SyncBatchNorm needs GPUs, so on CPU each rank keeps its own batch statistics.
 from __future__ import annotations
 
 import contextlib
+import datetime
 from collections.abc import Iterator
 
 import torch
 from fastai.distributed import DistributedDL, DistributedTrainer
 from fastai.learner import Learner
+
+# How long the other ranks wait for rank 0's decision: rank 0 may be downloading and caching a dataset.
+PREPARE_TIMEOUT = datetime.timedelta(hours=2)
 
 
 class _GlooDistributedDL(DistributedDL):
@@ -51,3 +55,17 @@ def distrib_ctx(learn: Learner, sync_bn: bool = True) -> Iterator[Learner]:
         yield learn
     finally:
         learn.detach_distributed()
+
+
+def share_decision(decision: dict) -> dict:
+    """Rank 0's `decision` on every rank: the other ranks wait here (a barrier) until rank 0 has made it.
+
+    Starts torch's default process group when the launcher has not (accelerate then uses it): gloo for this
+    exchange of a Python object, and NCCL for the training's CUDA tensors where there are GPUs.
+    """
+    if not torch.distributed.is_initialized():
+        backend = "cpu:gloo,cuda:nccl" if torch.cuda.is_available() else "gloo"
+        torch.distributed.init_process_group(backend, timeout=PREPARE_TIMEOUT)
+    box = [decision]
+    torch.distributed.broadcast_object_list(box, src=0)
+    return box[0]

@@ -6,7 +6,8 @@ Whether a ``running`` run is really alive is told by its lock, ``<out>/.<run_id>
 process holds with ``flock`` and the kernel releases when that process dies, however it dies.
 
 A finished (or diverged) run's status also records what its files must be (`file_record`: size and sha256 of
-``history.csv``, ``config.json`` and ``kernels.json``, and the number of history rows), so a file damaged
+``history.csv``, ``config.json``, ``kernels.json`` and ``model.pth``, and the number of history rows; the
+weights may be deleted to save disk, but not altered), so a file damaged
 later is caught (`check_run`) before a sweep reuses the run or a report counts it. Runs written before that
 record existed are checked by parsing: complete history rows, as many as epochs, and readable JSON.
 """
@@ -27,7 +28,9 @@ from pathlib import Path
 from ._files import atomic_write
 
 DONE = ("finished", "diverged")  # a sweep does not redo these: a diverged run would diverge again
-RECORDED = ("history.csv", "config.json", "kernels.json")  # the files a finished run's status vouches for
+# the files a finished run's status vouches for; model.pth may be deleted to save disk (the results stand)
+RECORDED = ("history.csv", "config.json", "kernels.json", "model.pth")
+OPTIONAL = ("model.pth",)
 HISTORY_COLUMNS = ("epoch", "train_loss", "valid_loss", "accuracy", "time")  # fastai CSVLogger's columns
 CONFIG_KEYS = ("arch", "norm", "k", "placement", "seed", "dataset", "size", "epochs")  # what a report reads
 
@@ -168,6 +171,8 @@ def check_run(run_dir: Path, status: dict | None = None) -> str | None:
     if isinstance(recorded, dict) and "history.csv" in recorded and all(isinstance(v, dict) for v in recorded.values()):
         for name, expected in recorded.items():
             path = run_dir / name
+            if not path.is_file() and name in OPTIONAL:
+                continue
             if not path.is_file():
                 return f"{name}: missing"
             if path.stat().st_size != expected.get("size"):

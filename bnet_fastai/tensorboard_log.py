@@ -15,6 +15,8 @@ from fastai.callback.core import Callback
 from fastai.learner import Recorder
 from torch.utils.tensorboard import SummaryWriter
 
+from .checkpoint import skipped
+
 
 class TensorBoardScalars(Callback):
     """After each epoch: train_loss, valid_loss, each metric (as history.csv) and lr, at step = epoch number.
@@ -25,13 +27,18 @@ class TensorBoardScalars(Callback):
 
     order = Recorder.order + 1  # after the Recorder has the epoch's values
 
-    def __init__(self, log_dir: str | Path):
-        self.log_dir = Path(log_dir)
+    def __init__(self, log_dir: str | Path, first_step: int = 1):
+        self.log_dir, self.first_step = Path(log_dir), first_step
 
     def before_fit(self) -> None:
-        self.writer = SummaryWriter(log_dir=str(self.log_dir))  # opened here: a run that never fits writes none
+        # opened here: a run that never fits writes none. A resumed run (first_step > 1) has TensorBoard drop
+        # the points an interrupted session wrote at the epochs trained again.
+        purge = self.first_step if self.first_step > 1 else None
+        self.writer = SummaryWriter(log_dir=str(self.log_dir), purge_step=purge)
 
     def after_epoch(self) -> None:
+        if skipped(self.learn):  # a resumed run's epochs finished before: their points are there already
+            return
         step = self.epoch + 1
         for name, value in zip(self.recorder.metric_names, self.recorder.log):
             if name not in ("epoch", "time") and value is not None:

@@ -1,10 +1,12 @@
-"""One run: `RunConfig` (the whole configuration, logged with the results) and `run(config)`.
+"""One run: `run(config)` trains a `RunConfig` (`bnet_fastai.config`) into its own folder.
 
 A run folder ``<out>/<run_id>/`` holds ``config.json``, ``history.csv`` (fastai's `CSVLogger`, one row per
 epoch), ``status.json`` (see `bnet_fastai.runstate`), TensorBoard event files (losses, accuracy and learning
-rate per epoch, see `bnet_fastai.tensorboard_log`) and, for BNET runs, ``kernels.json`` (mean |weight| of each
-kernel tap per layer, for the report's kernel picture). Off a terminal a run prints one line per epoch
-instead of progress bars (`bnet_fastai.progress`).
+rate per epoch, see `bnet_fastai.tensorboard_log`), for BNET runs ``kernels.json`` (mean |weight| of each
+kernel tap per layer, for the report's kernel picture), and once finished ``model.pth``, the trained weights
+(`checkpoint.load_model`). While it trains, ``checkpoint.pth`` holds the last finished epoch, so a stopped run
+resumes there (`bnet_fastai.checkpoint`). Off a terminal a run prints one line per epoch instead of progress
+bars (`bnet_fastai.progress`).
 """
 from __future__ import annotations
 
@@ -25,7 +27,7 @@ from fastai.callback.core import Callback
 from fastai.callback.fp16 import MixedPrecision
 from fastai.callback.progress import CSVLogger
 from fastai.callback.tracker import TerminateOnNaNCallback
-from fastai.learner import Learner
+from fastai.learner import Learner, SkipToEpoch
 from fastai.losses import CrossEntropyLossFlat, LabelSmoothingCrossEntropyFlat
 from fastai.metrics import accuracy
 from fastai.optimizer import SGD, Adam, ranger
@@ -34,12 +36,24 @@ from fastai.torch_core import num_distrib, rank_distrib, set_seed
 from ._checks import check_output_folder
 from ._files import atomic_write
 from .cache import cached_dataloaders
+from .checkpoint import (
+    CHECKPOINT,
+    AppendingCSVLogger,
+    EpochCheckpoint,
+    QuietSkippedEpochs,
+    Resume,
+    load_checkpoint,
+    restore,
+    save_weights,
+    unwrapped,
+)
 from .config import ADDED_LATER, SCHEDULES, RunConfig  # noqa: F401  (public here too)
 from .data import DATASETS, dataloaders, image_files, prepare, subsample_train
+from .fuse import fuse_bnet
 from .models import create_model
 from .norms import kernel_stats
 from .progress import show_progress
-from .runstate import DONE, RunFailed, check_run, file_record, raw_status, run_lock, write_status
+from .runstate import DONE, RunFailed, RunLocked, check_run, file_record, raw_status, run_lock, write_status
 from .tensorboard_log import TensorBoardScalars
 from .weight_decay import BNETWeightDecay, no_decay_params
 
@@ -80,78 +94,178 @@ def run(config: RunConfig, out: str | Path = "results/default", force: bool = Fa
     """Train `config` into ``<out>/<run_id>/`` and return its final status (with ``run_dir``).
 
     A run already `finished` or `diverged` there is reused, not retrained, unless `force` or its files are
-    damaged (`check_run`; the result then names the damage under ``"damaged"``); any other state (missing,
-    failed, interrupted) is trained from the start. Bad input (ValueError: a bad field, an `out` that is not a
-    writable folder, a dataset that cannot be had, a batch larger than the training set) is raised before
-    anything is written under `out`. Under a distributed launch
-    (``WORLD_SIZE`` > 1, e.g. ``accelerate launch``) every rank trains and rank 0 writes the files.
-    `cbs` are extra fastai callbacks for this fit (a sweep's live view, for instance). A run that another
-    live process is training raises `RunLocked`, or with `wait`, is waited for and then reused (or trained,
-    if that process ended without finishing it).
+    damaged (`check_run`; the result then names the damage under ``"damaged"``). A run that was stopped (a
+    crash, SIGKILL, SIGTERM, Ctrl-C) resumes from its last per-epoch checkpoint (`bnet_fastai.checkpoint`);
+    with none, it trains from the start. Bad input (ValueError: a bad field, an `out` that is not a writable
+    folder, a dataset that cannot be had, a batch larger than the training set) is raised before anything is
+    written under `out`. A run that another live process is training raises `RunLocked`, or with `wait`, is
+    waited for and then reused (or resumed, if that process ended without finishing it).
+
+    Under a distributed launch (``WORLD_SIZE`` > 1, e.g. ``accelerate launch``) rank 0 alone decides (reuse,
+    resume, locked) and prepares the dataset and its cache while the other ranks wait for its decision
+    (`distributed.share_decision`); every rank then trains, and rank 0 writes the files.
+    `cbs` are extra fastai callbacks for this fit (a sweep's live view, for instance).
     """
     config.validate()
     run_dir = check_output_folder(out) / config.run_id
-    check_batch_size(config)  # prepares the dataset first
     main_process = rank_distrib() == 0
-    with run_lock(run_dir, wait) if main_process else contextlib.nullcontext():
-        previous = raw_status(run_dir)  # under the lock a "running" status is stale
-        status, damage = previous["status"], None
-        if status in DONE and not force:
-            damage = check_run(run_dir, previous)
-            if damage is None:
-                return {**previous, "run_dir": str(run_dir), "reused": True}
-            status = "damaged"  # trained again from the start, like any run that is not done
-        try:
-            learn, divergence = build_learner(config)
-        except ValueError:  # bad input: the run folder is left as it was
-            raise
-        except Exception as e:
-            if main_process and status not in DONE:
-                run_dir.mkdir(parents=True, exist_ok=True)
-                write_status(run_dir, "failed", error=f"{type(e).__name__}: {e}")
-            raise
+    with contextlib.ExitStack() as lock:
+        decision, built, error = {}, None, None
         if main_process:
-            shutil.rmtree(run_dir, ignore_errors=True)
-            run_dir.mkdir(parents=True)
-            write_status(run_dir, "running")
-            _log_to(learn, config, run_dir)
+            try:
+                decision, built = _decide(config, run_dir, force, wait, lock)
+            except Exception as e:  # noqa: BLE001  (told to every rank first, then raised)
+                decision, error = {"action": "raise", "error": type(e).__name__, "message": str(e)}, e
+        if num_distrib() > 1:
+            from .distributed import share_decision
+
+            decision = share_decision(decision)
+        if error is not None:
+            raise error
+        if decision["action"] == "raise":
+            raise {"ValueError": ValueError, "DatasetError": ValueError,
+                   "RunLocked": RunLocked}.get(decision["error"], RunFailed)(decision["message"])
+        if decision["action"] == "reuse":
+            return decision["result"]
+        start = decision["start_epoch"]
+        learn, divergence = built or build_learner(config)
+        state = load_checkpoint(run_dir) if start else None
+        if state:
+            restore(learn, state)
+        if main_process:
+            _open_run(learn, config, run_dir, state)
         show_progress(learn, config.run_id, main_process)
         learn.add_cbs(cbs or [])
-        result = _fit(learn, divergence, config, run_dir, main_process)
-        return {**result, "damaged": damage} if damage else result
+        result = _fit(learn, divergence, config, run_dir, main_process, state)
+        return {**result, "damaged": decision["damage"]} if decision["damage"] else result
+
+
+def _decide(config: RunConfig, run_dir: Path, force: bool, wait: bool,
+            lock: contextlib.ExitStack) -> tuple[dict, tuple | None]:
+    """Rank 0's decision: reuse the finished run, or train it from `start_epoch` (with the Learner built)."""
+    check_batch_size(config)  # prepares the dataset: bad input raises before the folder is touched
+    lock.enter_context(run_lock(run_dir, wait))
+    previous = raw_status(run_dir)  # under the lock a "running" status is stale
+    status, damage = previous["status"], None
+    if status in DONE and not force:
+        damage = check_run(run_dir, previous)
+        if damage is None:
+            return {"action": "reuse", "result": {**previous, "run_dir": str(run_dir), "reused": True}}, None
+    state = None if force or status in DONE else load_checkpoint(run_dir)
+    start = min(state["epochs_done"], config.epochs) if state and _history_rows(run_dir) >= state["epochs_done"] else 0
+    try:
+        built = build_learner(config)  # builds the dataset's cache too, before the other ranks need it
+    except ValueError:  # bad input: the run folder is left as it was
+        raise
+    except Exception as e:
+        if status not in DONE:
+            run_dir.mkdir(parents=True, exist_ok=True)
+            write_status(run_dir, "failed", error=f"{type(e).__name__}: {e}")
+        raise
+    return {"action": "train", "start_epoch": start, "damage": damage}, built
+
+
+def _history_rows(run_dir: Path) -> int:
+    try:
+        return len((run_dir / "history.csv").read_text().splitlines()) - 1
+    except (FileNotFoundError, UnicodeDecodeError):
+        return -1
+
+
+def _open_run(learn: Learner, config: RunConfig, run_dir: Path, state: dict | None) -> None:
+    """Rank 0: a fresh run folder, or a resumed one (`state`: its checkpoint) whose history keeps the rows of
+    its finished epochs byte for byte."""
+    start = state["epochs_done"] if state else 0
+    if start:
+        for stale in run_dir.glob(".*.tmp"):  # a write the kill cut short
+            stale.unlink()
+        lines = (run_dir / "history.csv").read_text().splitlines(keepends=True)
+        atomic_write(run_dir / "history.csv", "".join(lines[:start + 1]))
+        write_status(run_dir, "running", resumed_from_epoch=start)
+    else:
+        shutil.rmtree(run_dir, ignore_errors=True)
+        run_dir.mkdir(parents=True)
+        write_status(run_dir, "running")
+        _write_config(learn, config, run_dir)
+    learn.path = run_dir  # CSVLogger writes relative to learn.path, which fastai sets to the dataset folder
+    learn.add_cbs([AppendingCSVLogger("history.csv") if start else CSVLogger(fname="history.csv"),
+                   TensorBoardScalars(run_dir, first_step=start + 1),
+                   EpochCheckpoint(run_dir, seconds_before=state.get("seconds", 0) if state else 0)])
 
 
 def _fit(learn: Learner, divergence: "DivergenceCallback", config: RunConfig, run_dir: Path,
-         main_process: bool) -> dict:
+         main_process: bool, state: dict | None) -> dict:
     start = time.time()
     fit = getattr(learn, SCHEDULES[config.schedule])  # learn.fit_one_cycle or learn.fit_flat_cos
+    # fastai's start_epoch, for both schedules (fit_flat_cos drops its own): skip the finished epochs
+    resume = [SkipToEpoch(state["epochs_done"]), Resume(state), QuietSkippedEpochs()] if state else None
     try:
         if num_distrib() > 1:
             from .distributed import distrib_ctx
 
             with distrib_ctx(learn, sync_bn=torch.cuda.is_available()):
-                fit(config.epochs, config.lr)
+                fit(config.epochs, config.lr, cbs=resume)
         else:
-            fit(config.epochs, config.lr)
+            fit(config.epochs, config.lr, cbs=resume)
     except KeyboardInterrupt:
         if main_process:
-            write_status(run_dir, "interrupted", reason="KeyboardInterrupt or SIGTERM")
+            write_status(run_dir, "interrupted", reason="KeyboardInterrupt or SIGTERM",
+                         **({"resumed_from_epoch": state["epochs_done"]} if state else {}))
         raise
     except Exception as e:
         if main_process:
             write_status(run_dir, "failed", error=f"{type(e).__name__}: {e}")
         raise RunFailed(f"{type(e).__name__}: {e} (see {run_dir / 'status.json'})") from e
-    final = {"epochs_done": len(learn.recorder.values), "seconds": round(time.time() - start, 2),
-             "final_accuracy": float(learn.recorder.values[-1][2]) if learn.recorder.values else None}
+    trained = [v for v in learn.recorder.values if len(v)]  # a resumed run's skipped epochs have none
+    done = (state["epochs_done"] if state else 0) + len(trained)
+    final = {"epochs_done": done, "seconds": round(time.time() - start + (state or {}).get("seconds", 0), 2),
+             "final_accuracy": float(trained[-1][2]) if trained else _last_accuracy(run_dir)}
+    if state:
+        final["resumed_from_epoch"] = state["epochs_done"]
     status = "diverged" if divergence.diverged else "finished"
     if main_process:
-        if config.norm == "bnet":
-            model = getattr(learn.model, "module", learn.model)  # DDP wraps it,
-            model = getattr(model, "_orig_mod", model)  # and torch.compile
-            sample = learn.dls.valid.one_batch()[0][:2].float()
-            atomic_write(run_dir / "kernels.json", json.dumps(kernel_stats(model, sample)))
-        write_status(run_dir, status, **final, **file_record(run_dir))  # what its files must be from now on
+        _finish(learn, config, run_dir, status, final)
     return {"status": status, **final, "run_dir": str(run_dir), "reused": False}
+
+
+def _last_accuracy(run_dir: Path) -> float | None:
+    """The accuracy of history.csv's last row (a run resumed after its last epoch trains none)."""
+    lines = (run_dir / "history.csv").read_text().splitlines()
+    return float(lines[-1].split(",")[lines[0].split(",").index("accuracy")]) if len(lines) > 1 else None
+
+
+def _finish(learn: Learner, config: RunConfig, run_dir: Path, status: str, final: dict) -> None:
+    """Rank 0, after the last epoch: kernels.json, the weights (and for BNET the fused model's accuracy),
+    then status.json with the record of every file, and last the checkpoint is dropped."""
+    model = unwrapped(learn.model)
+    if config.norm == "bnet":
+        sample = learn.dls.valid.one_batch()[0][:2].float()
+        atomic_write(run_dir / "kernels.json", json.dumps(kernel_stats(model, sample)))
+        if status == "finished":
+            final.update(_fused_accuracy(learn))
+    if config.keep_weights and status == "finished":
+        save_weights(learn, run_dir)
+    write_status(run_dir, status, **final, **file_record(run_dir))  # what its files must be from now on
+    (run_dir / CHECKPOINT).unlink(missing_ok=True)
+
+
+def _fused_accuracy(learn: Learner) -> dict:
+    """Validation accuracy of the trained BNET model and of `fuse_bnet` of it (each BNET's normalisation
+    folded into its convolutions): the two must agree. Measured with a plain loop over the validation
+    batches, not `learn.validate`, which would replay the epoch callbacks (history, TensorBoard, checkpoint)."""
+    model = unwrapped(learn.model).eval()
+    fp16 = any(isinstance(cb, MixedPrecision) for cb in learn.cbs)
+    return {"accuracy": _accuracy(model, learn.dls.valid, fp16),
+            "fused_accuracy": _accuracy(fuse_bnet(model), learn.dls.valid, fp16)}
+
+
+def _accuracy(model: torch.nn.Module, dl, fp16: bool) -> float:
+    correct = total = 0
+    with torch.no_grad(), torch.autocast(dl.device.type if dl.device else "cpu", enabled=fp16):
+        for xb, yb in dl:
+            correct += int((model(xb).argmax(dim=1) == yb).sum())
+            total += len(yb)
+    return correct / total
 
 
 def check_batch_size(config: RunConfig) -> None:
@@ -193,10 +307,8 @@ def build_learner(config: RunConfig) -> tuple[Learner, DivergenceCallback]:
     return learn, divergence
 
 
-def _log_to(learn: Learner, config: RunConfig, run_dir: Path) -> None:
-    """Point the Learner's history.csv (fastai CSVLogger) and TensorBoard events at `run_dir`; write config.json."""
-    learn.path = run_dir  # CSVLogger writes relative to learn.path, which fastai sets to the dataset folder
-    learn.add_cbs([CSVLogger(fname="history.csv"), TensorBoardScalars(run_dir)])
+def _write_config(learn: Learner, config: RunConfig, run_dir: Path) -> None:
+    """config.json: the run's settings, its data, its model's size and the environment it ran in."""
     model, dls = learn.model, learn.dls
     atomic_write(run_dir / "config.json", json.dumps({
         "run_id": config.run_id, "config": asdict(config),

@@ -35,7 +35,7 @@ class BNETWeightDecay(Callback):
     order = 0  # after the optimizer exists (fit creates it before `before_fit`), before any step
 
     def before_fit(self) -> None:
-        if self.learn.wd_bn_bias:
+        if self.learn.wd_bn_bias or self.learn.opt is None:  # no optimizer: `learn.validate()` before any fit
             return
         for p in bnet_params(self.learn.model):
             self.learn.opt.state[p]["do_wd"] = False

@@ -105,10 +105,15 @@ def test_a_real_finish_records_its_files_and_a_sweep_retrains_a_damaged_run(tmp_
     run_dir = Path(first["run_dir"])
     status = json.loads((run_dir / "status.json").read_text())
     assert status["status"] == "finished" and status["history_rows"] == status["epochs_done"] == 2
-    assert sorted(status["files"]) == ["config.json", "history.csv", "kernels.json"]
+    assert sorted(status["files"]) == ["config.json", "history.csv", "kernels.json", "model.pth"]
     for name, record in status["files"].items():
         data = (run_dir / name).read_bytes()
         assert record == {"size": len(data), "sha256": hashlib.sha256(data).hexdigest()}
+    assert check_run(run_dir) is None
+    weights = (run_dir / "model.pth").read_bytes()
+    (run_dir / "model.pth").write_bytes(weights[:-1] + bytes([weights[-1] ^ 1]))  # altered: not trusted
+    assert check_run(run_dir) == "model.pth: sha256 differs from the one recorded when the run finished"
+    (run_dir / "model.pth").unlink()  # deleted to save disk: the results stand
     assert check_run(run_dir) is None
     history = (run_dir / "history.csv").read_bytes()
     assert len(history.decode().splitlines()) == 1 + 2

@@ -1,0 +1,201 @@
+"""Per-epoch checkpoints of a run, resuming from them, and the weights a finished run keeps.
+
+After every epoch `EpochCheckpoint` saves ``<run_dir>/checkpoint.pth``, atomically (a temporary file, fsync,
+rename: a kill during the write leaves the previous checkpoint in place, never a broken one). It holds
+everything the next epoch depends on:
+
+- the model's and the optimizer's state (fastai's `Optimizer.state_dict`: Adam's moments, the per-parameter
+  ``do_wd`` flags), and the mixed-precision `GradScaler`'s state when there is one;
+- the number of finished epochs and fastai's training-iteration counter;
+- the smoothed training loss the `Recorder` carries from epoch to epoch (the ``train_loss`` column);
+- every random state the next epoch draws from: python's `random` (fastai's augmentation and our cached
+  pipeline), numpy's, torch's CPU and CUDA generators (dropout, DataLoader worker seeds), and the shuffling
+  generator of each fastai DataLoader (``dl.rng``).
+
+`Resume` puts a checkpoint back into a freshly built Learner and lets fastai skip the finished epochs
+(`Learner.fit(..., start_epoch=k)`'s `SkipToEpoch`, given to either schedule through ``cbs``: fastai 2.8's
+`fit_flat_cos` drops its own ``start_epoch``). With every state above restored, a resumed run on a CPU ends
+with exactly the weights and history values of an uninterrupted run (tests/test_resume.py). DataLoader
+worker processes are seeded from torch's generator, so that holds with workers too, unless they are
+persistent (ours are not).
+
+A finished run keeps ``model.pth`` (the model's state_dict) and drops its checkpoint; see `load_model`.
+"""
+from __future__ import annotations
+
+import os
+import random
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from fastai.callback.core import Callback
+from fastai.callback.progress import CSVLogger
+from fastai.learner import Learner, Recorder, SkipToEpoch
+
+CHECKPOINT, WEIGHTS = "checkpoint.pth", "model.pth"
+
+
+def unwrapped(model: torch.nn.Module) -> torch.nn.Module:
+    """The model itself, without DDP's wrapper or torch.compile's."""
+    model = getattr(model, "module", model)
+    return getattr(model, "_orig_mod", model)
+
+
+def atomic_save(obj: object, path: Path) -> None:
+    """`torch.save` that readers (and a later resume) see whole or not at all."""
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        with open(tmp, "wb") as f:
+            torch.save(obj, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def _loaders(learn: Learner) -> list:
+    """The DataLoaders whose ``rng`` shuffles batches (inside a distributed wrapper, the wrapped one too)."""
+    found = []
+    for dl in learn.dls.loaders:
+        found += [d for d in (dl, getattr(dl, "dl", None)) if hasattr(d, "rng")]
+    return found
+
+
+def random_states(learn: Learner) -> dict:
+    return {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state(),
+            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+            "loaders": [dl.rng.getstate() for dl in _loaders(learn)]}
+
+
+def set_random_states(learn: Learner, states: dict) -> None:
+    random.setstate(states["python"])
+    np.random.set_state(states["numpy"])
+    torch.set_rng_state(states["torch"])
+    if torch.cuda.is_available() and states["cuda"]:
+        torch.cuda.set_rng_state_all(states["cuda"])
+    for dl, state in zip(_loaders(learn), states["loaders"]):
+        dl.rng.setstate(state)
+
+
+class EpochCheckpoint(Callback):
+    """Save ``checkpoint.pth`` after every epoch (rank 0 only: give it to that process alone)."""
+
+    order = Recorder.order + 5  # after the Recorder wrote the epoch's history row and TensorBoard its scalars
+    run_valid = False
+
+    def __init__(self, run_dir: Path, seconds_before: float = 0.0):
+        self.path, self.seconds_before = Path(run_dir) / CHECKPOINT, seconds_before
+
+    def before_fit(self) -> None:
+        self.started = time.time()
+
+    def after_epoch(self) -> None:
+        if skipped(self.learn):
+            return
+        smooth = self.recorder.smooth_loss
+        scaler = getattr(self.learn, "scaler", None)
+        seconds = self.seconds_before + time.time() - self.started  # training time over every session
+        atomic_save({"epochs_done": self.epoch + 1, "train_iter": self.train_iter, "seconds": seconds,
+                     "model": unwrapped(self.model).state_dict(), "opt": self.opt.state_dict(),
+                     "scaler": scaler.state_dict() if scaler is not None else None,
+                     "smooth_loss": (smooth.count, smooth.val), "random": random_states(self.learn)}, self.path)
+
+
+class Resume(Callback):
+    """Continue a run from `state` (a loaded checkpoint): fastai skips its finished epochs; the states that
+    the first unfinished epoch depends on are restored just before it trains."""
+
+    order = SkipToEpoch.order + 1  # runs after the skip decision: only for epochs that really train
+
+    def __init__(self, state: dict):
+        self.state, self.restored = state, False
+
+    def before_fit(self) -> None:
+        scaler = getattr(self.learn, "scaler", None)  # MixedPrecision makes it in its own before_fit
+        if scaler is not None and self.state["scaler"] is not None:
+            scaler.load_state_dict(self.state["scaler"])
+
+    def before_train(self) -> None:
+        if self.restored:
+            return
+        self.restored = True
+        # fastai works out the number of inputs from one item the first time a batch is split, drawing that
+        # item's augmentation from `random`; an uninterrupted run did that in its first epoch: do it now
+        getattr(self.dls, "n_inp", None)
+        smooth = self.recorder.smooth_loss
+        smooth.count, smooth.val = self.state["smooth_loss"]
+        self.learn.train_iter = self.state["train_iter"]
+        set_random_states(self.learn, self.state["random"])
+
+
+def skipped(learn: Learner) -> bool:
+    """True in the after_epoch of an epoch fastai skipped because a resumed run had finished it already."""
+    skip = next((cb for cb in learn.cbs if isinstance(cb, SkipToEpoch)), None)
+    return skip is not None and learn.epoch < skip._skip_to
+
+
+class QuietSkippedEpochs(Callback):
+    """fastai's `Recorder` still hands a skipped epoch's (empty) values to ``learn.logger``: drop them, so
+    history.csv and the epoch lines only get the epochs that trained."""
+
+    order = 65  # after CSVLogger and the progress callbacks (60) installed their loggers
+
+    def before_fit(self) -> None:
+        logger = self.learn.logger
+        self.learn.logger = lambda log: None if skipped(self.learn) else logger(log)
+
+
+class AppendingCSVLogger(CSVLogger):
+    """fastai's `CSVLogger` continuing a resumed run's history.csv: appends rows, writes no second header."""
+
+    def __init__(self, fname: str = "history.csv"):
+        super().__init__(fname, append=True)
+
+    def before_fit(self) -> None:
+        self.file = (self.path / self.fname).open("a")
+        self.old_logger, self.learn.logger = self.logger, self._write_line
+
+
+def load_checkpoint(run_dir: Path) -> dict | None:
+    """The run's checkpoint, or None if there is none or it cannot be read (then the run starts over)."""
+    path = Path(run_dir) / CHECKPOINT
+    if not path.is_file():
+        return None
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=False)
+    except Exception:  # noqa: BLE001  (whatever torch raises on a damaged file: start over instead)
+        return None
+    return state if isinstance(state, dict) and {"epochs_done", "model", "opt", "random"} <= set(state) else None
+
+
+def restore(learn: Learner, state: dict) -> None:
+    """Load the checkpoint's model and optimizer state into `learn` (before fitting)."""
+    unwrapped(learn.model).load_state_dict(state["model"])
+    if learn.opt is None:
+        learn.create_opt()
+    learn.opt.load_state_dict(state["opt"])
+
+
+def save_weights(learn: Learner, run_dir: Path) -> None:
+    """The finished run's weights, ``model.pth``: the model's state_dict, on the CPU."""
+    model = unwrapped(learn.model)
+    atomic_save({k: v.detach().cpu() for k, v in model.state_dict().items()}, Path(run_dir) / WEIGHTS)
+
+
+def load_model(run_dir: str | Path) -> torch.nn.Module:
+    """A finished run's model, rebuilt from its config.json with `create_model` and loaded from model.pth."""
+    import json
+
+    from .models import create_model
+
+    run_dir = Path(run_dir)
+    saved = json.loads((run_dir / "config.json").read_text())
+    c = saved["config"]
+    model = create_model(c["arch"], c["norm"], n_out=len(saved["dataset"]["classes"]), placement=c["placement"],
+                         k=c["k"], act=c["act"], bnet_init=c["bnet_init"], sa=c.get("sa", False),
+                         pool=c.get("pool", "avg"))
+    model.load_state_dict(torch.load(run_dir / WEIGHTS, map_location="cpu"))
+    return model.eval()

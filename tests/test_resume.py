@@ -1,0 +1,135 @@
+"""Per-epoch checkpoints (issue 11): a killed run resumes at its first unfinished epoch and ends exactly where
+an uninterrupted run ends; a finished run keeps loadable weights and drops its checkpoint."""
+import json
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pandas as pd
+import pytest
+import torch
+
+from bnet_fastai.checkpoint import load_model
+from bnet_fastai.train import RunConfig, build_learner, run
+
+CONFIG = dict(arch="xmininet", norm="bnet", dataset="sample", size=16, bs=32, epochs=4, fraction=0.5, workers=0,
+              lr=1e-2)
+DIE = textwrap.dedent("""
+    import os, signal, sys
+    import torch
+    from fastai.callback.core import Callback
+    from bnet_fastai.train import RunConfig, run
+
+    out, mode, epoch, config = sys.argv[1], sys.argv[2], int(sys.argv[3]), eval(sys.argv[4])
+
+    class KillAfterEpoch(Callback):  # after the epoch's checkpoint is saved (order > EpochCheckpoint's)
+        order = 100
+        def after_epoch(self):
+            if mode == "after" and self.epoch + 1 == epoch:
+                os.kill(os.getpid(), signal.SIGKILL)
+
+    save = torch.save
+    def save_then_die(obj, f, *args, **kw):  # the checkpoint of `epoch`: half written, then SIGKILL
+        if mode == "during" and isinstance(obj, dict) and obj.get("epochs_done") == epoch:
+            f.write(b"PK\\x03\\x04 half a checkpoint")
+            f.flush()
+            os.kill(os.getpid(), signal.SIGKILL)
+        return save(obj, f, *args, **kw)
+    torch.save = save_then_die
+
+    run(RunConfig(**config), out, cbs=[KillAfterEpoch()])
+""")
+# the leaderboard's schedule and optimizer: fit_flat_cos (resumed through SkipToEpoch) and ranger (Lookahead state)
+FLAT_COS = {**CONFIG, "schedule": "flat_cos", "opt": "ranger", "epochs": 3, "norm": "bn"}
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory):
+    root = tmp_path_factory.mktemp("resume")
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("BNET_FASTAI_DATA", str(root / "data"))
+        result = run(RunConfig(**CONFIG), root / "whole")
+    return root, Path(result["run_dir"])
+
+
+def _killed_then_resumed(root: Path, mode: str, epoch: int, monkeypatch, config: dict = CONFIG) -> tuple[Path, bytes]:
+    monkeypatch.setenv("BNET_FASTAI_DATA", str(root / "data"))
+    out = root / f"killed-{mode}-{config['schedule'] if 'schedule' in config else 'one_cycle'}"
+    script = root / "die.py"
+    script.write_text(DIE)
+    died = subprocess.run([sys.executable, str(script), str(out), mode, str(epoch), repr(config)], capture_output=True,
+                          text=True, timeout=300, env={**os.environ, "BNET_FASTAI_DATA": str(root / "data")})
+    assert died.returncode == -9, died.stderr[-2000:]
+    run_dir = out / RunConfig(**config).run_id
+    before = (run_dir / "history.csv").read_bytes()
+    assert json.loads((run_dir / "status.json").read_text())["status"] == "running"  # as a SIGKILL leaves it
+    result = run(RunConfig(**config), out)
+    assert result["status"] == "finished" and not result["reused"]
+    return run_dir, before
+
+
+def _same_end(run_dir: Path, whole: Path) -> None:
+    resumed, reference = torch.load(run_dir / "model.pth"), torch.load(whole / "model.pth")
+    assert resumed.keys() == reference.keys()
+    for name in reference:  # exact: every random state, the optimizer and the smoothed loss were restored
+        assert torch.equal(resumed[name], reference[name]), name
+    columns = ["epoch", "train_loss", "valid_loss", "accuracy"]
+    pd.testing.assert_frame_equal(pd.read_csv(run_dir / "history.csv")[columns],
+                                  pd.read_csv(whole / "history.csv")[columns], check_exact=True)
+
+
+def test_sigkill_after_two_of_four_epochs_resumes_at_epoch_two_and_ends_as_if_never_killed(uninterrupted, monkeypatch):
+    root, whole = uninterrupted
+    run_dir, before = _killed_then_resumed(root, "after", 2, monkeypatch)
+    history = (run_dir / "history.csv").read_bytes()
+    assert len(before.splitlines()) == 1 + 2 and history.startswith(before)  # the first 2 rows keep their bytes
+    assert len(history.splitlines()) == 1 + 4
+    status = json.loads((run_dir / "status.json").read_text())
+    assert status["resumed_from_epoch"] == 2 and status["epochs_done"] == 4
+    _same_end(run_dir, whole)
+    assert not (run_dir / "checkpoint.pth").exists() and not list(run_dir.glob(".*.tmp"))
+
+
+def test_a_kill_during_the_checkpoint_write_falls_back_to_the_previous_checkpoint(uninterrupted, monkeypatch):
+    root, whole = uninterrupted
+    run_dir, before = _killed_then_resumed(root, "during", 3, monkeypatch)
+    # epoch 3's row was written, its checkpoint was not: the run resumes from epoch 2's checkpoint
+    assert len(before.splitlines()) == 1 + 3
+    history = (run_dir / "history.csv").read_bytes()
+    assert history.startswith(b"".join(before.splitlines(keepends=True)[:3]))
+    assert json.loads((run_dir / "status.json").read_text())["resumed_from_epoch"] == 2
+    _same_end(run_dir, whole)
+
+
+def test_the_flat_cos_schedule_with_ranger_resumes_exactly_too(uninterrupted, monkeypatch):
+    root, _ = uninterrupted
+    whole = Path(run(RunConfig(**FLAT_COS), root / "whole-flat-cos")["run_dir"])
+    run_dir, _ = _killed_then_resumed(root, "after", 1, monkeypatch, FLAT_COS)
+    assert json.loads((run_dir / "status.json").read_text())["resumed_from_epoch"] == 1
+    _same_end(run_dir, whole)
+
+
+def test_model_pth_reproduces_the_logged_accuracy_and_the_fused_model_agrees(uninterrupted, monkeypatch):
+    root, whole = uninterrupted
+    monkeypatch.setenv("BNET_FASTAI_DATA", str(root / "data"))
+    status = json.loads((whole / "status.json").read_text())
+    logged = pd.read_csv(whole / "history.csv")["accuracy"].iloc[-1]
+    assert status["final_accuracy"] == pytest.approx(logged, abs=1e-6)
+    assert status["accuracy"] == pytest.approx(logged, abs=1e-6)
+    n_valid = json.loads((whole / "config.json").read_text())["dataset"]["n_valid"]
+    assert abs(status["fused_accuracy"] - status["accuracy"]) <= 1 / n_valid  # fused BNET: same predictions
+    learn, _ = build_learner(RunConfig(**CONFIG))
+    learn.model = load_model(whole)  # create_model(...) from config.json, weights from model.pth
+    assert float(learn.validate()[1]) == pytest.approx(logged, abs=1e-6)
+    assert "model.pth" in status["files"] and not (whole / "checkpoint.pth").exists()
+
+
+def test_keep_weights_false_keeps_no_model(tmp_path, monkeypatch):
+    monkeypatch.setenv("BNET_FASTAI_DATA", str(tmp_path / "data"))
+    config = RunConfig(**{**CONFIG, "epochs": 1, "norm": "bn", "keep_weights": False})
+    assert config.run_id == RunConfig(**{**CONFIG, "epochs": 1, "norm": "bn"}).run_id  # results do not change
+    run_dir = Path(run(config, tmp_path / "exp")["run_dir"])
+    assert sorted(p.name for p in run_dir.iterdir() if not p.name.startswith("events")) == [
+        "config.json", "history.csv", "status.json"]
