@@ -21,6 +21,7 @@ from fastai.learner import Recorder
 from fastcore.imports import IN_NOTEBOOK
 from fastprogress.fastprogress import format_time, html_progress_bar
 
+from .checkpoint import skipped
 from .report import variant
 
 if TYPE_CHECKING:
@@ -49,6 +50,8 @@ class _AccuracyFeed(Callback):
         self.monitor, self.config = monitor, config
 
     def after_epoch(self) -> None:
+        if skipped(self.learn):  # a resumed run's earlier epochs: fastai skips them, they have no values
+            return
         values = dict(zip(self.recorder.metric_names[1:], self.recorder.values[-1]))
         self.monitor.epoch_done(self.config, float(values["accuracy"]))
 
