@@ -1,9 +1,11 @@
 """The `bnet-fastai` command: run, sweep, study, report, data (and archs).
 
 Every `RunConfig` field is an option (``--label-smoothing`` for ``label_smoothing``); in `sweep` each
-takes a comma-separated list. Bad input exits 2 with one line naming the valid choices or the fix, before
-anything is written. Arguments, ``--help``, ``--version``, ``archs`` and the checks of every setting and of
-``--out`` run without importing torch (`bnet_fastai.names`, `bnet_fastai.config`): a rejection is quick.
+takes a comma-separated list. `sweep` and `study` train N runs at a time with ``--parallel N``, or on a Ray
+cluster with ``--ray ADDRESS`` (`bnet_fastai.executors`). Bad input exits 2 with one line naming the valid
+choices or the fix, before anything is written. Arguments, ``--help``, ``--version``, ``archs`` and the checks
+of every setting, of ``--out`` and of ``--parallel``/``--ray`` run without importing torch (`bnet_fastai.names`,
+`bnet_fastai.config`, `bnet_fastai.executors`): a rejection is quick.
 """
 from __future__ import annotations
 
@@ -92,20 +94,57 @@ def _run(args: argparse.Namespace) -> int:
     return 0  # finished or diverged: the run completed; its status says which
 
 
+def runs_at_a_time(text: str) -> int:
+    """--parallel: an integer >= 1 (argparse turns the error into one line, exit 2)."""
+    try:
+        value = int(text)
+    except ValueError:
+        value = None
+    if value is None or value < 1:
+        raise argparse.ArgumentTypeError(f"must be an integer >= 1 (the number of runs trained at a time), "
+                                         f"got {text!r}")
+    return value
+
+
+def _add_executor_options(parser: argparse.ArgumentParser) -> None:
+    """--parallel and --ray: where a grid's runs train (`bnet_fastai.executors`)."""
+    parser.add_argument("--parallel", type=runs_at_a_time, default=1, metavar="N",
+                        help="train N runs at a time on this machine, one GPU each where there are GPUs "
+                        "(default: 1)")
+    parser.add_argument("--ray", default=None, metavar="ADDRESS",
+                        help="make each run a task on a Ray cluster: local (start one on this machine), auto, "
+                        "ray://HOST:PORT or HOST:PORT; needs pip install 'bnet-fastai[ray]'")
+
+
+def _executor_args(args: argparse.Namespace) -> dict:
+    """`parallel` and `ray` for `sweep` and `study`, checked without torch: ValueError if they clash, Ray is
+    missing or its address does not answer (`bnet_fastai.executors.check_ray`)."""
+    from . import executors
+
+    if args.ray is not None:
+        if args.parallel != 1:
+            raise ValueError("--parallel and --ray do not go together: a Ray cluster trains as many runs at a "
+                             "time as it has GPUs (or CPUs); drop --parallel")
+        executors.check_ray(args.ray)
+    return {"parallel": args.parallel, "ray": args.ray}
+
+
 def _sweep(args: argparse.Namespace) -> int:
     grid = _config_args(args)
     expand_grid(RunConfig(), grid)  # every run of the grid checked before torch is imported
     out = output_folder(args)
+    where = _executor_args(args)
     _plain_download_bars()
     from .sweep import sweep
 
-    results = sweep(RunConfig(), grid, out, force=args.force)
+    results = sweep(RunConfig(), grid, out, force=args.force, **where)
     counts = {s: sum(r["status"] == s for r in results) for s in dict.fromkeys(r["status"] for r in results)}
     print(f"sweep done: {', '.join(f'{n} {s}' for s, n in counts.items())} in {out}")
     return 0 if all(r["status"] in DONE for r in results) else EXIT_RUN_FAILED
 
 
 def _study(args: argparse.Namespace) -> int:
+    where = _executor_args(args)
     _plain_download_bars()
     from .report import report
     from .study import resolve, run_study
@@ -113,7 +152,7 @@ def _study(args: argparse.Namespace) -> int:
     study = resolve(args.dataset, args.profile)
     out = output_folder(args, f"{study.dataset}-{study.profile}")
     print(study.describe(), flush=True)
-    results = run_study(study, out)
+    results = run_study(study, out, **where)
     if not all(r["status"] in DONE for r in results):
         print(f"bnet-fastai study: {sum(r['status'] not in DONE for r in results)} run(s) did not finish; "
               f"run the same command again to retrain them", file=sys.stderr)
@@ -178,12 +217,15 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--out", default=None, help="experiment folder, one sub-folder per run "
                        "(default: results/default, under $BNET_FASTAI_RESULTS when set)")
         p.add_argument("--force", action="store_true", help="retrain runs that already finished")
+        if name == "sweep":
+            _add_executor_options(p)
         p.set_defaults(func=func)
     p = sub.add_parser("study", help="run a study profile (the notebook's grid) and report it")
     p.add_argument("profile", choices=names.PROFILES, help="quick, cpu (the README's result), full or leaderboard")
     p.add_argument("--dataset", default="auto", help="default: the profile's dataset, else the first available")
     p.add_argument("--out", default=None, help="experiment folder (default: results/<dataset>-<profile>, "
                    "under $BNET_FASTAI_RESULTS when set)")
+    _add_executor_options(p)
     p.set_defaults(func=_study)
     p = sub.add_parser("report", help="summary.csv and plots of one experiment folder, or of several combined")
     p.add_argument("dirs", nargs="+", metavar="DIR", help="experiment folder(s): the --out of runs or sweeps")

@@ -1,55 +1,82 @@
-"""Sweeps: a grid over any `RunConfig` fields, run one after another into one experiment folder.
+"""Sweeps: a grid over any `RunConfig` fields, trained into one experiment folder.
 
 Re-running the same sweep skips runs that are `finished` (or `diverged`) and restarts any other, so a
 sweep killed at any moment is resumed by running the same command again; every finished run's files
 stay byte for byte as they were, because a run folder is only ever written by the run that owns it.
 A finished run whose files were damaged since (`bnet_fastai.runstate.check_run`) is named, with the damaged
 file, and trained again.
+
+Runs train one after another in this process, `parallel` at a time in worker processes (one GPU each where
+there are GPUs), or as tasks on a Ray cluster (`bnet_fastai.executors`). Whatever trains them, each run is
+trained once: a run whose lock another live process holds (another sweep on the same folder) is left to it
+and waited for once the other runs are done, then reported as trained by another process.
 """
 from __future__ import annotations
 
 from pathlib import Path
 
+from . import executors
 from ._checks import check_output_folder
 from .config import RunConfig, expand_grid
 from .live import LiveMonitor, live_monitor
 from .progress import plain_output
 from .runstate import DONE, check_run, raw_status
-from .train import check_batch_size, run
+from .train import check_batch_size
 
 
 def sweep(base: RunConfig, grid: dict[str, list], out: str | Path, force: bool = False,
-          live: bool | LiveMonitor | None = None) -> list[dict]:
-    """Run every configuration of the grid into `out`; returns each run's final status.
+          live: bool | LiveMonitor | None = None, parallel: int = 1, ray: str | None = None) -> list[dict]:
+    """Run every configuration of the grid into `out`; returns each run's final status, in grid order.
 
     A run that raises is recorded as `failed` (its status.json says why) and the sweep goes on;
-    Ctrl-C or SIGTERM marks the current run `interrupted` and stops the sweep. `live` shows a bar over the
-    grid and a live accuracy figure (`bnet_fastai.live`): None shows them in a notebook only, True or False
-    always or never, or pass a `LiveMonitor` of your own.
+    Ctrl-C or SIGTERM marks the runs in training `interrupted` and stops the sweep. `parallel` trains that many
+    runs at a time on this machine; `ray` (``local``, ``auto``, ``ray://HOST:PORT`` or ``HOST:PORT``) makes each
+    run a task on that Ray cluster. `live` shows a bar over the grid and a live accuracy figure
+    (`bnet_fastai.live`): None shows them in a notebook only, True or False always or never, or pass a
+    `LiveMonitor` of your own; runs trained outside this process (`parallel` > 1, `ray`) appear in the
+    figure when they finish, not epoch by epoch.
     """
     configs = expand_grid(base, grid)  # the whole grid, its output folder and its data are checked first
     check_output_folder(out)
+    executor = executors.create(parallel, ray)  # a bad `parallel`, no Ray, an address that does not answer
     for config in {(c.dataset, c.fraction, c.bs): c for c in configs}.values():
         check_batch_size(config)  # downloads each dataset once, before the first run
+    position = {c.run_id: i for i, c in enumerate(configs, 1)}
+    tag = {c.run_id: f"[{position[c.run_id]}/{len(configs)}] {c.run_id}" for c in configs}
+    for config in configs:
+        damage = None if force else _damage(Path(out).resolve() / config.run_id)
+        if damage:
+            print(f"{tag[config.run_id]}: damaged ({damage}): training it again", flush=True)
     monitor = live_monitor(live)
     if monitor:
         monitor.start(configs)
-    results = []
-    for i, config in enumerate(configs, 1):
-        if not plain_output():  # off a terminal each epoch line names the run: one line per run is enough
-            print(f"[{i}/{len(configs)}] {config.run_id}", flush=True)
-        damage = None if force else _damage(Path(out).resolve() / config.run_id)
-        if damage:
-            print(f"[{i}/{len(configs)}] {config.run_id}: damaged ({damage}): training it again", flush=True)
-        try:
-            results.append(run(config, out, force=force, cbs=monitor.callbacks(config) if monitor else None))
-        except Exception as e:  # noqa: BLE001  (one failed run must not stop the grid; status.json has it)
-            results.append({"status": "failed", "error": f"{type(e).__name__}: {e}",
-                            "run_dir": str(Path(out).resolve() / config.run_id)})
-        if monitor:
-            monitor.run_done(config, results[-1])
-        print(f"[{i}/{len(configs)}] {config.run_id}: {_outcome(results[-1])}", flush=True)
-    return results
+    results: dict[str, dict] = {}
+
+    def done(config: RunConfig, result: dict) -> None:
+        results[config.run_id] = result
+        if monitor:  # a run trained elsewhere reached no callback: its curve is read from history.csv
+            monitor.run_done(config, result if executor.in_process else {**result, "reused": True})
+        print(f"{tag[config.run_id]}: {_outcome(result)}", flush=True)
+
+    def started(config: RunConfig) -> None:  # on a terminal, fastai's bars follow: name the run above them
+        if not plain_output():  # (off a terminal each epoch line names the run: one line per run is enough)
+            print(tag[config.run_id], flush=True)
+
+    callbacks = monitor.callbacks if monitor else None
+    with executor:
+        deferred = []
+        for config, result in executor.map(configs, out, force, callbacks=callbacks, started=started):
+            if result["status"] == "locked":  # another process trains it: wait once the rest are done
+                deferred.append(config)
+            else:
+                done(config, result)
+        if deferred:
+            print(f"waiting for {len(deferred)} run(s) that another process is training: "
+                  f"{', '.join(c.run_id for c in deferred)}", flush=True)
+        # not `force`: the other process has just trained it; if it died instead, the run is trained here
+        for config, result in executor.map(deferred, out, wait=True, callbacks=callbacks, started=started):
+            done(config, {**result, "by_another_process": True} if result.get("reused") else result)
+    return [results[c.run_id] for c in configs]
 
 
 def _damage(run_dir: Path) -> str | None:
@@ -59,8 +86,13 @@ def _damage(run_dir: Path) -> str | None:
 
 
 def _outcome(result: dict) -> str:
-    """`finished (reused), accuracy 0.8231, 61 s` or `failed: <error>`: a run's result in one line."""
-    text = result["status"] + (" (reused)" if result.get("reused") else "")
+    """`finished (reused), accuracy 0.8231, 61 s`, `finished (trained by another process), ...` or
+    `failed: <error>`: a run's result in one line."""
+    text = result["status"]
+    if result.get("by_another_process"):
+        text += " (trained by another process)"
+    elif result.get("reused"):
+        text += " (reused)"
     if result.get("final_accuracy") is not None:
         text += f", accuracy {result['final_accuracy']:.4f}"
     if result.get("seconds") is not None:
