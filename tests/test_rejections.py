@@ -1,9 +1,7 @@
 """Rejected before anything is written (issue 10 part 2): bad input exits 2 in one line, leaves the output
 folder as it was, and the argument checks answer without importing torch."""
-import json
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
