@@ -1,7 +1,8 @@
 """Per-epoch checkpoints of a run, resuming from them, and the weights a finished run keeps.
 
 After every epoch `EpochCheckpoint` saves ``<run_dir>/checkpoint.pth``, atomically (a temporary file, fsync,
-rename: a kill during the write leaves the previous checkpoint in place, never a broken one). It holds
+rename: a kill during the write leaves the previous checkpoint in place, never a broken one; Ctrl-C and
+SIGTERM wait until the write is done). It holds
 everything the next epoch depends on:
 
 - the model's and the optimizer's state (fastai's `Optimizer.state_dict`: Adam's moments, the per-parameter
@@ -23,8 +24,11 @@ A finished run keeps ``model.pth`` (the model's state_dict) and drops its checkp
 """
 from __future__ import annotations
 
+import contextlib
 import os
 import random
+import signal
+import threading
 import time
 from pathlib import Path
 
@@ -54,6 +58,21 @@ def atomic_save(obj: object, path: Path) -> None:
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
+
+
+@contextlib.contextmanager
+def signals_held():
+    """Hold Ctrl-C and SIGTERM until the block is done (they are delivered right after), so neither cuts a
+    checkpoint short: the epoch that just finished is saved before the run stops. Main thread only."""
+    held = {signal.SIGINT, signal.SIGTERM}
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    signal.pthread_sigmask(signal.SIG_BLOCK, held)
+    try:
+        yield
+    finally:
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, held)
 
 
 def _loaders(learn: Learner) -> list:
@@ -98,10 +117,12 @@ class EpochCheckpoint(Callback):
         smooth = self.recorder.smooth_loss
         scaler = getattr(self.learn, "scaler", None)
         seconds = self.seconds_before + time.time() - self.started  # training time over every session
-        atomic_save({"epochs_done": self.epoch + 1, "train_iter": self.train_iter, "seconds": seconds,
-                     "model": unwrapped(self.model).state_dict(), "opt": self.opt.state_dict(),
-                     "scaler": scaler.state_dict() if scaler is not None else None,
-                     "smooth_loss": (smooth.count, smooth.val), "random": random_states(self.learn)}, self.path)
+        state = {"epochs_done": self.epoch + 1, "train_iter": self.train_iter, "seconds": seconds,
+                 "model": unwrapped(self.model).state_dict(), "opt": self.opt.state_dict(),
+                 "scaler": scaler.state_dict() if scaler is not None else None,
+                 "smooth_loss": (smooth.count, smooth.val), "random": random_states(self.learn)}
+        with signals_held():
+            atomic_save(state, self.path)
 
 
 class Resume(Callback):

@@ -17,7 +17,7 @@ import sys
 from . import __version__, names
 from ._checks import check_output_folder
 from .config import RunConfig, expand_grid
-from .runstate import DONE, RunFailed
+from .runstate import DONE, RunFailed, RunLocked
 
 EXIT_BAD_INPUT, EXIT_RUN_FAILED, EXIT_INTERRUPTED = 2, 1, 130
 
@@ -90,7 +90,10 @@ def _run(args: argparse.Namespace) -> int:
     result = run(config, out, force=args.force)
     if result.get("damaged"):
         print(f"the earlier run was damaged ({result['damaged']}): trained again")
-    print(f"{result['status']}{' (reused)' if result.get('reused') else ''}: {result['run_dir']}")
+    how = " (reused)" if result.get("reused") else ""
+    if result.get("resumed_from_epoch") and not result.get("reused"):
+        how = f" (resumed from epoch {result['resumed_from_epoch']})"
+    print(f"{result['status']}{how}: {result['run_dir']}")
     return 0  # finished or diverged: the run completed; its status says which
 
 
@@ -250,6 +253,9 @@ def main(argv: list[str] | None = None) -> int:
     signal.signal(signal.SIGTERM, _sigterm)
     try:
         return args.func(args)
+    except RunLocked as e:  # another process trains this run: nothing is wrong with it, nothing was touched
+        print(f"bnet-fastai {args.command}: {e}", file=sys.stderr)
+        return EXIT_RUN_FAILED
     except RunFailed as e:  # training itself failed; status.json holds the details
         print(f"bnet-fastai {args.command}: failed: {e}", file=sys.stderr)
         return EXIT_RUN_FAILED

@@ -5,6 +5,7 @@ import os
 import subprocess
 import sys
 import textwrap
+import time
 from pathlib import Path
 
 import pandas as pd
@@ -133,3 +134,46 @@ def test_keep_weights_false_keeps_no_model(tmp_path, monkeypatch):
     run_dir = Path(run(config, tmp_path / "exp")["run_dir"])
     assert sorted(p.name for p in run_dir.iterdir() if not p.name.startswith("events")) == [
         "config.json", "history.csv", "status.json"]
+
+
+def test_sigterm_mid_run_then_the_same_command_resumes_it(tmp_path):
+    import signal
+
+    cli = str(Path(sys.executable).with_name("bnet-fastai"))
+    argv = [cli, "run", "--arch", "xmininet", "--dataset", "sample", "--size", "16", "--epochs", "3", "--bs", "32",
+            "--fraction", "0.5", "--workers", "0", "--out", str(tmp_path / "exp")]
+    env = {**os.environ, "BNET_FASTAI_DATA": str(tmp_path / "data")}
+    first = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=env)
+    run_dir = tmp_path / "exp" / RunConfig(arch="xmininet", dataset="sample", size=16, epochs=3, bs=32,
+                                           fraction=0.5, workers=0).run_id
+    deadline = time.time() + 120
+    while not (run_dir / "checkpoint.pth").exists() and time.time() < deadline:  # epoch 1 is saved
+        time.sleep(0.05)
+    first.send_signal(signal.SIGTERM)
+    assert first.wait(timeout=120) == 130 and "interrupted" in first.stderr.read()
+    status = json.loads((run_dir / "status.json").read_text())
+    assert status["status"] == "interrupted" and (run_dir / "checkpoint.pth").is_file()
+    again = subprocess.run(argv, capture_output=True, text=True, env=env, timeout=300)
+    assert again.returncode == 0, again.stderr
+    resumed = json.loads((run_dir / "status.json").read_text())["resumed_from_epoch"]
+    assert resumed in (1, 2)  # the SIGTERM landed in epoch 2, or (on a slow machine) after its checkpoint
+    assert f"finished (resumed from epoch {resumed}): {run_dir}" in again.stdout
+    assert len((run_dir / "history.csv").read_text().splitlines()) == 1 + 3
+
+
+def test_sigterm_waits_until_the_checkpoint_write_is_done():
+    import signal
+
+    from bnet_fastai.checkpoint import signals_held
+
+    seen = []
+    old = signal.signal(signal.SIGTERM, lambda *_: seen.append("delivered"))
+    try:
+        with signals_held():
+            os.kill(os.getpid(), signal.SIGTERM)
+            time.sleep(0.05)
+            seen.append("write done")
+        time.sleep(0.05)
+    finally:
+        signal.signal(signal.SIGTERM, old)
+    assert seen == ["write done", "delivered"]
