@@ -62,17 +62,22 @@ def atomic_save(obj: object, path: Path) -> None:
 
 @contextlib.contextmanager
 def signals_held():
-    """Hold Ctrl-C and SIGTERM until the block is done (they are delivered right after), so neither cuts a
-    checkpoint short: the epoch that just finished is saved before the run stops. Main thread only."""
-    held = {signal.SIGINT, signal.SIGTERM}
+    """Hold Ctrl-C and SIGTERM until the block is done (they are raised right after), so neither cuts a
+    checkpoint short: the epoch that just finished is saved before the run stops. Main thread only (where
+    Python runs signal handlers); elsewhere the block runs as is."""
     if threading.current_thread() is not threading.main_thread():
         yield
         return
-    signal.pthread_sigmask(signal.SIG_BLOCK, held)
+    pending: list[int] = []
+    previous = {s: signal.signal(s, lambda signum, frame: pending.append(signum))
+                for s in (signal.SIGINT, signal.SIGTERM)}
     try:
         yield
     finally:
-        signal.pthread_sigmask(signal.SIG_UNBLOCK, held)
+        for s, handler in previous.items():
+            signal.signal(s, handler)
+        for s in pending:
+            signal.raise_signal(s)
 
 
 def _loaders(learn: Learner) -> list:
