@@ -1,7 +1,10 @@
-"""File writing that a crash or a kill cannot leave half done."""
+"""File writing that a crash or a kill cannot leave half done, and one writer at a time."""
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import os
+from collections.abc import Iterator
 from pathlib import Path
 
 
@@ -13,3 +16,15 @@ def atomic_write(path: Path, text: str) -> None:
         f.flush()
         os.fsync(f.fileno())
     os.replace(tmp, path)
+
+
+@contextlib.contextmanager
+def writer_lock(dest: Path) -> Iterator[None]:
+    """One writer at a time (ranks of a distributed run, parallel runs); the others wait, then reuse."""
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    with open(dest.parent / f".{dest.name}.lock", "a") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)

@@ -35,8 +35,8 @@ from fastai.torch_core import TensorCategory, TensorImage
 from fastai.vision.core import imagenet_stats
 from PIL import Image
 
+from ._files import writer_lock
 from .data import DATASETS, UNREADABLE, DatasetSpec, image_files, notice, prepare, report_unreadable, subsample_train
-from .fashion_mnist import _writer_lock
 
 CACHE_VERSION = 2  # 2: raw valid.bin, byte sizes and a checksum in index.json
 MIN_SCALE, RATIO, VAL_XTRA = 0.35, (3 / 4, 4 / 3), 0.14
@@ -120,7 +120,7 @@ def build_cache(name: str, size: int, cache_side: int | None = None, threads: in
     folder = path / f".bnet_fastai_cache_s{size}_c{cache_side}_v{CACHE_VERSION}"
     if folder.is_dir() and cache_damage(folder) is None:
         return folder
-    with _writer_lock(folder):
+    with writer_lock(folder):
         if folder.is_dir():
             if (damage := cache_damage(folder)) is None:
                 return folder  # built by another process while this one waited

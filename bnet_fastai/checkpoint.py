@@ -69,8 +69,8 @@ def signals_held():
         yield
         return
     pending: list[int] = []
-    previous = {s: signal.signal(s, lambda signum, frame: pending.append(signum))
-                for s in (signal.SIGINT, signal.SIGTERM)}
+    held = [s for s in (signal.SIGINT, signal.SIGTERM) if signal.getsignal(s) is not None]  # None: not Python's
+    previous = {s: signal.signal(s, lambda signum, frame: pending.append(signum)) for s in held}
     try:
         yield
     finally:
@@ -90,7 +90,7 @@ def _loaders(learn: Learner) -> list:
 
 def random_states(learn: Learner) -> dict:
     return {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state(),
-            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+            "cuda": torch.cuda.get_rng_state() if torch.cuda.is_available() else None,  # this process's GPU
             "loaders": [dl.rng.getstate() for dl in _loaders(learn)]}
 
 
@@ -98,8 +98,8 @@ def set_random_states(learn: Learner, states: dict) -> None:
     random.setstate(states["python"])
     np.random.set_state(states["numpy"])
     torch.set_rng_state(states["torch"])
-    if torch.cuda.is_available() and states["cuda"]:
-        torch.cuda.set_rng_state_all(states["cuda"])
+    if torch.cuda.is_available() and isinstance(states["cuda"], torch.Tensor):
+        torch.cuda.set_rng_state(states["cuda"])
     for dl, state in zip(_loaders(learn), states["loaders"]):
         dl.rng.setstate(state)
 
@@ -140,6 +140,7 @@ class Resume(Callback):
         self.state, self.restored = state, False
 
     def before_fit(self) -> None:
+        _state_to_params_device(self.opt)  # fastai has just moved the model to its device; not the state
         scaler = getattr(self.learn, "scaler", None)  # MixedPrecision makes it in its own before_fit
         if scaler is not None and self.state["scaler"] is not None:
             scaler.load_state_dict(self.state["scaler"])
@@ -155,6 +156,16 @@ class Resume(Callback):
         smooth.count, smooth.val = self.state["smooth_loss"]
         self.learn.train_iter = self.state["train_iter"]
         set_random_states(self.learn, self.state["random"])
+
+
+def _state_to_params_device(opt) -> None:
+    """Put the optimizer's per-parameter state (Adam's moments; Lookahead's slow weights, for ranger) on the
+    device of its parameter: a checkpoint is loaded on the CPU, a GPU run's parameters live on the GPU."""
+    for p, *_ in opt.all_params():
+        opt.state[p] = {k: v.to(p.device) if torch.is_tensor(v) else v for k, v in opt.state[p].items()}
+    if getattr(opt, "slow_weights", None) is not None:  # fastai's Lookahead keeps them outside `state`
+        opt.slow_weights = type(opt.slow_weights)([[w.to(p.device) for w, p in zip(ws, ps)]
+                                                   for ws, ps in zip(opt.slow_weights, opt.param_lists)])
 
 
 def skipped(learn: Learner) -> bool:

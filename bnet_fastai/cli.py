@@ -15,7 +15,7 @@ import signal
 import sys
 
 from . import __version__, names
-from ._checks import check_output_folder
+from ._checks import check_choice, check_output_folder
 from .config import RunConfig, expand_grid
 from .runstate import DONE, RunFailed, RunLocked
 
@@ -147,6 +147,9 @@ def _sweep(args: argparse.Namespace) -> int:
 
 
 def _study(args: argparse.Namespace) -> int:
+    check_choice("dataset", args.dataset, ("auto", *names.DATASETS))  # before torch is imported
+    if args.out is not None:
+        check_output_folder(args.out)
     where = _executor_args(args)
     _plain_download_bars()
     from .report import report
@@ -158,7 +161,7 @@ def _study(args: argparse.Namespace) -> int:
     results = run_study(study, out, **where)
     if not all(r["status"] in DONE for r in results):
         print(f"bnet-fastai study: {sum(r['status'] not in DONE for r in results)} run(s) did not finish; "
-              f"run the same command again to retrain them", file=sys.stderr)
+              f"run the same command again to resume them", file=sys.stderr)
         return EXIT_RUN_FAILED
     report(out)
     print(f"study done: {len(results)} runs; summary.csv, paired.csv and plots in {out}")
@@ -195,6 +198,7 @@ def _report(args: argparse.Namespace) -> int:
 
 
 def _data(args: argparse.Namespace) -> int:
+    check_choice("dataset", args.dataset, names.DATASETS)  # before torch is imported
     _plain_download_bars()
     from .data import prepare
 

@@ -30,7 +30,7 @@ from fastai.vision.utils import verify_images
 
 from . import fashion_mnist
 from ._checks import DatasetError, check_choice
-from ._files import atomic_write
+from ._files import atomic_write, writer_lock
 from .paths import data_root, results_root  # noqa: F401  (results_root: public here too)
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png")
@@ -111,8 +111,19 @@ def prepare(name: str) -> Path:
 
 
 def _fetch(name: str) -> Path:
+    """Download and extract archive dataset `name`, one process at a time (sweeps started together, Ray tasks
+    on a shared data root): the others wait, then find it extracted."""
+    spec, root = DATASETS[name], data_root()
+    folder = root / spec.archive.removesuffix(".tgz")
+    if (folder / EXTRACTED_FILE).exists():
+        return folder
+    with writer_lock(folder):
+        return _fetch_alone(name, folder)
+
+
+def _fetch_alone(name: str, folder: Path) -> Path:
     spec, url, root = DATASETS[name], download_url(name), data_root()
-    folder, archive = root / spec.archive.removesuffix(".tgz"), root / "archive" / spec.archive
+    archive = root / "archive" / spec.archive
     if folder.is_dir() and not (folder / EXTRACTED_FILE).exists():
         # Not extracted by us. fastcore extracts to a temp dir and then moves the tree across file
         # systems, so a kill during the move leaves a partial folder that untar_data takes as complete.

@@ -60,12 +60,17 @@ def distrib_ctx(learn: Learner, sync_bn: bool = True) -> Iterator[Learner]:
 def share_decision(decision: dict) -> dict:
     """Rank 0's `decision` on every rank: the other ranks wait here (a barrier) until rank 0 has made it.
 
-    Starts torch's default process group when the launcher has not (accelerate then uses it): gloo for this
-    exchange of a Python object, and NCCL for the training's CUDA tensors where there are GPUs.
+    Starts torch's default process group when the launcher has not (accelerate then uses it, with torch's
+    default timeouts): gloo for Python objects, NCCL for the training's CUDA tensors where there are GPUs.
+    The decision travels in a gloo group of its own whose timeout, `PREPARE_TIMEOUT`, leaves rank 0 time to
+    download and cache a dataset; training keeps the default group's timeout.
     """
     if not torch.distributed.is_initialized():
-        backend = "cpu:gloo,cuda:nccl" if torch.cuda.is_available() else "gloo"
-        torch.distributed.init_process_group(backend, timeout=PREPARE_TIMEOUT)
+        torch.distributed.init_process_group("cpu:gloo,cuda:nccl" if torch.cuda.is_available() else "gloo")
+    group = torch.distributed.new_group(backend="gloo", timeout=PREPARE_TIMEOUT)
     box = [decision]
-    torch.distributed.broadcast_object_list(box, src=0)
+    try:
+        torch.distributed.broadcast_object_list(box, src=0, group=group)
+    finally:
+        torch.distributed.destroy_process_group(group)
     return box[0]

@@ -16,6 +16,7 @@ import sys
 import threading
 from collections.abc import Callable, Iterator
 from concurrent import futures
+from concurrent.futures.process import BrokenProcessPool
 from pathlib import Path
 from typing import TYPE_CHECKING, Protocol
 
@@ -168,18 +169,36 @@ class ProcessPool:
         self.pool.shutdown(wait=True, cancel_futures=True)
 
     def map(self, configs, out, force=False, wait=False, callbacks=None, started=None):
-        """As `Executor.map`; `callbacks` and `started` are for in-process runs and are not used."""
-        submitted = {self.pool.submit(_train_in_worker, c, str(out), force, wait): c for c in configs}
-        pending = set(submitted)
-        while pending:
-            done, pending = futures.wait(pending, return_when=futures.FIRST_COMPLETED)
-            for future in done:
+        """As `Executor.map`; `callbacks` and `started` are for in-process runs and are not used.
+
+        A worker that dies (the OOM killer, a CUDA abort) breaks the whole pool: its runs and the runs queued
+        behind them are given once more to a new pool, where a run cut short resumes from its checkpoint; a
+        run whose worker dies twice is reported failed."""
+        queue, retried = list(configs), set()
+        while queue:
+            submitted = {self.pool.submit(_train_in_worker, c, str(out), force, wait): c for c in queue}
+            queue = []
+            for future in futures.as_completed(submitted):
+                config = submitted[future]
                 try:
                     result = future.result()
-                except Exception as e:  # noqa: BLE001  (a worker that died: the pool cannot go on)
-                    result = {"status": "failed", "error": f"{type(e).__name__}: {e}",
-                              "run_dir": str(Path(out) / submitted[future].run_id)}
-                yield submitted[future], result
+                except BrokenProcessPool as e:
+                    if config.run_id not in retried:
+                        retried.add(config.run_id)
+                        queue.append(config)
+                        continue
+                    result = _failed(config, out, e)
+                except Exception as e:  # noqa: BLE001  (whatever else the pool raises: that run failed)
+                    result = _failed(config, out, e)
+                yield config, result
+            if queue:
+                print(f"a worker process died: {len(queue)} run(s) go to new workers", file=sys.stderr, flush=True)
+                self.pool.shutdown(wait=True, cancel_futures=True)
+                self.__enter__()
+
+
+def _failed(config: RunConfig, out: str, error: BaseException) -> dict:
+    return {"status": "failed", "error": f"{type(error).__name__}: {error}", "run_dir": str(Path(out) / config.run_id)}
 
 
 def _ray_address(address: str) -> tuple[str, int] | None:
@@ -273,7 +292,14 @@ class RayCluster:
             self.ray.shutdown()  # stops a `local` instance; from a cluster, only disconnects
 
     def map(self, configs, out, force=False, wait=False, callbacks=None, started=None):
-        """As `Executor.map`; `callbacks` and `started` are for in-process runs and are not used."""
+        """As `Executor.map`; `callbacks` and `started` are for in-process runs and are not used. Runs to
+        wait for are waited for here, holding no GPU of the cluster, before their tasks are sent."""
+        if wait:
+            from .runstate import run_lock
+
+            for config in configs:
+                with run_lock(Path(out).resolve() / config.run_id, wait=True):
+                    pass  # the other process is done with it; the task reuses it (or trains it, if that died)
         refs = {self.task.remote(c, str(Path(out).resolve()), force, wait): c for c in configs}
         self.pending = list(refs)
         while self.pending:
@@ -282,8 +308,7 @@ class RayCluster:
                 try:
                     result = self.ray.get(ref)
                 except self.ray.exceptions.RayError as e:  # the worker or its node died
-                    result = {"status": "failed", "error": f"{type(e).__name__}: {e}",
-                              "run_dir": str(Path(out) / refs[ref].run_id)}
+                    result = _failed(refs[ref], out, e)
                 yield refs[ref], result
 
 

@@ -11,8 +11,6 @@ set) so the same loaders, cache and report run unchanged.
 """
 from __future__ import annotations
 
-import contextlib
-import fcntl
 import gzip
 import hashlib
 import json
@@ -22,12 +20,12 @@ import tempfile
 import urllib.error
 import urllib.request
 import zlib
-from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
 
 from ._checks import DatasetError
+from ._files import writer_lock
 
 OFFICIAL_URL = "http://fashion-mnist.s3-website.eu-central-1.amazonaws.com"
 DEBIAN_FOLDER = Path("/usr/share/datasets/fashion-mnist")
@@ -152,23 +150,11 @@ def _fix_for(folder: Path, archive: Path) -> str:
     return "replace it in the folder BNET_FASTAI_FASHION_MNIST names, or unset the variable"
 
 
-@contextlib.contextmanager
-def _writer_lock(dest: Path) -> Iterator[None]:
-    """One writer at a time (ranks of a distributed run, parallel runs); the others wait, then reuse."""
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    with open(dest.parent / f".{dest.name}.lock", "a") as f:
-        fcntl.flock(f, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(f, fcntl.LOCK_UN)
-
-
 def write(dest: Path, archive: Path) -> Path:
     """Fashion-MNIST as PNGs in the Imagenette layout at `dest`, written once; returns `dest`."""
     if is_written(dest):
         return dest
-    with _writer_lock(dest):
+    with writer_lock(dest):
         if is_written(dest):  # written by another process while this one waited
             return dest
         folder = local_folder()

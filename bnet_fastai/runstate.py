@@ -43,7 +43,7 @@ class RunLocked(RuntimeError):
     """Another live process holds the run's lock: it is training that run now."""
 
 
-def _lock_path(run_dir: Path) -> Path:
+def lock_path(run_dir: Path) -> Path:
     return run_dir.parent / f".{run_dir.name}.lock"
 
 
@@ -52,7 +52,7 @@ def run_lock(run_dir: Path, wait: bool = False) -> Iterator[None]:
     """Hold the run's lock for the block: `RunLocked` if another live process holds it, or with `wait`, block
     until that process is done."""
     run_dir.parent.mkdir(parents=True, exist_ok=True)
-    with open(_lock_path(run_dir), "a") as f:
+    with open(lock_path(run_dir), "a") as f:
         try:
             fcntl.flock(f, fcntl.LOCK_EX | (0 if wait else fcntl.LOCK_NB))
         except BlockingIOError:
@@ -65,7 +65,7 @@ def run_lock(run_dir: Path, wait: bool = False) -> Iterator[None]:
 
 def _lock_held(run_dir: Path) -> bool:
     try:
-        with open(_lock_path(run_dir)) as f:
+        with open(lock_path(run_dir)) as f:
             try:
                 fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except BlockingIOError:

@@ -1,7 +1,8 @@
 """Sweeps: a grid over any `RunConfig` fields, trained into one experiment folder.
 
-Re-running the same sweep skips runs that are `finished` (or `diverged`) and restarts any other, so a
-sweep killed at any moment is resumed by running the same command again; every finished run's files
+Re-running the same sweep skips runs that are `finished` (or `diverged`) and resumes any other from its last
+per-epoch checkpoint (`bnet_fastai.checkpoint`), so a sweep killed at any moment loses at most the epochs in
+flight; every finished run's files
 stay byte for byte as they were, because a run folder is only ever written by the run that owns it.
 A finished run whose files were damaged since (`bnet_fastai.runstate.check_run`) is named, with the damaged
 file, and trained again.
@@ -93,6 +94,8 @@ def _outcome(result: dict) -> str:
         text += " (trained by another process)"
     elif result.get("reused"):
         text += " (reused)"
+    elif result.get("resumed_from_epoch"):
+        text += f" (resumed from epoch {result['resumed_from_epoch']})"
     if result.get("final_accuracy") is not None:
         text += f", accuracy {result['final_accuracy']:.4f}"
     if result.get("seconds") is not None:

@@ -48,12 +48,12 @@ from .checkpoint import (
     unwrapped,
 )
 from .config import ADDED_LATER, SCHEDULES, RunConfig  # noqa: F401  (public here too)
-from .data import DATASETS, dataloaders, image_files, prepare, subsample_train
+from .data import DATASETS, dataloaders, image_files, notice, prepare, subsample_train
 from .fuse import fuse_bnet
 from .models import create_model
 from .norms import kernel_stats
 from .progress import show_progress
-from .runstate import DONE, RunFailed, RunLocked, check_run, file_record, raw_status, run_lock, write_status
+from .runstate import DONE, RunFailed, RunLocked, check_run, file_record, lock_path, raw_status, run_lock, write_status
 from .tensorboard_log import TensorBoardScalars
 from .weight_decay import BNETWeightDecay, no_decay_params
 
@@ -127,11 +127,7 @@ def run(config: RunConfig, out: str | Path = "results/default", force: bool = Fa
                    "RunLocked": RunLocked}.get(decision["error"], RunFailed)(decision["message"])
         if decision["action"] == "reuse":
             return decision["result"]
-        start = decision["start_epoch"]
-        learn, divergence = built or build_learner(config)
-        state = load_checkpoint(run_dir) if start else None
-        if state:
-            restore(learn, state)
+        learn, divergence, state = built or _follow(config, run_dir, decision["start_epoch"])
         if main_process:
             _open_run(learn, config, run_dir, state)
         show_progress(learn, config.run_id, main_process)
@@ -142,27 +138,58 @@ def run(config: RunConfig, out: str | Path = "results/default", force: bool = Fa
 
 def _decide(config: RunConfig, run_dir: Path, force: bool, wait: bool,
             lock: contextlib.ExitStack) -> tuple[dict, tuple | None]:
-    """Rank 0's decision: reuse the finished run, or train it from `start_epoch` (with the Learner built)."""
+    """Rank 0's decision: reuse the finished run, or train it from `start_epoch` — then with the Learner
+    built and, when resuming, its checkpoint restored: ``(learn, divergence, checkpoint or None)``."""
     check_batch_size(config)  # prepares the dataset: bad input raises before the folder is touched
+    out_existed, lock_existed = run_dir.parent.is_dir(), lock_path(run_dir).exists()
     lock.enter_context(run_lock(run_dir, wait))
     previous = raw_status(run_dir)  # under the lock a "running" status is stale
     status, damage = previous["status"], None
     if status in DONE and not force:
         damage = check_run(run_dir, previous)
         if damage is None:
+            (run_dir / CHECKPOINT).unlink(missing_ok=True)  # left by a kill just after the run finished
             return {"action": "reuse", "result": {**previous, "run_dir": str(run_dir), "reused": True}}, None
     state = None if force or status in DONE else load_checkpoint(run_dir)
-    start = min(state["epochs_done"], config.epochs) if state and _history_rows(run_dir) >= state["epochs_done"] else 0
+    if state and _history_rows(run_dir) < state["epochs_done"]:  # history lost rows: it cannot continue
+        state = None
     try:
-        built = build_learner(config)  # builds the dataset's cache too, before the other ranks need it
-    except ValueError:  # bad input: the run folder is left as it was
+        learn, divergence = build_learner(config)  # builds the dataset's cache too, before the other ranks
+        if state:
+            try:
+                restore(learn, state)
+            except Exception as e:  # noqa: BLE001  (e.g. written by another fastai version: start over)
+                notice(f"{run_dir.name}: its checkpoint cannot be restored ({type(e).__name__}: {e}); "
+                       f"training it from the start")
+                state = None
+                learn, divergence = build_learner(config)
+    except ValueError:  # bad input: the output folder is left as it was
+        if not lock_existed:
+            lock_path(run_dir).unlink(missing_ok=True)
+        if not out_existed:
+            with contextlib.suppress(OSError):
+                run_dir.parent.rmdir()
         raise
     except Exception as e:
         if status not in DONE:
             run_dir.mkdir(parents=True, exist_ok=True)
             write_status(run_dir, "failed", error=f"{type(e).__name__}: {e}")
         raise
-    return {"action": "train", "start_epoch": start, "damage": damage}, built
+    decision = {"action": "train", "start_epoch": state["epochs_done"] if state else 0, "damage": damage}
+    return decision, (learn, divergence, state)
+
+
+def _follow(config: RunConfig, run_dir: Path, start: int) -> tuple:
+    """A rank other than 0: the Learner, and the checkpoint rank 0 resumes from (every rank must read the same
+    one: `out` is a folder they all share)."""
+    learn, divergence = build_learner(config)
+    state = load_checkpoint(run_dir) if start else None
+    if start and (state is None or state["epochs_done"] != start):
+        raise RunFailed(f"rank {rank_distrib()} cannot read the checkpoint of epoch {start} that rank 0 resumes "
+                        f"from in {run_dir}: give every rank the same --out folder")
+    if state:
+        restore(learn, state)
+    return learn, divergence, state
 
 
 def _history_rows(run_dir: Path) -> int:
@@ -224,7 +251,11 @@ def _fit(learn: Learner, divergence: "DivergenceCallback", config: RunConfig, ru
         final["resumed_from_epoch"] = state["epochs_done"]
     status = "diverged" if divergence.diverged else "finished"
     if main_process:
-        _finish(learn, config, run_dir, status, final)
+        try:
+            _finish(learn, config, run_dir, status, final)
+        except Exception as e:  # the last checkpoint stays: running the run again finishes it
+            write_status(run_dir, "failed", error=f"after the last epoch: {type(e).__name__}: {e}")
+            raise RunFailed(f"{type(e).__name__}: {e} (see {run_dir / 'status.json'})") from e
     return {"status": status, **final, "run_dir": str(run_dir), "reused": False}
 
 

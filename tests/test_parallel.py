@@ -269,3 +269,31 @@ def _listening(pids: set[int]) -> set[str]:
 def _loopback(address: str) -> bool:
     host = address.rsplit(":", 1)[0]
     return host.startswith(("127.", "::ffff:127.")) or host == "::1"
+
+
+def _workers(pid: int) -> list[int]:
+    """The pool's worker processes among the children of `pid` (not multiprocessing's resource tracker)."""
+    children = [int(c) for t in Path(f"/proc/{pid}/task").iterdir()
+                for c in (t / "children").read_text().split()]
+    return [c for c in children if b"resource_tracker" not in Path(f"/proc/{c}/cmdline").read_bytes()]
+
+
+def test_a_worker_killed_mid_run_is_replaced_and_its_run_resumes(env, tmp_path):
+    out = tmp_path / "exp"
+    argv = [CLI, "sweep", "--arch", "xmininet", "--norm", "bn,bnet", "--dataset", "sample", "--size", "16",
+            "--epochs", "4", "--fraction", "0.5", "--workers", "0", "--parallel", "2", "--out", str(out)]
+    sweep = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    deadline = time.time() + 180
+    while not list(out.glob("*/checkpoint.pth")) and time.time() < deadline:  # an epoch of a run is saved
+        time.sleep(0.05)
+    victim = next(iter(out.glob("*/checkpoint.pth"))).parent
+    pid = json.loads((victim / "status.json").read_text())["pid"]  # the worker training that run
+    assert pid in _workers(sweep.pid)
+    os.kill(pid, signal.SIGKILL)  # as the OOM killer would
+    stdout, stderr = sweep.communicate(timeout=300)
+    assert sweep.returncode == 0, stderr
+    assert "a worker process died: " in stderr
+    statuses = {p.name: _status(out, p.name) for p in out.iterdir() if p.is_dir()}
+    assert len(statuses) == 2 and all(s["status"] == "finished" for s in statuses.values())
+    assert statuses[victim.name].get("resumed_from_epoch", 0) >= 1  # the killed run lost only its epoch in flight
+    assert len((victim / "history.csv").read_text().splitlines()) == 1 + 4

@@ -27,7 +27,8 @@ def test_the_light_names_equal_the_real_registries():
 
 LIGHT = [["--version"], ["--help"], ["run", "--help"], ["archs"], ["run", "--arch", "nope"],
          ["run", "--seed", "4294967296"], ["sweep", "--k", "3,4"], ["run", "--out", "/etc/hostname"],
-         ["sweep", "--bs", "8,x"], ["study", "nope"]]
+         ["sweep", "--bs", "8,x"], ["study", "nope"], ["study", "quick", "--dataset", "imagenet"],
+         ["study", "quick", "--out", "/etc/hostname"], ["data", "nope"]]
 
 
 @pytest.mark.parametrize("argv", LIGHT, ids=" ".join)

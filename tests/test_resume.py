@@ -177,3 +177,26 @@ def test_sigterm_waits_until_the_checkpoint_write_is_done():
     finally:
         signal.signal(signal.SIGTERM, old)
     assert seen == ["write done", "delivered"]
+
+
+@pytest.mark.parametrize("opt", ["adam", "ranger"])
+def test_a_loaded_optimizer_state_follows_its_parameters_to_their_device(opt):
+    # a checkpoint is loaded on the CPU while a GPU run's parameters are on the GPU. The "meta" device stands
+    # in for the GPU: the CPU state loaded into an optimizer of meta parameters must move to "meta".
+    from fastai.optimizer import Adam, ranger
+
+    from bnet_fastai.checkpoint import _state_to_params_device
+
+    def stepped(device: str):
+        model = torch.nn.Linear(3, 2, device=device)
+        optimizer = {"adam": Adam, "ranger": ranger}[opt](model.parameters(), lr=1e-2)
+        model(torch.randn(4, 3, device=device)).sum().backward()
+        optimizer.step()
+        return optimizer
+
+    optimizer = stepped("meta")
+    optimizer.load_state_dict(stepped("cpu").state_dict())  # as `restore` does, from a checkpoint on the CPU
+    _state_to_params_device(optimizer)
+    tensors = [v for p, *_ in optimizer.all_params() for v in optimizer.state[p].values() if torch.is_tensor(v)]
+    tensors += [w for ws in getattr(optimizer, "slow_weights", None) or [] for w in ws]
+    assert len(tensors) >= 4 and all(t.device.type == "meta" for t in tensors)
