@@ -113,16 +113,16 @@ def prepare(name: str) -> Path:
 def _fetch(name: str) -> Path:
     """Download and extract archive dataset `name`, one process at a time (sweeps started together, Ray tasks
     on a shared data root): the others wait, then find it extracted."""
-    spec, root = DATASETS[name], data_root()
+    spec, url, root = DATASETS[name], download_url(name), data_root()  # a bad mirror is named before any write
     folder = root / spec.archive.removesuffix(".tgz")
     if (folder / EXTRACTED_FILE).exists():
         return folder
     with writer_lock(folder):
-        return _fetch_alone(name, folder)
+        return _fetch_alone(name, url, folder)
 
 
-def _fetch_alone(name: str, folder: Path) -> Path:
-    spec, url, root = DATASETS[name], download_url(name), data_root()
+def _fetch_alone(name: str, url: str, folder: Path) -> Path:
+    spec, root = DATASETS[name], data_root()
     archive = root / "archive" / spec.archive
     if folder.is_dir() and not (folder / EXTRACTED_FILE).exists():
         # Not extracted by us. fastcore extracts to a temp dir and then moves the tree across file
