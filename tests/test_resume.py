@@ -30,6 +30,9 @@ DIE = textwrap.dedent("""
         def after_epoch(self):
             if mode == "after" and self.epoch + 1 == epoch:
                 os.kill(os.getpid(), signal.SIGKILL)
+        def after_fit(self):  # every epoch trained and saved; weights and final status not yet written
+            if mode == "after_fit":
+                os.kill(os.getpid(), signal.SIGKILL)
 
     save = torch.save
     def save_then_die(obj, f, *args, **kw):  # the checkpoint of `epoch`: half written, then SIGKILL
@@ -110,6 +113,15 @@ def test_the_flat_cos_schedule_with_ranger_resumes_exactly_too(uninterrupted, mo
     run_dir, _ = _killed_then_resumed(root, "after", 1, monkeypatch, FLAT_COS)
     assert json.loads((run_dir / "status.json").read_text())["resumed_from_epoch"] == 1
     _same_end(run_dir, whole)
+
+
+def test_a_kill_after_the_last_epoch_but_before_the_final_status_just_finishes_the_run(uninterrupted, monkeypatch):
+    root, whole = uninterrupted
+    run_dir, before = _killed_then_resumed(root, "after_fit", 0, monkeypatch)
+    assert len(before.splitlines()) == 1 + 4 and (run_dir / "history.csv").read_bytes() == before
+    assert json.loads((run_dir / "status.json").read_text())["resumed_from_epoch"] == 4
+    _same_end(run_dir, whole)
+    assert not (run_dir / "checkpoint.pth").exists()
 
 
 def test_model_pth_reproduces_the_logged_accuracy_and_the_fused_model_agrees(uninterrupted, monkeypatch):
