@@ -25,7 +25,6 @@ A finished run keeps ``model.pth`` (the model's state_dict) and drops its checkp
 from __future__ import annotations
 
 import contextlib
-import os
 import random
 import signal
 import threading
@@ -38,6 +37,8 @@ from fastai.callback.core import Callback
 from fastai.callback.progress import CSVLogger
 from fastai.learner import Learner, Recorder, SkipToEpoch
 
+from ._files import atomic_file
+
 CHECKPOINT, WEIGHTS = "checkpoint.pth", "model.pth"
 
 
@@ -49,15 +50,8 @@ def unwrapped(model: torch.nn.Module) -> torch.nn.Module:
 
 def atomic_save(obj: object, path: Path) -> None:
     """`torch.save` that readers (and a later resume) see whole or not at all."""
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        with open(tmp, "wb") as f:
-            torch.save(obj, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
+    with atomic_file(path, "wb") as f:
+        torch.save(obj, f)
 
 
 @contextlib.contextmanager
@@ -108,7 +102,6 @@ class EpochCheckpoint(Callback):
     """Save ``checkpoint.pth`` after every epoch (rank 0 only: give it to that process alone)."""
 
     order = Recorder.order + 5  # after the Recorder wrote the epoch's history row and TensorBoard its scalars
-    run_valid = False
 
     def __init__(self, run_dir: Path, seconds_before: float = 0.0):
         self.path, self.seconds_before = Path(run_dir) / CHECKPOINT, seconds_before

@@ -99,14 +99,13 @@ def _run(args: argparse.Namespace) -> int:
 
 def runs_at_a_time(text: str) -> int:
     """--parallel: an integer >= 1 (argparse turns the error into one line, exit 2)."""
+    from .executors import check_parallel
+
     try:
-        value = int(text)
+        return check_parallel(int(text))
     except ValueError:
-        value = None
-    if value is None or value < 1:
         raise argparse.ArgumentTypeError(f"must be an integer >= 1 (the number of runs trained at a time), "
-                                         f"got {text!r}")
-    return value
+                                         f"got {text!r}") from None
 
 
 def _add_executor_options(parser: argparse.ArgumentParser) -> None:
@@ -120,15 +119,10 @@ def _add_executor_options(parser: argparse.ArgumentParser) -> None:
 
 
 def _executor_args(args: argparse.Namespace) -> dict:
-    """`parallel` and `ray` for `sweep` and `study`, checked without torch: ValueError if they clash, Ray is
-    missing or its address does not answer (`bnet_fastai.executors.check_ray`)."""
+    """`parallel` and `ray` for `sweep` and `study`, checked without torch (`bnet_fastai.executors.check`)."""
     from . import executors
 
-    if args.ray is not None:
-        if args.parallel != 1:
-            raise ValueError("--parallel and --ray do not go together: a Ray cluster trains as many runs at a "
-                             "time as it has GPUs (or CPUs); drop --parallel")
-        executors.check_ray(args.ray)
+    executors.check(args.parallel, args.ray)
     return {"parallel": args.parallel, "ray": args.ray}
 
 

@@ -263,8 +263,7 @@ class RayCluster:
     in_process = False
 
     def __init__(self, address: str):
-        check_ray(address)
-        self.address = address
+        self.address = address  # checked by `create` (`check_ray`)
 
     def __enter__(self) -> RayCluster:
         ray = self.ray = _import_ray(self.address)
@@ -312,11 +311,20 @@ class RayCluster:
                 yield refs[ref], result
 
 
-def create(parallel: int = 1, ray: str | None = None) -> Executor:
-    """The executor for `parallel` runs at a time on this machine, or for the Ray cluster at `ray`."""
+def check(parallel: int = 1, ray: str | None = None) -> None:
+    """ValueError in one line unless `parallel` is an integer >= 1 and, with `ray`, alone (1) and Ray is
+    installed and answers at `ray` (`check_ray`)."""
+    check_parallel(parallel)
     if ray is not None:
         if parallel != 1:
-            raise ValueError("parallel and ray do not go together: a Ray cluster trains as many runs at a time "
-                             "as it has GPUs (or CPUs); leave parallel at 1")
+            raise ValueError("--parallel and --ray do not go together: a Ray cluster trains as many runs at a "
+                             "time as it has GPUs (or CPUs); drop --parallel")
+        check_ray(ray)
+
+
+def create(parallel: int = 1, ray: str | None = None) -> Executor:
+    """The executor for `parallel` runs at a time on this machine, or for the Ray cluster at `ray` (`check`)."""
+    check(parallel, ray)
+    if ray is not None:
         return RayCluster(ray)
-    return Serial() if check_parallel(parallel) == 1 else ProcessPool(parallel)
+    return Serial() if parallel == 1 else ProcessPool(parallel)

@@ -152,8 +152,15 @@ def file_record(run_dir: Path) -> dict:
     run_dir = Path(run_dir)
     files = {name: {"size": (run_dir / name).stat().st_size, "sha256": _sha256(run_dir / name)}
              for name in RECORDED if (run_dir / name).exists()}
-    rows = len((run_dir / "history.csv").read_text().splitlines()) - 1 if "history.csv" in files else 0
-    return {"files": files, "history_rows": rows}
+    return {"files": files, "history_rows": max(history_rows(run_dir), 0)}
+
+
+def history_rows(run_dir: Path) -> int:
+    """The number of rows (lines after the header) of the run's history.csv; -1 if it has none."""
+    try:
+        return len((Path(run_dir) / "history.csv").read_text().splitlines()) - 1
+    except (FileNotFoundError, UnicodeDecodeError):
+        return -1
 
 
 def check_run(run_dir: Path, status: dict | None = None) -> str | None:

@@ -53,7 +53,18 @@ from .fuse import fuse_bnet
 from .models import create_model
 from .norms import kernel_stats
 from .progress import show_progress
-from .runstate import DONE, RunFailed, RunLocked, check_run, file_record, lock_path, raw_status, run_lock, write_status
+from .runstate import (
+    DONE,
+    RunFailed,
+    RunLocked,
+    check_run,
+    file_record,
+    history_rows,
+    lock_path,
+    raw_status,
+    run_lock,
+    write_status,
+)
 from .tensorboard_log import TensorBoardScalars
 from .weight_decay import BNETWeightDecay, no_decay_params
 
@@ -151,7 +162,7 @@ def _decide(config: RunConfig, run_dir: Path, force: bool, wait: bool,
             (run_dir / CHECKPOINT).unlink(missing_ok=True)  # left by a kill just after the run finished
             return {"action": "reuse", "result": {**previous, "run_dir": str(run_dir), "reused": True}}, None
     state = None if force or status in DONE else load_checkpoint(run_dir)
-    if state and _history_rows(run_dir) < state["epochs_done"]:  # history lost rows: it cannot continue
+    if state and history_rows(run_dir) < state["epochs_done"]:  # history lost rows: it cannot continue
         state = None
     try:
         learn, divergence = build_learner(config)  # builds the dataset's cache too, before the other ranks
@@ -190,13 +201,6 @@ def _follow(config: RunConfig, run_dir: Path, start: int) -> tuple:
     if state:
         restore(learn, state)
     return learn, divergence, state
-
-
-def _history_rows(run_dir: Path) -> int:
-    try:
-        return len((run_dir / "history.csv").read_text().splitlines()) - 1
-    except (FileNotFoundError, UnicodeDecodeError):
-        return -1
 
 
 def _open_run(learn: Learner, config: RunConfig, run_dir: Path, state: dict | None) -> None:
@@ -307,7 +311,10 @@ def check_batch_size(config: RunConfig) -> None:
     items = image_files(path, spec)
     if config.fraction < 1:
         items = subsample_train(items, train_dir, config.fraction, config.seed)
-    n_train = sum(train_dir in p.parents for p in items)
+    _check_batch_fits(config, sum(train_dir in p.parents for p in items))
+
+
+def _check_batch_fits(config: RunConfig, n_train: int) -> None:
     if config.bs > n_train:
         raise ValueError(f"bs={config.bs} is larger than the {n_train} training images of {config.dataset!r} "
                          f"(fraction={config.fraction}); use a smaller --bs")
@@ -319,9 +326,7 @@ def build_learner(config: RunConfig) -> tuple[Learner, DivergenceCallback]:
     set_seed(config.seed, reproducible=True)
     dls = PIPELINES[config.pipeline](config.dataset, size=config.size, bs=config.bs, workers=config.workers,
                                      fraction=config.fraction, seed=config.seed)
-    if len(dls.train) == 0:  # fastai drops the last partial batch: nothing would be trained
-        raise ValueError(f"bs={config.bs} is larger than the {len(dls.train_ds)} training images of "
-                         f"{config.dataset!r} (fraction={config.fraction}); use a smaller --bs")
+    _check_batch_fits(config, len(dls.train_ds))  # e.g. images left out of the cache since the first count
     model = create_model(config.arch, config.norm, n_out=len(dls.vocab), placement=config.placement, k=config.k,
                          act=config.act, bnet_init=config.bnet_init, sa=config.sa, pool=config.pool)
     if config.compile:
