@@ -261,7 +261,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"bnet-fastai {args.command}: error: {e}", file=sys.stderr)
         return EXIT_BAD_INPUT
     except KeyboardInterrupt:
-        print(f"bnet-fastai {args.command}: interrupted", file=sys.stderr)
+        again = "; run the same command again to resume" if args.command in ("run", "sweep", "study") else ""
+        print(f"bnet-fastai {args.command}: interrupted{again}", file=sys.stderr)
         return EXIT_INTERRUPTED
     except Exception as e:  # noqa: BLE001  (a failed run: its status.json holds the details)
         print(f"bnet-fastai {args.command}: failed: {type(e).__name__}: {e}", file=sys.stderr)

@@ -208,6 +208,7 @@ def _open_run(learn: Learner, config: RunConfig, run_dir: Path, state: dict | No
     its finished epochs byte for byte."""
     start = state["epochs_done"] if state else 0
     if start:
+        print(f"{run_dir.name}: resuming from its checkpoint after epoch {start} of {config.epochs}", flush=True)
         for stale in run_dir.glob(".*.tmp"):  # a write the kill cut short
             stale.unlink()
         lines = (run_dir / "history.csv").read_text().splitlines(keepends=True)

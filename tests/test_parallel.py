@@ -138,7 +138,8 @@ def test_sigterm_stops_a_parallel_sweep_and_marks_its_runs_interrupted(tmp_path,
     workers = _descendants(proc.pid)
     proc.send_signal(signal.SIGTERM)
     proc.communicate(timeout=60)
-    assert proc.returncode == 130 and log.read_text().strip().splitlines()[-1] == "bnet-fastai sweep: interrupted"
+    assert proc.returncode == 130 and log.read_text().strip().splitlines()[-1] == (
+        "bnet-fastai sweep: interrupted; run the same command again to resume")
     assert all(_status(out, r)["status"] == "interrupted" for r in seen)  # written by the runs themselves
     assert len(seen) == 2 and workers and not _still_running(workers)
 

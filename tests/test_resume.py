@@ -162,7 +162,8 @@ def test_sigterm_mid_run_then_the_same_command_resumes_it(tmp_path):
     while not (run_dir / "checkpoint.pth").exists() and time.time() < deadline:  # epoch 1 is saved
         time.sleep(0.05)
     first.send_signal(signal.SIGTERM)
-    assert first.wait(timeout=120) == 130 and "interrupted" in first.stderr.read()
+    assert first.wait(timeout=120) == 130
+    assert "interrupted; run the same command again to resume" in first.stderr.read()
     status = json.loads((run_dir / "status.json").read_text())
     assert status["status"] == "interrupted" and (run_dir / "checkpoint.pth").is_file()
     again = subprocess.run(argv, capture_output=True, text=True, env=env, timeout=300)
@@ -170,6 +171,7 @@ def test_sigterm_mid_run_then_the_same_command_resumes_it(tmp_path):
     resumed = json.loads((run_dir / "status.json").read_text())["resumed_from_epoch"]
     assert resumed in (1, 2)  # the SIGTERM landed in epoch 2, or (on a slow machine) after its checkpoint
     assert f"finished (resumed from epoch {resumed}): {run_dir}" in again.stdout
+    assert f"{run_dir.name}: resuming from its checkpoint after epoch {resumed} of 3" in again.stdout
     assert len((run_dir / "history.csv").read_text().splitlines()) == 1 + 3
 
 
