@@ -3,15 +3,20 @@
     python benchmarks/train_step.py                 # xresnet18 and resnest14d, 128 px, batch 32
     python benchmarks/train_step.py --archs xmininet --size 64 --rounds 3
     python benchmarks/train_step.py --archs xresnet18 --formats channels_last --compile   # eager vs compiled
+    python benchmarks/train_step.py --archs xmininet --size 28 --bs 128 --formats channels_last --rounds 40 \
+        --variants bn,bnet-k3-all --json docs/fashion-mnist-convergence/cost.json   # a budget study's cost ratio
 
 For each arch and memory format (NCHW, channels_last) it times one SGD step (forward, backward, update)
 of: BN; our BNET with placement "all" and "last"; and the authors' formulation (a `BatchNorm2d(affine=False)`
 subclass calling a depthwise `nn.Conv2d` child) in the same places as our "all". Rounds are interleaved
 so machine drift hits every contender alike; the median of each is reported with its ratio to BN.
+With ``--json PATH`` the table is also written as JSON (`bnet-fastai report` reads it as a budget study's
+cost ratio: rows carry the arch, size, batch, memory format and the report's variant name).
 """
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 from pathlib import Path
 
@@ -51,13 +56,25 @@ def authors_model(arch: str, k: int = 3) -> nn.Module:
     return model
 
 
-def variants(arch: str, compiled: bool) -> dict[str, nn.Module]:
+# the table's names -> the names `bnet_fastai.report.variant` gives runs (for --variants and the JSON rows)
+REPORT_NAMES = {"bn": "bn", "bnet all": "bnet-k3-all", "bnet last": "bnet-k3-last", "authors all": "authors-k3-all",
+                "bn compiled": "bn-compiled", "bnet all compiled": "bnet-k3-all-compiled"}
+
+
+def variants(arch: str, compiled: bool, only: set[str] | None = None) -> dict[str, nn.Module]:
+    """The models timed for `arch` (BN first: the ratios' denominator); `only`: report names to keep."""
     if compiled:  # eager against torch.compile (default inductor backend), BN and BNET
-        bn, bnet = create_model(arch, "bn"), create_model(arch, "bnet", placement="all")
-        return {"bn": bn, "bnet all": bnet, "bn compiled": torch.compile(create_model(arch, "bn")),
-                "bnet all compiled": torch.compile(create_model(arch, "bnet", placement="all"))}
-    return {"bn": create_model(arch, "bn"), "bnet all": create_model(arch, "bnet", placement="all"),
-            "bnet last": create_model(arch, "bnet", placement="last"), "authors all": authors_model(arch)}
+        builders = {"bn": lambda: create_model(arch, "bn"),
+                    "bnet all": lambda: create_model(arch, "bnet", placement="all"),
+                    "bn compiled": lambda: torch.compile(create_model(arch, "bn")),
+                    "bnet all compiled": lambda: torch.compile(create_model(arch, "bnet", placement="all"))}
+    else:
+        builders = {"bn": lambda: create_model(arch, "bn"),
+                    "bnet all": lambda: create_model(arch, "bnet", placement="all"),
+                    "bnet last": lambda: create_model(arch, "bnet", placement="last"),
+                    "authors all": lambda: authors_model(arch)}
+    return {name: build() for name, build in builders.items()
+            if name == "bn" or only is None or REPORT_NAMES[name] in only}
 
 
 def sgd_step(model: nn.Module, x: torch.Tensor, y: torch.Tensor):
@@ -79,9 +96,17 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--formats", default="nchw,channels_last")
     parser.add_argument("--compile", action="store_true", help="eager vs torch.compile instead of the variants")
+    parser.add_argument("--variants", default=None, help="comma-separated report names to time besides bn "
+                        f"(default: all of {', '.join(REPORT_NAMES.values())})")
+    parser.add_argument("--json", default=None, metavar="PATH", help="also write the table as JSON to PATH")
     args = parser.parse_args(argv)
+    only = set(args.variants.split(",")) - {"bn"} if args.variants else None
+    unknown = sorted((only or set()) - set(REPORT_NAMES.values()))
+    if unknown:
+        parser.error(f"unknown variant(s) {', '.join(unknown)}; valid: {', '.join(REPORT_NAMES.values())}")
     print(f"# {machine()}")
     print(f"# one SGD training step, batch {args.bs}, {args.size} px, median of {args.rounds} interleaved rounds")
+    rows = []
     print(f"{'arch':<12} {'format':<14} {'variant':<18} {'ms/step':>9} {'vs bn':>7}")
     for arch in args.archs.split(","):
         for fmt in args.formats.split(","):
@@ -90,11 +115,22 @@ def main(argv: list[str] | None = None) -> None:
             x = torch.randn(args.bs, 3, args.size, args.size).to(memory_format=memory_format)
             y = torch.randint(0, 10, (args.bs,))
             steps = {name: sgd_step(m.train().to(memory_format=memory_format), x, y)
-                     for name, m in variants(arch, args.compile).items()}
+                     for name, m in variants(arch, args.compile, only).items()}
             times = interleaved(steps, rounds=args.rounds)
             for name, seconds in times.items():
                 print(f"{arch:<12} {fmt:<14} {name:<18} {seconds * 1e3:9.1f} {seconds / times['bn']:7.3f}",
                       flush=True)
+                rows.append({"arch": arch, "size": args.size, "bs": args.bs, "format": fmt, "label": name,
+                             "variant": REPORT_NAMES[name], "ms_per_step": seconds * 1e3,
+                             "ratio_to_bn": seconds / times["bn"]})
+    if args.json:
+        command = "python benchmarks/train_step.py " + " ".join(sys.argv[1:] if argv is None else argv)
+        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.json).write_text(json.dumps({
+            "benchmark": "train_step", "command": command, "machine": machine(),
+            "measure": f"median of {args.rounds} interleaved rounds of one SGD step (forward, backward, update)",
+            "rows": rows}, indent=1) + "\n")
+        print(f"# written to {args.json}")
 
 
 if __name__ == "__main__":

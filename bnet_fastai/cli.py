@@ -222,7 +222,8 @@ def build_parser() -> argparse.ArgumentParser:
             _add_executor_options(p)
         p.set_defaults(func=func)
     p = sub.add_parser("study", help="run a study profile (the notebook's grid) and report it")
-    p.add_argument("profile", choices=names.PROFILES, help="quick, cpu (the README's result), full or leaderboard")
+    p.add_argument("profile", choices=names.PROFILES, help="quick, cpu (the README's accuracy result), convergence "
+                   "(its budget study), full or leaderboard")
     p.add_argument("--dataset", default="auto", help="default: the profile's dataset, else the first available")
     p.add_argument("--out", default=None, help="experiment folder (default: results/<dataset>-<profile>, "
                    "under $BNET_FASTAI_RESULTS when set)")

@@ -93,15 +93,22 @@ class RunConfig:
         return f"{self.arch}_{variant}_s{self.seed}_{digest}"
 
 
-def expand_grid(base: RunConfig, grid: dict[str, list]) -> list[RunConfig]:
-    """Every combination of `grid` values applied to `base`, validated before anything runs."""
+def expand_grid(base: RunConfig, grid: dict[str, list] | list[dict[str, list]]) -> list[RunConfig]:
+    """Every combination of `grid` values applied to `base`, validated before anything runs.
+
+    A list of grids is the union of their products (e.g. a budget study's extra budget for BN alone), ordered
+    by seed so that a study cut short leaves complete seeds.
+    """
+    grids = grid if isinstance(grid, (list, tuple)) else [grid]
     names = {f.name for f in dataclasses.fields(RunConfig)}
-    unknown = sorted(set(grid) - names)
+    unknown = sorted(set().union(*grids) - names)
     if unknown:
         raise ValueError(f"unknown RunConfig field(s) {', '.join(unknown)}; valid fields: {', '.join(sorted(names))}")
-    keys = list(grid)
-    configs = [dataclasses.replace(base, **dict(zip(keys, values)))
-               for values in itertools.product(*(grid[k] for k in keys))]
+    configs = [dataclasses.replace(base, **dict(zip(g, values)))
+               for g in grids for values in itertools.product(*(g[k] for k in g))]
+    if len(grids) > 1:
+        seeds = list(dict.fromkeys(c.seed for c in configs))
+        configs.sort(key=lambda c: seeds.index(c.seed))  # stable: each grid's own order within a seed
     for config in configs:
         config.validate()
     # the same run twice in one grid (k varied for norm="bn": same run_id) is trained once

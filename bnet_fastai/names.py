@@ -24,4 +24,4 @@ DATASETS = ("imagenette-160", "imagenette-320", "imagenette", "imagewoof-160", "
             "mnist", "fashion-mnist", "sample")  # data.DATASETS
 OPTIMIZERS = ("adam", "ranger", "sgd")  # train.OPTIMIZERS: fastai's optimizers
 PIPELINES = ("cached", "fastai")  # train.PIPELINES
-PROFILES = ("full", "leaderboard", "cpu", "quick")  # study.PROFILES
+PROFILES = ("full", "leaderboard", "cpu", "convergence", "quick")  # study.PROFILES

@@ -1,7 +1,8 @@
 """The BN vs BNET study behind `notebooks/experiments.ipynb`: profiles, the dataset choice, one call to run it.
 
 Profiles (``PROFILES``): ``quick`` (CPU, minutes), ``cpu`` (Fashion-MNIST, about an hour on 2 cores: the
-README's published result), ``full`` (GPU, Imagenette: 4 archs × 2 norms × 3 seeds) and ``leaderboard``
+README's published result), ``convergence`` (Fashion-MNIST, a budget study: the same recipe trained as complete
+schedules of 2, 3 and 4 epochs, BN also at 5 and 6, 8 seeds: the README's convergence and equal-cost answer), ``full`` (GPU, Imagenette: 4 archs × 2 norms × 3 seeds) and ``leaderboard``
 (fastai's Imagenette 128 px / 5 epoch leaderboard recipe, for BN and BNET). ``PROFILE="auto"`` is ``full`` on
 a GPU and ``quick`` on a CPU. ``DATASET="auto"`` takes the first of ``EXPERIMENT_DATASETS`` that can be had:
 Imagenette-160 when on disk or reachable, else Fashion-MNIST when it can be had without a network, else the
@@ -38,6 +39,16 @@ PROFILES: dict[str, dict] = {
     # 10,000-image test set is every run's validation set. xsemininet would add ~25 min: left out.
     "cpu": dict(archs=["xmininet", "mininest"], dataset="fashion-mnist", size=28, epochs=5,
                 seeds=[0, 1, 2, 3, 4], bs=128, lr=1e-2, fraction=0.25, placement=["all", "last"]),
+    # CPU, about 70 minutes on 2 cores: the budget study behind the README's (b) and (c). The cpu profile's
+    # recipe for xmininet, BN vs BNET k=3 in every norm, each budget its own complete one-cycle schedule (with
+    # one-cycle, mid-schedule points are snapshots at a high learning rate, not a convergence measure). BN is
+    # also trained at 5 and 6 epochs (`bn_only`) so that BNET at E epochs can be set against BN at the budget
+    # that costs the same, E x the BNET/BN training-step ratio measured by benchmarks/train_step.py
+    # (docs/fashion-mnist-convergence/cost.json: 1.32 on 2 cores), interpolated and never extrapolated up to a
+    # ratio of 6/4. Budgets 2-4 rather than 3-5 keep 8 seeds x 8 runs inside the time.
+    "convergence": dict(archs=["xmininet"], dataset="fashion-mnist", size=28, epochs=[2, 3, 4],
+                        seeds=list(range(8)), bs=128, lr=1e-2, fraction=0.25, placement="all",
+                        bn_only=dict(epochs=[5, 6])),
     # CPU, minutes: the machinery on whatever dataset DATASET gives (see QUICK_ON_DATASET).
     "quick": dict(archs=["xmininet", "mininest"], size=32, epochs=5, seeds=[0, 1, 2], bs=64, lr=1e-2,
                   fraction=1.0),
@@ -53,7 +64,8 @@ class Study:
     """A resolved study: every setting the sweep will use, and why the automatic ones were chosen.
 
     `axes` holds the settings given as lists besides arch, norm and seed (e.g. ``k=[3, 5]``,
-    ``placement=["all", "last"]``): the grid is the product of all of them, BN trained once per seed.
+    ``placement=["all", "last"]``, ``epochs=[3, 4, 5]``): the grid is the product of all of them, BN trained
+    once per seed. `bn_only` holds values trained for BN alone (a budget study's extra budget).
     """
 
     dataset: str
@@ -64,23 +76,30 @@ class Study:
     base: RunConfig
     reasons: list[str] = field(default_factory=list)
     axes: dict[str, list] = field(default_factory=dict)
+    bn_only: dict[str, list] = field(default_factory=dict)
 
     @property
-    def grid(self) -> dict[str, list]:
-        """Every field varied, with its values; seed first, so a study cut short leaves complete pairs."""
-        return {"seed": self.seeds, "arch": self.archs, "norm": self.norms, **self.axes}
+    def grids(self) -> list[dict[str, list]]:
+        """Every field varied, with its values (the union of these grids' products, `expand_grid`); seed
+        first, so a study cut short leaves complete pairs."""
+        grid = {"seed": self.seeds, "arch": self.archs, "norm": self.norms, **self.axes}
+        extra = [{**grid, "norm": ["bn"], **self.bn_only}] if self.bn_only and "bn" in self.norms else []
+        return [grid, *extra]
 
     def configs(self) -> list[RunConfig]:
         """Every run of the study, validated (bad values raise ValueError before anything is trained)."""
-        return expand_grid(self.base, self.grid)
+        return expand_grid(self.base, self.grids)
 
     def describe(self) -> str:
         b = self.base
         k, placement = self.axes.get("k", b.k), self.axes.get("placement", b.placement)
+        epochs = self.axes.get("epochs", b.epochs)
+        extra = "".join(f", BN also at {name} {values}" for name, values in self.bn_only.items())
         lines = [f"dataset: {self.dataset} | profile: {self.profile} | archs: {', '.join(self.archs)} | "
                  f"norms: {', '.join(self.norms)} | seeds: {self.seeds} | {len(self.configs())} runs",
-                 f"size {b.size} px, {b.epochs} epochs, bs {b.bs}, lr {b.lr}, opt {b.opt}, schedule {b.schedule}, "
-                 f"k {k}, placement {placement}, training fraction {b.fraction:.3g}"]
+                 f"size {b.size} px, {epochs} epochs{extra}, bs {b.bs}, lr {b.lr}, opt {b.opt}, "
+                 f"schedule {b.schedule}, k {k}, placement {placement}, training fraction {b.fraction:.3g}, "
+                 f"torch threads {torch.get_num_threads()}"]
         return "\n".join(lines + self.reasons)
 
 
@@ -147,16 +166,19 @@ def resolve(dataset: str = "auto", profile: str = "auto", archs: list[str] | Non
         settings.update(QUICK_ON_DATASET.get(dataset, QUICK_ON_IMAGES))
     archs, seeds = archs or settings.pop("archs"), seeds if seeds is not None else settings.pop("seeds")
     settings.pop("archs", None), settings.pop("seeds", None)
+    bn_only = settings.pop("bn_only", {})
     settings.update({k: v for k, v in overrides.items() if v is not None})
+    bn_only = {k: v for k, v in bn_only.items() if k not in overrides or overrides[k] is None}  # overridden: gone
     axes = {k: list(v) for k, v in settings.items() if isinstance(v, (list, tuple))}
     base = RunConfig(dataset=dataset, **{k: v for k, v in settings.items() if k not in axes})
-    study = Study(dataset, profile, list(archs), list(norms or ["bn", "bnet"]), list(seeds), base, reasons, axes)
+    study = Study(dataset, profile, list(archs), list(norms or ["bn", "bnet"]), list(seeds), base, reasons, axes,
+                  bn_only)
     study.configs()  # validates every run
     return study
 
 
 _FIELD_TYPES = {"int": int, "float": float, "str": str, "bool": bool, "int | None": int}
-_LIST_FIELDS = ("k", "placement")  # grid axes a notebook may give as a list
+_LIST_FIELDS = ("k", "placement", "epochs")  # grid axes a notebook may give as a list
 
 
 def _parse_override(name: str, value: object) -> object:
@@ -171,4 +193,4 @@ def _parse_override(name: str, value: object) -> object:
 
 def run_study(study: Study, out: str | Path, **kw) -> list[dict]:
     """Run (or reuse) every run of `study` into the experiment folder `out` (`kw` go to `sweep`)."""
-    return sweep(study.base, study.grid, out, **kw)
+    return sweep(study.base, study.grids, out, **kw)

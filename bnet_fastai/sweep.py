@@ -25,9 +25,11 @@ from .runstate import DONE, check_run, raw_status
 from .train import check_batch_size
 
 
-def sweep(base: RunConfig, grid: dict[str, list], out: str | Path, force: bool = False,
+def sweep(base: RunConfig, grid: dict[str, list] | list[dict[str, list]], out: str | Path, force: bool = False,
           live: bool | LiveMonitor | None = None, parallel: int = 1, ray: str | None = None) -> list[dict]:
     """Run every configuration of the grid into `out`; returns each run's final status, in grid order.
+
+    `grid` is a dict of field values (their product) or a list of such dicts (the union; `expand_grid`).
 
     A run that raises is recorded as `failed` (its status.json says why) and the sweep goes on;
     Ctrl-C or SIGTERM marks the runs in training `interrupted` and stops the sweep. `parallel` trains that many

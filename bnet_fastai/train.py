@@ -97,7 +97,9 @@ def _environment() -> dict:
     device = torch.cuda.get_device_name(0) if torch.cuda.is_available() else f"cpu ({os.cpu_count()} cores)"
     return {"bnet_fastai": __version__, "torch": torch.__version__, "fastai": fastai.__version__,
             "timm": timm.__version__, "python": platform.python_version(), "git_commit": commit,
-            "device": device, "host": platform.node()}
+            "device": device, "host": platform.node(),
+            # a CPU run's numbers depend on its thread count (reductions split differently): to match a run, match it
+            "torch_threads": torch.get_num_threads(), "torch_interop_threads": torch.get_num_interop_threads()}
 
 
 def run(config: RunConfig, out: str | Path = "results/default", force: bool = False,
