@@ -168,10 +168,11 @@ def _left_out(row) -> str:
 
 
 def _report(args: argparse.Namespace) -> int:
-    from .report import NoFinishedRun, report, results_markdown
+    from .report import NoFinishedRun, budget_markdown, report, results_markdown
 
     try:
-        tables = report(args.dirs, target=args.target, out=args.out)
+        tables = report(args.dirs, target=args.target, out=args.out,
+                        cost=args.cost_ratio if args.cost_ratio is not None else args.cost)
     except NoFinishedRun as e:  # every run left out: say why, one line per run
         print(f"bnet-fastai report: error: no finished run in {', '.join(args.dirs)}"
               + ("" if len(e.skipped) else " (no run folder)"), file=sys.stderr)
@@ -179,7 +180,7 @@ def _report(args: argparse.Namespace) -> int:
             print(f"  {_left_out(row)}", file=sys.stderr)
         return EXIT_BAD_INPUT
     if args.markdown:
-        print(results_markdown(tables))
+        print(budget_markdown(tables) if "equal_cost" in tables else results_markdown(tables))
         return 0
     for row in tables["skipped"].itertuples():
         print(f"left out {_left_out(row)}")
@@ -187,6 +188,8 @@ def _report(args: argparse.Namespace) -> int:
                "final_accuracy_ci_high", "epochs_to_target_mean", "auc_mean", "valid_loss_spread"]
     print(tables["summary"][columns].to_string(index=False, float_format="%.4f"))
     print(f"intervals: {tables['summary']['ci_method'].iloc[0]}")
+    if "equal_cost" in tables:
+        print("budget study: epochs_to_match.csv, equal_cost.csv and budget.png")
     print(f"wrote summary.csv, paired.csv and PNG plots in {args.out or args.dirs[0]}")
     return 0
 
@@ -235,6 +238,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--markdown", action="store_true", help="print the tables as the README's Results show them")
     p.add_argument("--target", type=float, default=None,
                    help="accuracy for 'epochs to target' (default: 90%% of the best mean final accuracy)")
+    p.add_argument("--cost", default=None, metavar="PATH", help="a budget study's BNET/BN step-time ratios: "
+                   "the JSON of benchmarks/train_step.py --json (default: DIR/cost.json when it exists)")
+    p.add_argument("--cost-ratio", type=float, default=None, metavar="R",
+                   help="one BNET/BN step-time ratio for every BNET variant, instead of --cost")
     p.set_defaults(func=_report)
     p = sub.add_parser("data", help="download/prepare a dataset and print its path")
     p.add_argument("dataset")

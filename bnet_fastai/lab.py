@@ -2,6 +2,8 @@
 
 ``python -m bnet_fastai.lab [--kernel-prefix DIR] [jupyter lab options]`` registers the kernel, then replaces
 itself with ``jupyter lab`` serving `notebooks/` on 127.0.0.1 (any option given here overrides those two).
+The notebooks themselves name the `python3` kernel, which every Jupyter has (jupyter_client starts it with the
+Python that runs Jupyter); the named kernel is for a shared JupyterLab that should offer this environment.
 """
 from __future__ import annotations
 

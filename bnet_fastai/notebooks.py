@@ -29,7 +29,7 @@ def execute(name: str, parameters: dict | None = None, out_dir: Path | None = No
     out_dir.mkdir(parents=True, exist_ok=True)
     executed = out_dir / f"{name}.ipynb"
     papermill.execute_notebook(str(NOTEBOOKS / f"{name}.ipynb"), str(executed), parameters=parameters or {},
-                               cwd=str(NOTEBOOKS), progress_bar=False, kernel_name="python3")
+                               cwd=str(NOTEBOOKS), progress_bar=False)  # the notebook names python3
     export_html(executed)
     return executed
 

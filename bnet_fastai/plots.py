@@ -99,7 +99,8 @@ def plot_kernels(kernels: pd.DataFrame, title: str, path: Path) -> Figure | None
 
     Layers that only ever see 1x1 maps (ResNeSt's split attention) are left out, and named under the title:
     their outer taps never meet data. Each panel is averaged over layers of the stage, channels and seeds,
-    and normalised so the taps sum to 1, which makes the share of the centre tap (BN's gamma) comparable.
+    and normalised so the taps sum to 1, which makes the share of the centre tap (BN's gamma) comparable;
+    every panel uses one colour scale, 0 to 1, shown by a colour bar per row.
     """
     one_by_one = kernels["spatial"].map(lambda s: s is not None and max(s) <= 1) if "spatial" in kernels else False
     left_out = kernels[one_by_one & (kernels["k"] > 1)]
@@ -121,15 +122,57 @@ def plot_kernels(kernels: pd.DataFrame, title: str, path: Path) -> Figure | None
                 continue
             taps = np.mean([np.asarray(m) for m in layers["mean_abs"]], axis=0)
             taps = taps / taps.sum()
-            ax.imshow(taps, cmap="viridis", vmin=0)
+            image = ax.imshow(taps, cmap="viridis", vmin=0, vmax=1)  # one scale for every panel
             for (i, j), v in np.ndenumerate(taps):
                 ax.text(j, i, f"{v:.2f}", ha="center", va="center", fontsize=7,
-                        color="white" if v < taps.max() / 2 else "black")
+                        color="white" if v < 0.5 else "black")
             ax.set_title(f"{stage} ({layers['layer'].nunique()} layers)", fontsize=8)
+        subfig.colorbar(image, ax=subfig.axes, shrink=0.8, label="share of |weight|")
     note = ""
     if len(left_out):
         named = ", ".join(f"{a} {v}: {n} layer(s) in {', '.join(sorted(g['stage'].unique()))}"
                           for (a, v), g in left_out.groupby(["arch", "variant"]) for n in [g["layer"].nunique()])
         note = f"\nleft out, they only see 1×1 maps: {named}"
     fig.suptitle(f"Learned BNET kernels: share of mean |weight| per tap\n{title}{note}", fontsize=9)
+    return _save(fig, path)
+
+
+def plot_budgets(per_run: pd.DataFrame, equal_cost: pd.DataFrame, path: Path) -> Figure:
+    """Final accuracy against budget in epochs and against training cost in BN-epoch equivalents (BNET's
+    budgets times its measured cost ratio), per arch: mean over seeds with a 95% t band (bounded)."""
+    from .budget import budget_studies
+    from .stats import CI_METHOD, bounded_t_interval
+
+    studies = budget_studies(per_run)
+    fig = Figure(figsize=(10, 3.6 * len(studies) + 0.6), layout="constrained")
+    axes = fig.subplots(len(studies), 2, squeeze=False)
+    for row, (keys, runs) in enumerate(studies):
+        variants = sorted(runs["variant"].unique())
+        for variant, group in runs.groupby("variant"):
+            by_budget = group.groupby("epochs")["final_accuracy"]
+            mean = by_budget.mean()
+            bands = np.array([bounded_t_interval(v) for _, v in by_budget])
+            ratios = equal_cost[(equal_cost["arch"] == keys["arch"]) & (equal_cost["variant"] == variant)] \
+                if len(equal_cost) else equal_cost
+            ratio = 1.0 if variant == "bn" else (ratios["cost_ratio"].iloc[0] if len(ratios) else np.nan)
+            for col, scale in enumerate((1.0, ratio)):
+                if not np.isfinite(scale):
+                    continue
+                ax, colour = axes[row, col], _colour(variant, variants)
+                x = mean.index.to_numpy(dtype=float) * scale
+                label = f"{variant} (n={group['seed'].nunique()})" + ("" if col == 0 or variant == "bn"
+                                                                        else f", ×{scale:.2f}")
+                ax.plot(x, mean.to_numpy(), marker="o", ms=4, color=colour, label=label)
+                ax.fill_between(x, bands[:, 0], bands[:, 1], color=colour, alpha=0.2, lw=0)
+        axes[row, 0].set_xlabel("budget: epochs of a complete schedule")
+        axes[row, 1].set_xlabel("training cost: BN-epoch equivalents (budget × BNET/BN step-time ratio)")
+        for ax in axes[row]:
+            ax.set_ylabel("final validation accuracy")
+            ax.set_title(f"{keys['arch']} — {keys['dataset']}, {keys['size']} px", fontsize=9)
+            ax.grid(alpha=0.3)
+            ax.legend(fontsize=8)
+        integer_epochs(axes[row, 0])
+    seeds = ",".join(map(str, sorted(per_run["seed"].unique())))
+    fig.suptitle(f"Final accuracy against budget and against training cost; mean over seeds {seeds}, "
+                 f"band: {CI_METHOD} interval", fontsize=9)
     return _save(fig, path)

@@ -12,7 +12,16 @@ Definitions (each per run, then summarised across seeds of one dataset × size �
 - AUC: the area under the validation-accuracy curve with one unit per epoch, divided by the number of
   epochs (the mean accuracy over epochs): higher means faster convergence;
 - loss spread: the standard deviation across seeds of the validation (train) loss at each epoch, averaged
-  over epochs: the run-to-run spread behind the claim that BNET trains "more stably".
+  over epochs: the run-to-run spread behind the claim that BNET trains "more stably";
+- test SE: the binomial standard error of the mean final accuracy on the run's validation images, the test
+  set's own sampling error, which the interval over seeds (on that one fixed set) does not include;
+- p, adjusted p, verdict (`bnet_fastai.stats`): every paired comparison has an exact sign-flip p-value; Holm's
+  adjustment runs over a family, and the verdict follows the adjusted p at 0.05. Families: "equal epochs"
+  (every final-accuracy row of paired.csv, at every budget) and, for budget studies, "equal cost" (every row
+  of equal_cost.csv). AUC differences carry an unadjusted p, as a secondary measure.
+
+Runs of one recipe that differ only in `epochs` form a budget study (`bnet_fastai.budget`): each budget keeps
+its rows in summary.csv and paired.csv, and epochs_to_match.csv, equal_cost.csv and budget.png compare them.
 """
 from __future__ import annotations
 
@@ -22,11 +31,13 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
-from scipy import stats
 
+from . import budget, stats
 from ._files import atomic_write
 from .config import ADDED_LATER
 from .runstate import CONFIG_KEYS, check_run, read_status
+from .markdown import budget_markdown, results_markdown  # noqa: F401  (report's tables as the README shows them)
+from .stats import CI_METHOD, bounded_t_interval, t_interval  # noqa: F401  (the names report used to define)
 
 STUDY_KEYS = ["dataset", "size", "epochs", "recipe"]
 GROUP_KEYS = STUDY_KEYS + ["arch", "variant"]
@@ -100,9 +111,11 @@ def load_runs(experiments: str | Path | list) -> Runs:
             skipped.append({"run_id": run_dir.name, "status": status["status"], "reason": reason,
                             "folder": str(run_dir.parent)})
             continue
-        config = json.loads((run_dir / "config.json").read_text())["config"]
+        written = json.loads((run_dir / "config.json").read_text())
+        config = written["config"]
         keys = {k: config[k] for k in CONFIG_KEYS}
-        keys.update(variant=variant(config), recipe=recipe(config), run_id=run_dir.name)
+        keys.update(variant=variant(config), recipe=recipe(config), run_id=run_dir.name,
+                    n_valid=written.get("dataset", {}).get("n_valid", np.nan))
         history = pd.read_csv(run_dir / "history.csv")
         history["epoch"] = history["epoch"] + 1  # 1-based: the row after epoch 1 has epoch 1
         history["seconds"] = history["time"].map(_seconds).cumsum()
@@ -123,28 +136,6 @@ class NoFinishedRun(ValueError):
         self.skipped = skipped
 
 
-CI_METHOD = "95% Student-t on the logit scale"  # named in every table that carries an interval
-
-
-def t_interval(values) -> tuple[float, float]:
-    """95% Student's t interval of the mean of `values` (NaN for fewer than two values)."""
-    values = np.asarray(values, dtype=float)
-    if len(values) < 2:
-        return float("nan"), float("nan")
-    half = stats.t.ppf(0.975, len(values) - 1) * values.std(ddof=1) / np.sqrt(len(values))
-    return float(values.mean() - half), float(values.mean() + half)
-
-
-def bounded_t_interval(values, low: float = 0.0, high: float = 1.0) -> tuple[float, float]:
-    """95% t interval for values bounded in [low, high]: computed on the logit of their position in the
-    range and mapped back, so it never leaves [low, high]. Values on a bound are moved 1e-6 of the range
-    inside it (a logit of 0 or 1 is infinite)."""
-    values = np.asarray(values, dtype=float)
-    share = np.clip((values - low) / (high - low), 1e-6, 1 - 1e-6)
-    lo, hi = t_interval(np.log(share / (1 - share)))
-    return tuple(float(low + (high - low) / (1 + np.exp(-v))) for v in (lo, hi))
-
-
 def per_run(history: pd.DataFrame, target: float) -> pd.DataFrame:
     """One row per run: final accuracy, AUC, epochs and seconds to `target`, final losses."""
     def one(run: pd.DataFrame) -> pd.Series:
@@ -153,7 +144,7 @@ def per_run(history: pd.DataFrame, target: float) -> pd.DataFrame:
         return pd.Series({"final_accuracy": run["accuracy"].iloc[-1], "auc": run["accuracy"].mean(),
                           "epochs_to_target": reached["epoch"].iloc[0] if len(reached) else np.nan,
                           "seconds_to_target": reached["seconds"].iloc[0] if len(reached) else np.nan,
-                          "final_valid_loss": run["valid_loss"].iloc[-1]})
+                          "final_valid_loss": run["valid_loss"].iloc[-1], "n_valid": run["n_valid"].iloc[0]})
 
     return history.groupby(GROUP_KEYS + ["seed"]).apply(one, include_groups=False).reset_index()
 
@@ -173,6 +164,7 @@ def summarize(history: pd.DataFrame, target: float = 0.8) -> pd.DataFrame:
                      "final_accuracy_mean": group["final_accuracy"].mean(),
                      "final_accuracy_std": group["final_accuracy"].std(ddof=1),
                      "final_accuracy_ci_low": low, "final_accuracy_ci_high": high, "ci_method": CI_METHOD,
+                     "test_se": stats.binomial_se(group["final_accuracy"].mean(), group["n_valid"].min()),
                      "target": target, "n_reached": int(group["epochs_to_target"].notna().sum()),
                      "epochs_to_target_mean": group["epochs_to_target"].mean(),
                      "seconds_to_target_mean": group["seconds_to_target"].mean(),
@@ -189,7 +181,8 @@ def _recipe_last(table: pd.DataFrame) -> pd.DataFrame:
 
 
 def paired_differences(history: pd.DataFrame, target: float = 0.8) -> pd.DataFrame:
-    """BNET − BN per seed, for each BNET variant of each arch: mean difference and its 95% t interval."""
+    """BNET − BN per seed, for each BNET variant of each arch: mean difference, its 95% t interval and its
+    sign-flip p-value (adjusted over the report's family by `report`)."""
     runs = per_run(history, target).set_index(STUDY_KEYS + ["arch", "seed"])
     bn = runs[runs["variant"] == "bn"]
     rows = []
@@ -200,9 +193,10 @@ def paired_differences(history: pd.DataFrame, target: float = 0.8) -> pd.DataFra
         for metric in ("final_accuracy", "auc"):
             diff = pairs[metric] - pairs[f"{metric}_bn"]
             low, high = bounded_t_interval(diff, -1.0, 1.0)
+            p, method = stats.sign_flip_p(diff)
             row.update({f"{metric}_diff_mean": diff.mean(), f"{metric}_diff_ci_low": low,
-                        f"{metric}_diff_ci_high": high})
-        rows.append({**row, "ci_method": CI_METHOD})
+                        f"{metric}_diff_ci_high": high, f"{metric}_p": p})
+        rows.append({**row, "ci_method": CI_METHOD, "p_method": f"{stats.P_METHOD} ({method})"})
     return _recipe_last(pd.DataFrame(rows))
 
 
@@ -228,17 +222,31 @@ def auto_target(history: pd.DataFrame) -> float:
     return float(np.floor(0.9 * best.max() * 100) / 100)
 
 
-def report(experiments: str | Path | list, target: float | None = None,
-           out: str | Path | None = None) -> dict[str, pd.DataFrame]:
-    """Write ``summary.csv``, ``paired.csv`` and PNG plots of one experiment folder (into it) or of several
-    combined (into `out`); returns the tables.
+def adjust(table: pd.DataFrame, p_column: str, mean_column: str, family: str) -> pd.DataFrame:
+    """`table` with Holm-adjusted p over all its rows (one family, named), and the verdict from it."""
+    if table.empty or p_column not in table:
+        return table
+    table = table.copy()
+    table["family"] = family
+    table["p_holm"] = stats.holm(table[p_column])
+    table["verdict"] = [stats.verdict(m, q) for m, q in zip(table[mean_column], table["p_holm"])]
+    return table
 
-    `target` is the accuracy for "epochs to target" (None: `auto_target`). Runs that are not finished, or
+
+def report(experiments: str | Path | list, target: float | None = None,
+           out: str | Path | None = None, cost: str | Path | float | None = None) -> dict[str, pd.DataFrame]:
+    """Write ``summary.csv``, ``paired.csv`` and PNG plots of one experiment folder (into it) or of several
+    combined (into `out`); returns the tables. For budget studies also ``epochs_to_match.csv``,
+    ``equal_cost.csv`` and ``budget.png``.
+
+    `target` is the accuracy for "epochs to target" (None: `auto_target`). `cost` is the BNET/BN step-time
+    ratio for equal-cost comparisons: a ``benchmarks/train_step.py --json`` file, a number, or None for the
+    first experiment folder's ``cost.json`` when there is one. Runs that are not finished, or
     are damaged, are left out and listed (``skipped``) with their status and reason; if that is every run,
     `NoFinishedRun` (a ValueError) carries the list. Runs of different recipes are
     never pooled: each recipe keeps its own rows and its own figures.
     """
-    from .plots import plot_curves, plot_final_accuracy, plot_kernels
+    from .plots import plot_budgets, plot_curves, plot_final_accuracy, plot_kernels
 
     folders = [Path(e) for e in (experiments if isinstance(experiments, (list, tuple)) else [experiments])]
     for folder in folders:
@@ -246,6 +254,10 @@ def report(experiments: str | Path | list, target: float | None = None,
             raise ValueError(f"no experiment folder at {folder}: give the --out folder of a run or sweep")
     if out is None and len(folders) > 1:
         raise ValueError("several experiment folders are combined into one report: name its folder with --out")
+    if cost is None and (folders[0] / budget.COST_FILE).is_file():
+        cost = folders[0] / budget.COST_FILE
+    if isinstance(cost, (str, Path)):
+        cost = budget.read_cost(cost)
     experiment = Path(out) if out is not None else folders[0]
     experiment.mkdir(parents=True, exist_ok=True)
     runs = load_runs(folders)
@@ -255,9 +267,19 @@ def report(experiments: str | Path | list, target: float | None = None,
         raise NoFinishedRun(f"no finished run in {', '.join(map(str, folders))}"
                             + (f": {reasons}" if reasons else " (no run folder)"), runs.skipped)
     target = auto_target(runs.history) if target is None else target
-    summary, paired = summarize(runs.history, target), paired_differences(runs.history, target)
+    summary = summarize(runs.history, target)
+    paired = adjust(paired_differences(runs.history, target), "final_accuracy_p", "final_accuracy_diff_mean",
+                    "equal epochs")
     atomic_write(experiment / "summary.csv", summary.to_csv(index=False))
     atomic_write(experiment / "paired.csv", paired.to_csv(index=False))
+    tables = {"summary": summary, "paired": paired, "skipped": runs.skipped, "history": runs.history}
+    one_per_run = per_run(runs.history, target)
+    if budget.budget_studies(one_per_run):
+        tables["epochs_to_match"] = budget.epochs_to_match(one_per_run)
+        tables["equal_cost"] = adjust(budget.equal_cost(one_per_run, cost), "p", "diff_mean", "equal cost")
+        atomic_write(experiment / "epochs_to_match.csv", tables["epochs_to_match"].to_csv(index=False))
+        atomic_write(experiment / "equal_cost.csv", tables["equal_cost"].to_csv(index=False))
+        plot_budgets(one_per_run, tables["equal_cost"], experiment / "budget.png")
     studies = list(runs.history.groupby(STUDY_KEYS))
     for number, (keys, history) in enumerate(studies, 1):
         suffix = "" if len(studies) == 1 else f"_{number}"
@@ -268,31 +290,4 @@ def report(experiments: str | Path | list, target: float | None = None,
         kernels = runs.kernels.merge(pd.DataFrame([dict(zip(STUDY_KEYS, keys))])) if len(runs.kernels) else runs.kernels
         if len(kernels):
             plot_kernels(kernels, title, experiment / f"kernels{suffix}.png")
-    return {"summary": summary, "paired": paired, "skipped": runs.skipped, "history": runs.history}
-
-
-def _number(value: float) -> str:
-    return "—" if pd.isna(value) else f"{value:.2f}"
-
-
-def results_markdown(tables: dict[str, pd.DataFrame]) -> str:
-    """The summary and paired tables of `report` as Markdown, as the README publishes them."""
-    s, p = tables["summary"], tables["paired"]
-    lines = [f"Intervals: {s['ci_method'].iloc[0]} (mapped back, so they stay inside [0, 1], and [−1, 1] for "
-             f"differences). Target for \"epochs to target\": {s['target'].iloc[0]:.2f}.", "",
-             "| dataset | arch | variant | seeds | final accuracy, mean [95% interval] | epochs to target (reached) "
-             "| AUC | valid-loss spread |", "|---|---|---|---|---|---|---|---|"]
-    for r in s.itertuples():
-        lines.append(f"| {r.dataset} | {r.arch} | {r.variant} | {r.n_seeds} | {r.final_accuracy_mean:.4f} "
-                     f"[{r.final_accuracy_ci_low:.4f}, {r.final_accuracy_ci_high:.4f}] | "
-                     f"{_number(r.epochs_to_target_mean)} ({r.n_reached}/{r.n_seeds}) | {r.auc_mean:.4f} | "
-                     f"{r.valid_loss_spread:.4f} |")
-    lines += ["", "| arch | variant − bn | pairs | final accuracy difference [95% interval] | "
-                  "AUC difference [95% interval] | verdict |", "|---|---|---|---|---|---|"]
-    for r in p.itertuples():
-        low, high = r.final_accuracy_diff_ci_low, r.final_accuracy_diff_ci_high
-        verdict = ("cannot tell" if low <= 0 <= high else "BNET higher" if low > 0 else "BN higher")
-        lines.append(f"| {r.arch} | {r.variant} | {r.n_pairs} | {r.final_accuracy_diff_mean:+.4f} "
-                     f"[{low:+.4f}, {high:+.4f}] | {r.auc_diff_mean:+.4f} [{r.auc_diff_ci_low:+.4f}, "
-                     f"{r.auc_diff_ci_high:+.4f}] | {verdict} |")
-    return "\n".join(lines)
+    return tables

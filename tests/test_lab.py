@@ -34,8 +34,10 @@ def jupyter_env(tmp_path, monkeypatch) -> dict:
     return {key: str(value) for key, value in env.items()}
 
 
-def notebook_copy(folder: Path, code_cells: int | None = None, **parameters) -> Path:
-    """experiments.ipynb copied into `folder`: parameters cell edited, kernel set to the project's."""
+def notebook_copy(folder: Path, code_cells: int | None = None, kernel: str | None = KERNEL_NAME,
+                  **parameters) -> Path:
+    """experiments.ipynb copied into `folder`: parameters cell edited, kernel set to `kernel` (None: the
+    committed notebook's own)."""
     nb = nbformat.read(NOTEBOOKS / "experiments.ipynb", as_version=4)
     if code_cells is not None:  # keep everything up to the `code_cells`-th code cell
         last = [i for i, c in enumerate(nb.cells) if c.cell_type == "code"][code_cells - 1]
@@ -44,7 +46,8 @@ def notebook_copy(folder: Path, code_cells: int | None = None, **parameters) -> 
     for name, value in parameters.items():
         cell.source, n = re.subn(rf"^{name} = .*$", f"{name} = {value!r}", cell.source, flags=re.M)
         assert n == 1, name
-    nb.metadata.kernelspec = dict(name=KERNEL_NAME, display_name=DISPLAY_NAME, language="python")
+    if kernel is not None:
+        nb.metadata.kernelspec = dict(name=kernel, display_name=DISPLAY_NAME, language="python")
     folder.mkdir(parents=True, exist_ok=True)
     nbformat.write(nb, folder / "experiments.ipynb")
     return folder / "experiments.ipynb"
@@ -55,6 +58,26 @@ def test_lab_defaults_to_the_notebooks_on_localhost_and_yields_to_given_options(
                                                "--no-browser"]
     given = ["--ip", "0.0.0.0", "--notebook-dir=/srv/nb"]
     assert with_defaults(given) == given  # jupyter rejects an option given twice
+
+
+def test_committed_notebooks_run_with_papermill_where_no_kernel_was_registered(tmp_path, jupyter_env):
+    """The README's papermill example in an environment that has the package and nothing registered: the
+    notebooks name `python3`, which every Jupyter has, and jupyter_client starts it with this Python."""
+    import papermill
+    from jupyter_client.kernelspec import KernelSpecManager
+
+    for name in ("experiments.ipynb", "batchnorm_basics.ipynb"):
+        assert nbformat.read(NOTEBOOKS / name, as_version=4).metadata.kernelspec.name == "python3"
+    assert KERNEL_NAME not in KernelSpecManager().find_kernel_specs()  # nothing of ours registered here
+    nb = notebook_copy(tmp_path / "nb", code_cells=2, kernel=None)
+    nb_node = nbformat.read(nb, as_version=4)
+    nb_node.cells.append(nbformat.v4.new_code_cell("import sys; print(sys.executable)"))
+    nbformat.write(nb_node, nb)
+    executed = papermill.execute_notebook(str(nb), str(tmp_path / "out.ipynb"), parameters=SAMPLE,
+                                          cwd=str(tmp_path), progress_bar=False)  # no kernel_name given
+    text = "".join(o.get("text", "") for c in executed.cells for o in c.get("outputs", []))
+    assert "dataset: sample | profile: quick" in text
+    assert text.rstrip().splitlines()[-1] == sys.executable
 
 
 def test_registered_kernel_runs_this_python_and_executes_the_notebook(tmp_path, jupyter_env):

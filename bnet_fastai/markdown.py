@@ -1,0 +1,162 @@
+"""The tables of `bnet_fastai.report` as Markdown, as the README's Results publish them.
+
+`results_markdown` renders one study's summary and paired tables; `budget_markdown` a budget study's
+accuracy at every budget, epochs to match and equal cost; `answers_markdown` the three answers the Results
+open with. `tests/test_published.py` checks the README holds exactly what these give for the committed runs.
+"""
+from __future__ import annotations
+
+import pandas as pd
+
+
+def _number(value: float) -> str:
+    return "—" if pd.isna(value) else f"{value:.2f}"
+
+
+def _se(value: float) -> str:
+    return "—" if pd.isna(value) else f"{value:.4f}"
+
+
+def _p(value: float) -> str:
+    """A p-value: 4 decimals, or "<0.0001"."""
+    return "—" if pd.isna(value) else "<0.0001" if value < 1e-4 else f"{value:.4f}"
+
+
+def _mean_interval(mean: float, low: float, high: float, signed: bool = False) -> str:
+    if pd.isna(mean):
+        return "—"
+    f = "+.4f" if signed else ".4f"
+    return f"{mean:{f}} [—]" if pd.isna(low) else f"{mean:{f}} [{low:{f}}, {high:{f}}]"
+
+
+def _methods(tables: dict[str, pd.DataFrame]) -> str:
+    s, p = tables["summary"], tables["paired"]
+    method = p["p_method"].iloc[0] if len(p) else ""
+    return (f"Intervals: {s['ci_method'].iloc[0]} over seeds (mapped back, so they stay inside [0, 1], and "
+            f"[−1, 1] for differences); they cover seed-to-seed variation on one fixed test set, and \"test SE\" "
+            f"is that test set's own binomial standard error. p: {method}; Holm p: Holm's adjustment over the "
+            f"family named; verdict from the Holm p at 0.05.")
+
+
+def results_markdown(tables: dict[str, pd.DataFrame]) -> str:
+    """The summary and paired tables of `report` as Markdown."""
+    s, p = tables["summary"], tables["paired"]
+    lines = [_methods(tables) + f" Target for \"epochs to target\": {s['target'].iloc[0]:.2f}.", "",
+             "| dataset | arch | variant | seeds | final accuracy, mean [95% interval] | test SE "
+             "| epochs to target (reached) | AUC | valid-loss spread |", "|---|---|---|---|---|---|---|---|---|"]
+    for r in s.itertuples():
+        lines.append(f"| {r.dataset} | {r.arch} | {r.variant} | {r.n_seeds} | "
+                     f"{_mean_interval(r.final_accuracy_mean, r.final_accuracy_ci_low, r.final_accuracy_ci_high)}"
+                     f" | {_se(r.test_se)} | {_number(r.epochs_to_target_mean)} ({r.n_reached}/{r.n_seeds}) | "
+                     f"{r.auc_mean:.4f} | {r.valid_loss_spread:.4f} |")
+    family = p["family"].iloc[0] if len(p) else ""
+    lines += ["", f"| arch | variant − bn | pairs | final accuracy difference [95% interval] | p | Holm p "
+                  f"({family}, {len(p)} comparisons) | AUC difference [95% interval] | AUC p | verdict |",
+              "|---|---|---|---|---|---|---|---|---|"]
+    for r in p.itertuples():
+        lines.append(f"| {r.arch} | {r.variant} | {r.n_pairs} | "
+                     f"{_mean_interval(r.final_accuracy_diff_mean, r.final_accuracy_diff_ci_low, r.final_accuracy_diff_ci_high, True)}"
+                     f" | {_p(r.final_accuracy_p)} | {_p(r.p_holm)} | "
+                     f"{_mean_interval(r.auc_diff_mean, r.auc_diff_ci_low, r.auc_diff_ci_high, True)} | "
+                     f"{_p(r.auc_p)} | {r.verdict} |")
+    return "\n".join(lines)
+
+
+def budget_markdown(tables: dict[str, pd.DataFrame]) -> str:
+    """A budget study's three tables: accuracy and the paired difference at every budget, epochs to match,
+    equal cost."""
+    s, p = tables["summary"], tables["paired"]
+    match, cost = tables["epochs_to_match"], tables["equal_cost"]
+    lines = [_methods(tables), "",
+             f"**At every budget** (each a complete schedule; Holm over the {len(p)} equal-epoch comparisons):", "",
+             "| arch | epochs | BN, mean [95% interval] | BNET variant | BNET, mean [95% interval] | test SE | "
+             "BNET − BN [95% interval] | p | Holm p | verdict |", "|---|---|---|---|---|---|---|---|---|---|"]
+    bn = s[s["variant"] == "bn"].set_index(["arch", "epochs"])
+    for (arch, epochs), row in bn.sort_index().iterrows():
+        pair = p[(p["arch"] == arch) & (p["epochs"] == epochs)]
+        bn_cell = _mean_interval(row.final_accuracy_mean, row.final_accuracy_ci_low, row.final_accuracy_ci_high)
+        if pair.empty:
+            lines.append(f"| {arch} | {epochs} | {bn_cell} | — (BN only) | — | {_se(row.test_se)} | — | — | — | — |")
+        for r in pair.itertuples():
+            other = s[(s["arch"] == arch) & (s["epochs"] == epochs) & (s["variant"] == r.variant)].iloc[0]
+            lines.append(f"| {arch} | {epochs} | {bn_cell} | {r.variant} | "
+                         f"{_mean_interval(other.final_accuracy_mean, other.final_accuracy_ci_low, other.final_accuracy_ci_high)}"
+                         f" | {_se(other.test_se)} | "
+                         f"{_mean_interval(r.final_accuracy_diff_mean, r.final_accuracy_diff_ci_low, r.final_accuracy_diff_ci_high, True)}"
+                         f" | {_p(r.final_accuracy_p)} | {_p(r.p_holm)} | {r.verdict} |")
+    if len(match):
+        lines += ["", f"**Epochs to match** BN's mean final accuracy at each BN budget (BNET's budgets "
+                      f"{match['bnet_budgets'].iloc[0]}, linear between them; interval: {match['ci_method'].iloc[0]}):",
+                  "", "| arch | variant | BN budget | BN accuracy (target) | BNET epochs to match [95% interval] | "
+                  "× BN's epochs |", "|---|---|---|---|---|---|"]
+        for r in match.itertuples():
+            lines.append(f"| {r.arch} | {r.variant} | {r.bn_epochs}{' (largest)' if r.largest_bn_budget else ''} | "
+                         f"{r.target:.4f} | {_match(r)} | {_number(r.ratio_to_bn_epochs)} |")
+    if len(cost):
+        done = cost[cost["note"] == ""]
+        lines += ["", f"**Equal cost**: BNET at E epochs against BN at ratio × E epochs, BN's per-seed "
+                      f"accuracy interpolated linearly between its budgets (ratio: BNET/BN training-step time, "
+                      f"`{cost['cost_source'].iloc[0]}`; Holm over the {len(done)} equal-cost comparisons):", "",
+                  "| arch | variant | BNET epochs | ratio | BN epochs at equal cost | BNET | BN (interpolated) | "
+                  "BNET − BN [95% interval] | p | Holm p | verdict |", "|---|---|---|---|---|---|---|---|---|---|---|"]
+        for r in cost.itertuples():
+            if r.note:
+                lines.append(f"| {r.arch} | {r.variant} | {r.bnet_epochs} | {r.cost_ratio:.3f} | "
+                             f"{r.bn_epochs_equal_cost:.2f} | {r.bnet_accuracy_mean:.4f} | {r.note} | — | — | — | — |")
+                continue
+            lines.append(f"| {r.arch} | {r.variant} | {r.bnet_epochs} | {r.cost_ratio:.3f} | "
+                         f"{r.bn_epochs_equal_cost:.2f} | {r.bnet_accuracy_mean:.4f} | {r.bn_accuracy_mean:.4f} | "
+                         f"{_mean_interval(r.diff_mean, r.diff_ci_low, r.diff_ci_high, True)} | {_p(r.p)} | "
+                         f"{_p(r.p_holm)} | {r.verdict} |")
+    return "\n".join(lines)
+
+
+def _match(r) -> str:
+    """Epochs to match with its interval: "3.41 [3.12, 3.80]", "≤ 2 [≤ 2, 2.40]", "not reached by 4 [3.60, > 4]"
+    (the smallest budget reads "≤": BNET is there already; above the largest, "> ": not reached)."""
+    first, last = r.bnet_budgets.split(",")[0], r.bnet_budgets.split(",")[-1]
+
+    def one(v: float) -> str:
+        return f"> {last}" if v == float("inf") else f"≤ {first}" if v == float(first) else f"{v:.2f}"
+
+    value = f"not reached by {last}" if r.match == "not reached" else one(r.epochs_to_match)
+    return f"{value} [{one(r.ci_low)}, {one(r.ci_high)}]"
+
+
+def answers_markdown(budget_tables: dict[str, pd.DataFrame], accuracy_tables: dict[str, pd.DataFrame],
+                     commands: tuple[str, str]) -> str:
+    """The Results' three opening lines: (a) more accurate at equal epochs, (b) the same accuracy in fewer
+    epochs, (c) better at equal training time; each with its number, interval, adjusted p and command.
+    `accuracy_tables` is the report of the published accuracy study, `budget_tables` of the budget study;
+    `commands` the two commands that produce them."""
+    budget_cmd, accuracy_cmd = commands
+    p, match, cost = budget_tables["paired"], budget_tables["epochs_to_match"], budget_tables["equal_cost"]
+    largest = p[p["epochs"] == p["epochs"].max()]
+    a = []
+    for r in largest.itertuples():
+        a.append(f"{r.arch} {r.variant} at {r.epochs} epochs: {r.final_accuracy_diff_mean:+.4f} "
+                 f"[{r.final_accuracy_diff_ci_low:+.4f}, {r.final_accuracy_diff_ci_high:+.4f}], Holm p "
+                 f"{_p(r.p_holm)} over {len(p)} budgets — **{r.verdict}**")
+    for r in accuracy_tables["paired"].itertuples():
+        a.append(f"{r.arch} {r.variant} at {r.epochs} epochs: {r.final_accuracy_diff_mean:+.4f} "
+                 f"[{r.final_accuracy_diff_ci_low:+.4f}, {r.final_accuracy_diff_ci_high:+.4f}], Holm p "
+                 f"{_p(r.p_holm)} — **{r.verdict}**")
+    b = []
+    for r in match[match["largest_bn_budget"]].itertuples():
+        b.append(f"{r.arch} {r.variant} to reach BN's {r.bn_epochs}-epoch accuracy ({r.target:.4f}): "
+                 f"{_match(r)} epochs")
+    for r in match[~match["largest_bn_budget"]].iloc[-1:].itertuples():
+        b.append(f"BN's {r.bn_epochs}-epoch accuracy ({r.target:.4f}): {_match(r)} epochs "
+                 f"({_number(r.ratio_to_bn_epochs)}× BN's)")
+    c = []
+    for r in cost[cost["note"] == ""].iloc[-1:].itertuples():
+        c.append(f"{r.arch} {r.variant} at {r.bnet_epochs} epochs against BN at {r.bn_epochs_equal_cost:.2f} "
+                 f"(same training time, ratio {r.cost_ratio:.2f}): {r.diff_mean:+.4f} [{r.diff_ci_low:+.4f}, "
+                 f"{r.diff_ci_high:+.4f}], Holm p {_p(r.p_holm)} over {len(cost[cost['note'] == ''])} budgets — "
+                 f"**{r.verdict}**")
+    return "\n".join([
+        f"- **(a) More accurate at the same number of epochs?** {'; '.join(a)}. "
+        f"(`{budget_cmd}`; `{accuracy_cmd}`)",
+        f"- **(b) The same accuracy in fewer epochs?** {'; '.join(b)}. (`{budget_cmd}`)",
+        f"- **(c) Better at equal training time?** {'; '.join(c) or 'no equal-cost comparison could be made'}. "
+        f"(`{budget_cmd}`)"])

@@ -1,0 +1,102 @@
+"""Budget studies from generated run folders with known curves: epochs to match and equal cost by hand."""
+import json
+
+import numpy as np
+import pytest
+
+from bnet_fastai.cli import main
+from bnet_fastai.markdown import budget_markdown
+from bnet_fastai.report import report
+
+from .test_report import _write_run
+
+# final accuracy per seed and budget; seed 1 is seed 0 + 0.02 and seed 2 is seed 0 - 0.02 in both arms
+BN = {2: [0.70, 0.72, 0.68], 3: [0.76, 0.78, 0.74], 4: [0.80, 0.82, 0.78]}
+BNET = {2: [0.75, 0.77, 0.73], 3: [0.79, 0.81, 0.77]}
+
+
+def _runs(out, arm, norm, **config):
+    for epochs, finals in arm.items():
+        for seed, final in enumerate(finals):
+            _write_run(out, list(np.linspace(0.3, final, epochs)), seed=seed, norm=norm, epochs=epochs, **config)
+
+
+def _cost(path, ratio, arch="xmininet"):
+    rows = [{"arch": arch, "size": 32, "bs": 64, "format": "channels_last", "variant": v,
+             "ratio_to_bn": r, "ms_per_step": 10 * r} for v, r in (("bn", 1.0), ("bnet-k3-all", ratio))]
+    path.write_text(json.dumps({"command": "python benchmarks/train_step.py --archs xmininet", "rows": rows,
+                                "machine": "test"}))
+    return path
+
+
+@pytest.fixture
+def study(tmp_path):
+    _runs(tmp_path, BN, "bn")
+    _runs(tmp_path, BNET, "bnet")
+    _write_run(tmp_path, [0.5, 0.9], seed=0, norm="bn", epochs=2, lr=0.1)  # another recipe, never pooled
+    _write_run(tmp_path, [0.5, 0.6, 0.7, 0.8, 0.95], seed=0, norm="bn", epochs=5, lr=0.1)
+    _cost(tmp_path / "cost.json", 1.25)
+    return tmp_path
+
+
+def test_epochs_to_match_interpolates_between_budgets_and_says_not_reached(study):
+    match = report(study, target=0.7)["epochs_to_match"].set_index("bn_epochs")
+    assert list(match.index) == [2, 3, 4] and (match["recipe"].str.contains("lr=0.003")).all()
+    assert match.loc[2, "match"] == "at or below" and match.loc[2, "epochs_to_match"] == 2.0
+    # BN at 3 epochs: 0.76; BNET 0.75 at 2, 0.79 at 3: 2 + (0.76 - 0.75) / 0.04 = 2.25
+    assert match.loc[3, "match"] == "reached" and match.loc[3, "epochs_to_match"] == pytest.approx(2.25)
+    assert match.loc[3, "ratio_to_bn_epochs"] == pytest.approx(0.75) and match.loc[3, "target"] == pytest.approx(0.76)
+    # every resample of seeds moves target and curve alike: the interval is the point
+    assert (match.loc[3, "ci_low"], match.loc[3, "ci_high"]) == pytest.approx((2.25, 2.25))
+    assert match.loc[4, "match"] == "not reached" and np.isnan(match.loc[4, "epochs_to_match"])
+    assert match.loc[4, "largest_bn_budget"] and match.loc[4, "ci_high"] == np.inf
+    assert match.loc[4, "n_pairs"] == 3 and match.loc[4, "bnet_budgets"] == "2,3"
+
+
+def test_equal_cost_sets_bnet_against_bn_interpolated_at_the_measured_ratio(study):
+    cost = report(study, target=0.7)["equal_cost"].set_index("bnet_epochs")
+    assert cost.loc[2, "cost_ratio"] == 1.25 and "train_step.py" in cost.loc[2, "cost_source"]
+    # BNET at 2 epochs vs BN at 2.5: BN 0.73, 0.75, 0.71; BNET 0.75, 0.77, 0.73: +0.02 each
+    assert cost.loc[2, "bn_epochs_equal_cost"] == 2.5 and cost.loc[2, "bn_accuracy_mean"] == pytest.approx(0.73)
+    assert cost.loc[2, "diff_mean"] == pytest.approx(0.02) and cost.loc[2, "p"] == 2 / 8
+    # BNET at 3 vs BN at 3.75: 0.76 + 0.75 x 0.04 = 0.79, BNET's own: a difference of 0, p 1
+    assert cost.loc[3, "diff_mean"] == pytest.approx(0.0, abs=1e-12) and cost.loc[3, "p"] == 1.0
+    assert list(cost["family"]) == ["equal cost"] * 2
+    assert list(cost["p_holm"]) == pytest.approx([0.5, 1.0]) and list(cost["verdict"]) == ["cannot tell"] * 2
+
+
+def test_equal_cost_never_extrapolates_past_bns_budgets(study):
+    cost = report(study, target=0.7, cost=1.5)["equal_cost"].set_index("bnet_epochs")
+    assert cost.loc[2, "bn_epochs_equal_cost"] == 3.0 and cost.loc[2, "diff_mean"] == pytest.approx(-0.01)
+    assert cost.loc[3, "note"] == "not computed: BN's budgets are 2-4 epochs" and np.isnan(cost.loc[3, "p"])
+    assert cost.loc[2, "p_holm"] == cost.loc[2, "p"] == 2 / 8  # a family of one: the other was no test
+
+
+def test_budgets_keep_their_rows_and_the_figure_is_written(study):
+    tables = report(study, target=0.7)
+    paired = tables["paired"]
+    main_recipe = paired[paired["recipe"].str.contains("lr=0.003")]
+    assert sorted(main_recipe["epochs"]) == [2, 3] and (paired["family"] == "equal epochs").all()
+    summary = tables["summary"]
+    assert len(summary[summary["recipe"].str.contains("lr=0.1")]) == 2  # its own rows, 2 and 5 epochs
+    assert (study / "budget.png").read_bytes()[:4] == b"\x89PNG"
+    text = budget_markdown(tables)
+    assert "| xmininet | bnet-k3-all | 4 (largest) | 0.8000 | not reached by 3 [> 3, > 3] | — |" in text
+    assert "| xmininet | bnet-k3-all | 3 | 0.7600 | 2.25 [2.25, 2.25] | 0.75 |" in text
+
+
+def test_a_study_of_one_budget_is_no_budget_study(tmp_path):
+    _runs(tmp_path, {3: BN[3]}, "bn")
+    _runs(tmp_path, {3: BNET[3]}, "bnet")
+    tables = report(tmp_path, target=0.7)
+    assert "equal_cost" not in tables and not (tmp_path / "budget.png").exists()
+
+
+def test_cli_reads_a_named_cost_file_and_rejects_a_bad_one(study, tmp_path, capsys):
+    assert main(["report", str(study), "--markdown", "--cost", str(_cost(tmp_path / "c.json", 1.5))]) == 0
+    assert "not computed: BN's budgets are 2-4 epochs" in capsys.readouterr().out
+    assert main(["report", str(study), "--cost", str(tmp_path / "missing.json")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("bnet-fastai report: error: cannot read the cost ratios in") and "\n" not in err
+    assert main(["report", str(study), "--cost-ratio", "-1"]) == 2
+    assert "the cost ratio must be a number > 0" in capsys.readouterr().err
