@@ -144,7 +144,8 @@ def per_run(history: pd.DataFrame, target: float) -> pd.DataFrame:
         return pd.Series({"final_accuracy": run["accuracy"].iloc[-1], "auc": run["accuracy"].mean(),
                           "epochs_to_target": reached["epoch"].iloc[0] if len(reached) else np.nan,
                           "seconds_to_target": reached["seconds"].iloc[0] if len(reached) else np.nan,
-                          "final_valid_loss": run["valid_loss"].iloc[-1], "n_valid": run["n_valid"].iloc[0]})
+                          "final_valid_loss": run["valid_loss"].iloc[-1],
+                          "final_train_loss": run["train_loss"].iloc[-1], "n_valid": run["n_valid"].iloc[0]})
 
     return history.groupby(GROUP_KEYS + ["seed"]).apply(one, include_groups=False).reset_index()
 
@@ -168,7 +169,9 @@ def summarize(history: pd.DataFrame, target: float = 0.8) -> pd.DataFrame:
                      "target": target, "n_reached": int(group["epochs_to_target"].notna().sum()),
                      "epochs_to_target_mean": group["epochs_to_target"].mean(),
                      "seconds_to_target_mean": group["seconds_to_target"].mean(),
-                     "auc_mean": group["auc"].mean(), "auc_std": group["auc"].std(ddof=1)})
+                     "auc_mean": group["auc"].mean(), "auc_std": group["auc"].std(ddof=1),
+                     "final_train_loss_mean": group["final_train_loss"].mean(),
+                     "final_valid_loss_mean": group["final_valid_loss"].mean()})
     summary = pd.DataFrame(rows).set_index(GROUP_KEYS)
     summary["valid_loss_spread"] = _spread(history, "valid_loss")
     summary["train_loss_spread"] = _spread(history, "train_loss")

@@ -85,3 +85,17 @@ def test_a_bad_basics_parameter_stops_its_first_code_cell_before_anything_is_wri
         execute("batchnorm_basics", dict(DATASET="sample", SEED="-5"), tmp_path / "results")
     assert "basics.resolve(" in caught.value.source
     assert not (tmp_path / "results" / "batchnorm_basics").exists() and not (tmp_path / "data").exists()
+
+
+def test_the_convergence_profile_is_a_budget_study_with_bn_alone_at_the_extra_budgets():
+    study = resolve(profile="convergence")
+    configs = study.configs()
+    assert study.dataset == "fashion-mnist" and len(configs) == 12 * (2 * 3 + 2)
+    budgets = {norm: sorted({c.epochs for c in configs if c.norm == norm}) for norm in ("bn", "bnet")}
+    assert budgets == {"bn": [2, 3, 4, 5, 6], "bnet": [2, 3, 4]}
+    assert [c.seed for c in configs[:8]] == [0] * 8  # seed by seed: a study cut short leaves whole seeds
+    cpu = resolve(profile="cpu", archs=["xmininet"], seeds=[0])  # the same recipe as the published study
+    bn5 = next(c for c in configs if c.norm == "bn" and c.epochs == 5 and c.seed == 0)
+    assert bn5.run_id in {c.run_id for c in cpu.configs()}
+    # budgets given as a list replace the profile's, and with them BN's extra ones
+    assert {c.epochs for c in resolve(profile="convergence", epochs="3,4", seeds=[0]).configs()} == {3, 4}
