@@ -39,7 +39,8 @@ PROFILES: dict[str, dict] = {
     # 10,000-image test set is every run's validation set. xsemininet would add ~25 min: left out.
     "cpu": dict(archs=["xmininet", "mininest"], dataset="fashion-mnist", size=28, epochs=5,
                 seeds=[0, 1, 2, 3, 4], bs=128, lr=1e-2, fraction=0.25, placement=["all", "last"]),
-    # CPU, about 75 minutes on 2 cores: the budget study behind the README's (b) and (c). The cpu profile's
+    # CPU, 75-100 minutes on 2 cores (100 here, shared with tests): the budget study behind the README's (b)
+    # and (c). The cpu profile's
     # recipe for xmininet, BN vs BNET k=3 in every norm, each budget its own complete one-cycle schedule (with
     # one-cycle, mid-schedule points are snapshots at a high learning rate, not a convergence measure). BN is
     # also trained at 5 and 6 epochs (`bn_only`) so that BNET at E epochs can be set against BN at the budget

@@ -1,18 +1,62 @@
 """The README's published Results are what `report` computes from the committed run folders."""
 from pathlib import Path
 
+import pytest
+
+from bnet_fastai.markdown import answers_markdown, budget_markdown
 from bnet_fastai.report import report, results_markdown
 
 ROOT = Path(__file__).resolve().parents[1]
 STUDY = ROOT / "docs" / "fashion-mnist-cpu"
+CONVERGENCE = ROOT / "docs" / "fashion-mnist-convergence"
+COMMANDS = ("bnet-fastai study convergence", "bnet-fastai study cpu")
 
 
-def test_readme_results_equal_the_report_of_the_committed_study(tmp_path):
-    tables = report(STUDY, out=tmp_path)  # figures and CSVs to tmp_path: the committed folder stays as it is
+def _between(marker: str) -> str:
+    readme = (ROOT / "README.md").read_text()
+    return readme.split(f"<!-- {marker}:start -->")[1].split(f"<!-- {marker}:end -->")[0].strip()
+
+
+@pytest.fixture(scope="module")
+def accuracy_tables(tmp_path_factory):
+    # figures and CSVs to a temporary folder: the committed folder stays as it is
+    return report(STUDY, out=tmp_path_factory.mktemp("cpu"))
+
+
+@pytest.fixture(scope="module")
+def budget_tables(tmp_path_factory):
+    return report(CONVERGENCE, out=tmp_path_factory.mktemp("convergence"))  # reads CONVERGENCE/cost.json
+
+
+def test_readme_results_equal_the_report_of_the_committed_study(accuracy_tables):
+    tables = accuracy_tables
     assert len(tables["skipped"]) == 0
     assert tables["history"]["run_id"].nunique() == 30 and (tables["summary"]["n_seeds"] == 5).all()
+    assert results_markdown(tables).strip() == _between("results")
     readme = (ROOT / "README.md").read_text()
-    published = readme.split("<!-- results:start -->")[1].split("<!-- results:end -->")[0]
-    assert results_markdown(tables).strip() == published.strip()
     for png in ("curves.png", "final_accuracy.png", "kernels.png"):
         assert (STUDY / png).read_bytes()[:4] == b"\x89PNG" and f"docs/fashion-mnist-cpu/{png}" in readme
+
+
+def test_readme_budget_study_equals_the_report_of_the_committed_runs(budget_tables):
+    tables = budget_tables
+    assert len(tables["skipped"]) == 0
+    paired = tables["paired"]
+    assert len(paired) >= 3 and (paired["n_pairs"] >= 8).all()  # >= 3 budgets, >= 8 paired seeds each
+    assert (tables["equal_cost"]["cost_ratio"] > 1).all() and (tables["equal_cost"]["note"] == "").all()
+    assert budget_markdown(tables).strip() == _between("convergence")
+    assert (CONVERGENCE / "budget.png").read_bytes()[:4] == b"\x89PNG"
+    assert "docs/fashion-mnist-convergence/budget.png" in (ROOT / "README.md").read_text()
+
+
+def test_readme_answers_equal_the_reports(budget_tables, accuracy_tables):
+    assert answers_markdown(budget_tables, accuracy_tables, COMMANDS).strip() == _between("answers")
+
+
+def test_every_committed_run_records_its_thread_count_and_one_commit():
+    import json
+
+    configs = [json.loads(p.read_text()) for p in CONVERGENCE.glob("*/config.json")]
+    assert len(configs) >= 8 * 8
+    assert {c["environment"]["torch_threads"] for c in configs} == {2}
+    assert len({c["environment"]["git_commit"] for c in configs}) == 1
