@@ -51,50 +51,46 @@ def crossing(budgets, accuracies, target: float) -> tuple[float, str]:
     return float("nan"), "not reached"
 
 
-def _matrix(runs: pd.DataFrame, variant: str, seeds: list) -> tuple[np.ndarray, np.ndarray]:
-    """Budgets and a seeds × budgets matrix of final accuracy for one variant."""
+def _matrix(runs: pd.DataFrame, variant: str) -> pd.DataFrame:
+    """Final accuracy of one variant, seeds × budgets (NaN where a seed lacks a budget)."""
     table = runs[runs["variant"] == variant].pivot(index="seed", columns="epochs", values="final_accuracy")
-    table = table.loc[seeds].sort_index(axis=1)
-    return table.columns.to_numpy(dtype=float), table.to_numpy()
+    return table.sort_index(axis=1)
 
 
-def _complete_seeds(runs: pd.DataFrame, variants: list[str]) -> list:
-    """Seeds with a finished run at every budget of every variant in `variants` (the paired seeds)."""
-    seeds = None
-    for v in variants:
-        table = runs[runs["variant"] == v].pivot(index="seed", columns="epochs", values="final_accuracy")
-        complete = set(table.dropna().index)
-        seeds = complete if seeds is None else seeds & complete
-    return sorted(seeds or [])
+def paired_arms(per_run: pd.DataFrame):
+    """For every budget study and BNET variant with two or more seeds complete in both arms: its keys, the
+    variant, the paired seeds, and BN's and BNET's budgets and seeds × budgets accuracy matrices."""
+    for keys, runs in budget_studies(per_run):
+        bn_table = _matrix(runs, "bn").dropna()
+        for variant in sorted(set(runs["variant"]) - {"bn"}):
+            table = _matrix(runs, variant).dropna()
+            seeds = sorted(set(bn_table.index) & set(table.index))
+            if len(seeds) >= 2:
+                yield (keys, variant, seeds, bn_table.columns.to_numpy(dtype=float), bn_table.loc[seeds].to_numpy(),
+                       table.columns.to_numpy(dtype=float), table.loc[seeds].to_numpy())
 
 
 def epochs_to_match(per_run: pd.DataFrame, boot: int = BOOT, seed: int = 0) -> pd.DataFrame:
     """One row per budget study × BNET variant × BN reference budget (see the module docstring)."""
     rows = []
-    for keys, runs in budget_studies(per_run):
-        for variant in sorted(set(runs["variant"]) - {"bn"}):
-            seeds = _complete_seeds(runs, ["bn", variant])
-            if len(seeds) < 2:
-                continue
-            bn_budgets, bn = _matrix(runs, "bn", seeds)
-            budgets, bnet = _matrix(runs, variant, seeds)
-            draws = np.random.default_rng(seed).integers(0, len(seeds), size=(boot, len(seeds)))
-            for j, reference in enumerate(bn_budgets):
-                target = bn[:, j].mean()
-                value, how = crossing(budgets, bnet.mean(axis=0), target)
-                resampled = []
-                for pick in draws:
-                    v, h = crossing(budgets, bnet[pick].mean(axis=0), bn[pick, j].mean())
-                    resampled.append(np.inf if h == "not reached" else v)
-                # order statistics, no interpolation between them: "not reached" (inf) stays inf
-                low, high = np.quantile(resampled, [0.025, 0.975], method="inverted_cdf")
-                rows.append({**keys, "variant": variant, "n_pairs": len(seeds),
-                             "seeds": ",".join(map(str, seeds)), "bn_epochs": int(reference),
-                             "largest_bn_budget": reference == bn_budgets.max(), "target": target,
-                             "bnet_budgets": ",".join(str(int(b)) for b in budgets), "epochs_to_match": value,
-                             "match": how, "ratio_to_bn_epochs": value / reference,
-                             "ci_low": low, "ci_high": high,
-                             "ci_method": f"95% percentile bootstrap over seeds ({boot} resamples, seed {seed})"})
+    for keys, variant, seeds, bn_budgets, bn, budgets, bnet in paired_arms(per_run):
+        draws = np.random.default_rng(seed).integers(0, len(seeds), size=(boot, len(seeds)))
+        for j, reference in enumerate(bn_budgets):
+            target = bn[:, j].mean()
+            value, how = crossing(budgets, bnet.mean(axis=0), target)
+            resampled = []
+            for pick in draws:
+                v, h = crossing(budgets, bnet[pick].mean(axis=0), bn[pick, j].mean())
+                resampled.append(np.inf if h == "not reached" else v)
+            # order statistics, no interpolation between them: "not reached" (inf) stays inf
+            low, high = np.quantile(resampled, [0.025, 0.975], method="inverted_cdf")
+            rows.append({**keys, "variant": variant, "n_pairs": len(seeds),
+                         "seeds": ",".join(map(str, seeds)), "bn_epochs": int(reference),
+                         "largest_bn_budget": reference == bn_budgets.max(), "target": target,
+                         "bnet_budgets": ",".join(str(int(b)) for b in budgets), "epochs_to_match": value,
+                         "match": how, "ratio_to_bn_epochs": value / reference,
+                         "ci_low": low, "ci_high": high,
+                         "ci_method": f"95% percentile bootstrap over seeds ({boot} resamples, seed {seed})"})
     return pd.DataFrame(rows)
 
 
@@ -132,27 +128,21 @@ def cost_ratio(cost: list[dict] | float | None, keys: dict, variant: str) -> tup
 def equal_cost(per_run: pd.DataFrame, cost: list[dict] | float | None) -> pd.DataFrame:
     """One row per budget study × BNET variant × BNET budget: BNET at E vs BN interpolated at ratio × E."""
     rows = []
-    for keys, runs in budget_studies(per_run):
-        for variant in sorted(set(runs["variant"]) - {"bn"}):
-            seeds = _complete_seeds(runs, ["bn", variant])
-            ratio, source = cost_ratio(cost, keys, variant)
-            if len(seeds) < 2:
+    for keys, variant, seeds, bn_budgets, bn, budgets, bnet in paired_arms(per_run):
+        ratio, source = cost_ratio(cost, keys, variant)
+        for j, budget in enumerate(budgets):
+            at = ratio * budget
+            row = {**keys, "variant": variant, "n_pairs": len(seeds), "seeds": ",".join(map(str, seeds)),
+                   "bnet_epochs": int(budget), "cost_ratio": ratio, "cost_source": source,
+                   "bn_epochs_equal_cost": at, "bnet_accuracy_mean": bnet[:, j].mean()}
+            if not (np.isfinite(at) and bn_budgets.min() <= at <= bn_budgets.max()):
+                rows.append({**row, "note": f"not computed: BN's budgets are {int(bn_budgets.min())}-"
+                             f"{int(bn_budgets.max())} epochs" if np.isfinite(at) else source})
                 continue
-            bn_budgets, bn = _matrix(runs, "bn", seeds)
-            budgets, bnet = _matrix(runs, variant, seeds)
-            for j, budget in enumerate(budgets):
-                at = ratio * budget
-                row = {**keys, "variant": variant, "n_pairs": len(seeds), "seeds": ",".join(map(str, seeds)),
-                       "bnet_epochs": int(budget), "cost_ratio": ratio, "cost_source": source,
-                       "bn_epochs_equal_cost": at, "bnet_accuracy_mean": bnet[:, j].mean()}
-                if not (np.isfinite(at) and bn_budgets.min() <= at <= bn_budgets.max()):
-                    rows.append({**row, "note": f"not computed: BN's budgets are {int(bn_budgets.min())}-"
-                                 f"{int(bn_budgets.max())} epochs" if np.isfinite(at) else source})
-                    continue
-                bn_at = np.array([np.interp(at, bn_budgets, curve) for curve in bn])
-                diff = bnet[:, j] - bn_at
-                low, high = stats.bounded_t_interval(diff, -1.0, 1.0)
-                p, method = stats.sign_flip_p(diff)
-                rows.append({**row, "bn_accuracy_mean": bn_at.mean(), "diff_mean": diff.mean(),
-                             "diff_ci_low": low, "diff_ci_high": high, "p": p, "p_method": method, "note": ""})
+            bn_at = np.array([np.interp(at, bn_budgets, curve) for curve in bn])
+            diff = bnet[:, j] - bn_at
+            low, high = stats.bounded_t_interval(diff, -1.0, 1.0)
+            p, method = stats.sign_flip_p(diff)
+            rows.append({**row, "bn_accuracy_mean": bn_at.mean(), "diff_mean": diff.mean(),
+                         "diff_ci_low": low, "diff_ci_high": high, "p": p, "p_method": method, "note": ""})
     return pd.DataFrame(rows)

@@ -35,8 +35,8 @@ import pandas as pd
 from . import budget, stats
 from ._files import atomic_write
 from .config import ADDED_LATER
-from .runstate import CONFIG_KEYS, check_run, read_status
 from .markdown import budget_markdown, results_markdown  # noqa: F401  (report's tables as the README shows them)
+from .runstate import CONFIG_KEYS, check_run, read_status
 from .stats import CI_METHOD, bounded_t_interval, t_interval  # noqa: F401  (the names report used to define)
 
 STUDY_KEYS = ["dataset", "size", "epochs", "recipe"]

@@ -39,15 +39,14 @@ PROFILES: dict[str, dict] = {
     # 10,000-image test set is every run's validation set. xsemininet would add ~25 min: left out.
     "cpu": dict(archs=["xmininet", "mininest"], dataset="fashion-mnist", size=28, epochs=5,
                 seeds=[0, 1, 2, 3, 4], bs=128, lr=1e-2, fraction=0.25, placement=["all", "last"]),
-    # CPU, 75-100 minutes on 2 cores (100 here, shared with tests): the budget study behind the README's (b)
-    # and (c). The cpu profile's
-    # recipe for xmininet, BN vs BNET k=3 in every norm, each budget its own complete one-cycle schedule (with
-    # one-cycle, mid-schedule points are snapshots at a high learning rate, not a convergence measure). BN is
-    # also trained at 5 and 6 epochs (`bn_only`) so that BNET at E epochs can be set against BN at the budget
-    # that costs the same, E x the BNET/BN training-step ratio measured by benchmarks/train_step.py
-    # (docs/fashion-mnist-convergence/cost.json: 1.32 on 2 cores), interpolated and never extrapolated up to a
-    # ratio of 6/4. Budgets 2-4 rather than 3-5 keep 12 seeds x 8 runs inside the time; 12 seeds let the
-    # sign-flip test reach p = 2/4096, so a Holm adjustment over a few budgets can still decide.
+    # CPU, about 90 minutes on 2 cores (100 here, partly shared with tests): the budget study behind the README's (b)
+    # and (c). The cpu profile's recipe for xmininet, BN vs BNET k=3 in every norm, each budget its own complete
+    # one-cycle schedule (with one-cycle, mid-schedule points are snapshots at a high learning rate, not a convergence
+    # measure). BN is also trained at 5 and 6 epochs (`bn_only`) so that BNET at E epochs can be set against BN at the
+    # budget that costs the same, E x the BNET/BN training-step ratio measured by benchmarks/train_step.py
+    # (docs/fashion-mnist-convergence/cost.json: 1.32 on 2 cores), interpolated and never extrapolated up to a ratio
+    # of 6/4. Budgets 2-4 rather than 3-5 keep 12 seeds x 8 runs near the time; 12 seeds let the sign-flip test reach
+    # p = 2/4096, so a Holm adjustment over a few budgets can still decide.
     "convergence": dict(archs=["xmininet"], dataset="fashion-mnist", size=28, epochs=[2, 3, 4],
                         seeds=list(range(12)), bs=128, lr=1e-2, fraction=0.25, placement="all",
                         bn_only=dict(epochs=[5, 6])),
