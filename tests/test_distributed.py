@@ -28,6 +28,10 @@ RANK_SCRIPT = textwrap.dedent("""
                 "single_process_batches": single_process_batches},
                out / f"rank{rank}.pt")
     print(run(config, out / "exp")["status"])
+    # end the default group before exit, as torch asks: a gloo group left to the interpreter's shutdown can
+    # abort the process ("terminate called without an active exception"), seen once in CI
+    if torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()
 """)
 
 
