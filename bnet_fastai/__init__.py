@@ -10,10 +10,12 @@ __version__ = "0.1.0"
 
 _PUBLIC = {  # name -> the module that defines it
     "FusedBNET": "fuse", "fuse_bnet": "fuse",
-    "BNET1d": "layers", "BNET2d": "layers", "BNET3d": "layers", "bnet_extra_params": "layers",
+    # the layers come through norm_act, whose import registers BNET with timm's norm-layer factories
+    "BNET1d": "norm_act", "BNET2d": "norm_act", "BNET3d": "norm_act", "BNETAct2d": "norm_act",
+    "bnet_extra_params": "layers",
     "create_model": "models", "list_archs": "models",
     "count_norms": "norms", "get_norm_layer": "norms", "list_norms": "norms", "select_norms": "norms",
-    "swap_norm": "norms",
+    "register_conversion": "norms", "swap_norm": "norms",
     "BNETWeightDecay": "weight_decay", "bnet_params": "weight_decay", "no_decay_params": "weight_decay",
 }
 __all__ = sorted(_PUBLIC)

@@ -3,61 +3,87 @@
 In eval mode BNET computes ``dwconv_W(s * (x - m)) + b`` with ``s = 1/sqrt(running_var + eps)`` and
 ``m = running_mean``, the depthwise conv zero-padding the *normalised* map. Two exact folds:
 
-- Into the convolution before it, where BNET directly follows one (fastai's ``ConvLayer``, timm's
-  ``conv1 -> bn1`` ...): that conv's weight is scaled by ``s`` and its bias becomes ``(bias - m) * s``, and
+- Into the convolution before it, where BNET's input is that conv's output and nothing else uses it (read
+  from the model's torch.fx graph, `graph.conv_norm_pairs`: fastai's ``ConvLayer``, timm's ``conv1 -> bn1``,
+  ``ConvNormAct`` ...): that conv's weight is scaled by ``s`` and its bias becomes ``(bias - m) * s``, and
   BNET is left as its plain depthwise conv (`FusedDepthwise`). The depthwise conv still pads with zeros,
   exactly as it padded the normalised map. This removes the normalisation pass altogether.
 - Otherwise into the depthwise conv itself (`FusedBNET`): ``dwconv_{W*s}(x) + b - m * dwconv_{W*s}(1)``.
   The last term is constant in the interior but not on the border, where padded taps contributed 0
-  rather than ``-m*W*s``, so it is a per-position bias map, computed once per input size and cached.
+  rather than ``-m*W*s``, so it is a per-position bias map, computed once per input size and cached
+  (computed afresh inside torch.export / torch.compile / tracing, where the size may be symbolic).
 """
 from __future__ import annotations
 
 import copy
 
 import torch
-from timm.layers import SplitAttn
-from timm.models.resnest import ResNestBottleneck
-from timm.models.resnet import BasicBlock, Bottleneck, ResNet
 from torch import nn
 
-from .layers import _BNETNd
-from .norms import _norms
-
-_CONVS = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
-# Modules whose forward feeds attribute `conv` straight into attribute `norm` and nowhere else.
-_CONV_NORM_PAIRS: dict[type, tuple[tuple[str, str], ...]] = {
-    ResNet: (("conv1", "bn1"),),  # conv1 may be the deep stem, a Sequential ending in a conv
-    BasicBlock: (("conv1", "bn1"), ("conv2", "bn2")),
-    Bottleneck: (("conv1", "bn1"), ("conv2", "bn2"), ("conv3", "bn3")),
-    ResNestBottleneck: (("conv1", "bn1"), ("conv3", "bn3")),
-    SplitAttn: (("conv", "bn0"), ("fc1", "bn1")),
-}
+from . import graph
+from .layers import _BNETNd, autocast_dtype
+from .norms import _join, _norms
 
 
-class FusedBNET(nn.Module):
-    """Eval-only BNET: one depthwise conv with the normalisation folded in, plus a border-exact bias map."""
+def _cacheable(x: torch.Tensor) -> bool:
+    """Whether a map computed from `x` may be kept for later calls: eager, with concrete sizes.
+
+    Under torch.export, torch.compile or tracing (ONNX), sizes may be symbolic and tensors fake; the map is
+    then part of the traced computation, built from the input's size, so the export holds at any size.
+    """
+    return (type(x) is torch.Tensor and not torch.compiler.is_compiling() and not torch.jit.is_tracing()
+            and all(type(n) is int for n in x.shape))
+
+
+class _Fused(nn.Module):
+    """What fused BNET layers share: eval-only, and the drop and act of a `BNETAct2d` kept after the conv."""
 
     def __init__(self, bnet: _BNETNd):
         super().__init__()
+        self.num_features, self.k, self.ndim, self._conv = bnet.num_features, bnet.k, bnet.ndim, bnet._conv
+        for name in ("drop", "act"):  # BNETAct2d: the same modules, applied in the same order
+            if hasattr(bnet, name):
+                self.add_module(name, getattr(bnet, name))
+        self.eval()
+
+    def _check_eval(self) -> None:
+        if self.training:
+            raise RuntimeError("a fused BNET is eval-only: keep the unfused model for training")
+
+    def _finish(self, y: torch.Tensor) -> torch.Tensor:
+        return self.act(self.drop(y)) if hasattr(self, "act") else y
+
+    def extra_repr(self) -> str:
+        return f"{self.num_features}, k={self.k}, ndim={self.ndim}"
+
+
+class FusedBNET(_Fused):
+    """Eval-only BNET: one depthwise conv with the normalisation folded in, plus a border-exact bias map."""
+
+    def __init__(self, bnet: _BNETNd):
         norm = bnet.norm
         if not norm.track_running_stats or norm.running_var is None:
             raise ValueError("fuse_bnet needs running statistics (track_running_stats=True)")
+        super().__init__(bnet)
         scale = torch.rsqrt(norm.running_var + norm.eps)
-        view = (-1,) + (1,) * bnet.ndim
-        self.num_features, self.k, self.ndim, self._conv = bnet.num_features, bnet.k, bnet.ndim, bnet._conv
         self.register_buffer("weight", (bnet.weight * scale.view((-1, 1) + (1,) * bnet.ndim)).detach().clone())
         self.register_buffer("bias", bnet.bias.detach().clone())
-        self.register_buffer("mean", norm.running_mean.detach().view(view).clone())
+        self.register_buffer("mean", norm.running_mean.detach().view((-1,) + (1,) * bnet.ndim).clone())
         self._bias_maps: dict[tuple, torch.Tensor] = {}
-        self.eval()
 
-    def _bias_map(self, x: torch.Tensor) -> torch.Tensor:
-        key = (tuple(x.shape[2:]), x.device, x.dtype)
+    def _compute_bias_map(self, x: torch.Tensor) -> torch.Tensor:
+        # In the buffers' precision whatever autocast says; the caller rounds it to the output's dtype.
+        with torch.autocast(x.device.type, enabled=False):
+            ones = torch.ones((1, self.num_features, *x.shape[2:]), device=x.device, dtype=self.weight.dtype)
+            taps_sum = self._conv(ones, self.weight, None, padding=self.k // 2, groups=self.num_features)
+            return (self.bias.view_as(self.mean) - self.mean * taps_sum)[0]
+
+    def _bias_map(self, x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        if not _cacheable(x):
+            return self._compute_bias_map(x).to(dtype)
+        key = (tuple(x.shape[2:]), x.device, dtype)
         if key not in self._bias_maps:
-            ones = torch.ones((1, self.num_features, *x.shape[2:]), device=x.device, dtype=x.dtype)
-            taps_sum = self._conv(ones, self.weight.to(x.dtype), None, padding=self.k // 2, groups=self.num_features)
-            self._bias_maps[key] = (self.bias.to(x.dtype).view_as(self.mean) - self.mean.to(x.dtype) * taps_sum)[0]
+            self._bias_maps[key] = self._compute_bias_map(x).to(dtype)
         return self._bias_maps[key]
 
     def _load_from_state_dict(self, *args, **kwargs) -> None:
@@ -65,55 +91,37 @@ class FusedBNET(nn.Module):
         super()._load_from_state_dict(*args, **kwargs)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.training:
-            raise RuntimeError("a fused BNET is eval-only: keep the unfused model for training")
+        self._check_eval()
         squeeze = x.dim() == 2  # BNET1d on (N, C)
         if squeeze:
             x = x.unsqueeze(-1)
-        y = self._conv(x, self.weight, None, padding=self.k // 2, groups=self.num_features) + self._bias_map(x)
-        return y.squeeze(-1) if squeeze else y
-
-    def extra_repr(self) -> str:
-        return f"{self.num_features}, k={self.k}, ndim={self.ndim}"
+        y = self._conv(x, self.weight.to(x.dtype), None, padding=self.k // 2, groups=self.num_features)
+        y = y + self._bias_map(x, y.dtype)
+        return self._finish(y.squeeze(-1) if squeeze else y)
 
 
-class FusedDepthwise(nn.Module):
+class FusedDepthwise(_Fused):
     """What is left of a BNET once its normalisation is folded into the conv before it: the depthwise conv."""
 
     def __init__(self, bnet: _BNETNd):
-        super().__init__()
-        self.num_features, self.k, self._conv = bnet.num_features, bnet.k, bnet._conv
+        super().__init__(bnet)
         self.register_buffer("weight", bnet.weight.detach().clone())
         self.register_buffer("bias", bnet.bias.detach().clone())
-        self.eval()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.training:
-            raise RuntimeError("a fused BNET is eval-only: keep the unfused model for training")
-        return self._conv(x, self.weight, self.bias, padding=self.k // 2, groups=self.num_features)
+        self._check_eval()
+        return self._finish(self._conv(x, self.weight.to(x.dtype), self.bias.to(x.dtype), padding=self.k // 2,
+                                       groups=self.num_features))
 
 
-def _conv_before(module: nn.Module) -> nn.Module | None:
-    """The conv whose output `module` is, if `module` is a conv or a Sequential ending in one."""
-    while isinstance(module, nn.Sequential) and len(module):
-        module = module[-1]
-    return module if isinstance(module, _CONVS) and module.transposed is False else None
-
-
-def _conv_bnet_pairs(model: nn.Module) -> list[tuple[nn.Module, nn.Module, str]]:
-    """(conv, parent, bnet name in parent) for each BNET fed directly, and only, by a conv."""
+def _conv_bnet_pairs(model: nn.Module) -> list[tuple[str, str]]:
+    """(conv name, BNET name) for each BNET whose input is a conv's output and that conv's only use."""
     pairs = []
-    for parent in model.modules():
-        names = [n for n, _ in parent.named_children()]
-        if isinstance(parent, nn.Sequential):
-            candidates = list(zip(names, names[1:]))
-        else:
-            candidates = next((v for cls, v in _CONV_NORM_PAIRS.items() if isinstance(parent, cls)), ())
-        for conv_name, norm_name in candidates:
-            conv, bnet = getattr(parent, conv_name, None), getattr(parent, norm_name, None)
-            conv = _conv_before(conv) if conv is not None else None
-            if isinstance(bnet, _BNETNd) and conv is not None and conv.out_channels == bnet.num_features:
-                pairs.append((conv, parent, norm_name))
+    for prefix, root, g in graph.trace(model).units:
+        for conv, norm in graph.conv_norm_pairs(root, g):
+            bnet, conv_module = root.get_submodule(norm), root.get_submodule(conv)
+            if isinstance(bnet, _BNETNd) and conv_module.out_channels == bnet.num_features:
+                pairs.append((_join(prefix, conv), _join(prefix, norm)))
     return pairs
 
 
@@ -128,15 +136,21 @@ def _fold_into_conv(conv: nn.Module, bnet: _BNETNd) -> None:
 
 
 def fuse_bnet(model: nn.Module) -> nn.Module:
-    """An eval-only copy of `model` with every BNET's normalisation folded away; `model` is untouched."""
+    """An eval-only copy of `model` with every BNET's normalisation folded away; `model` is untouched.
+
+    A BNET whose input is a convolution's output (found by tracing the model with torch.fx) has its
+    normalisation folded into that conv (`FusedDepthwise`); any other becomes a `FusedBNET`. Both keep a
+    `BNETAct2d`'s drop and act, return the autocast dtype under autocast, and export with torch.export
+    and ONNX at a dynamic input size.
+    """
     if isinstance(model, _BNETNd):
         return FusedBNET(model)
     fused = copy.deepcopy(model).eval()
-    for conv, parent, name in _conv_bnet_pairs(fused):
-        bnet = getattr(parent, name)
+    for conv_name, bnet_name in _conv_bnet_pairs(fused):
+        bnet = fused.get_submodule(bnet_name)
         if bnet.norm.track_running_stats and bnet.norm.running_var is not None:
-            _fold_into_conv(conv, bnet)
-            setattr(parent, name, FusedDepthwise(bnet))
+            _fold_into_conv(fused.get_submodule(conv_name), bnet)
+            fused.set_submodule(bnet_name, FusedDepthwise(bnet))
     for name, layer in list(_norms(fused)):
         if isinstance(layer, _BNETNd):
             fused.set_submodule(name, FusedBNET(layer))

@@ -2,24 +2,35 @@
 
 Placement follows the two implementations of BNET:
 - ``"all"``: every BatchNorm becomes BNET (the seed implementation of this project);
-- ``"last"``: only the last norm of each residual block's main path (the paper's released code puts
-  BNET in ``bn3`` of each bottleneck). Shortcut (downsample) norms and the stem keep BN.
+- ``"last"``: only the last norm of each residual block's main path, the norm right before the residual
+  addition (the paper's released code puts BNET in ``bn3`` of each torchvision bottleneck). Shortcut
+  (downsample) norms and the stem keep BN. The blocks are found by tracing the model (`graph`); block
+  classes fx cannot trace are read from `RESIDUAL_BLOCKS`.
+
+Which BNET replaces which BatchNorm is `NORM_CONVERSIONS`: a BatchNorm subclass whose forward does more
+than normalise (timm's ``BatchNormAct2d`` applies a drop and an activation) becomes a BNET that does the
+same work; a subclass with a forward of its own that no conversion covers is refused, never simplified.
 """
 from __future__ import annotations
 
 import functools
-from collections.abc import Iterator
+import warnings
+from collections.abc import Callable, Iterator
 
 import torch
 from fastai.layers import ResBlock
+from timm.layers import BatchNormAct2d, SyncBatchNormAct
 from timm.models.resnest import ResNestBottleneck
 from timm.models.resnet import BasicBlock, Bottleneck
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
+from torchvision.ops.misc import FrozenBatchNorm2d
 
-from . import names
+from . import graph, names
 from ._checks import check_choice, check_kernel_size
+from .graph import is_norm as _is_norm
 from .layers import BNET1d, BNET2d, BNET3d, _BNETNd
+from .norm_act import BNETAct2d
 
 # name -> layer class for 1d, 2d and 3d inputs; the contract of each class is `cls(num_features, **kw)`.
 NORM_LAYERS: dict[str, tuple[type[nn.Module], type[nn.Module], type[nn.Module]]] = {
@@ -28,7 +39,20 @@ NORM_LAYERS: dict[str, tuple[type[nn.Module], type[nn.Module], type[nn.Module]]]
 }
 PLACEMENTS, SWAP_INITS = names.PLACEMENTS, names.SWAP_INITS
 
-# Residual blocks we know, and the attribute holding their shortcut branch (whose norms are never "last").
+# BatchNorm class -> how swap_norm converts one: fn(bn, k, init) returning a module that computes the same
+# function with BNET in place of the normalisation (and keeps anything else the forward does). A subclass
+# is converted by the entry of the nearest class in its MRO, provided it does not override that forward.
+NORM_CONVERSIONS: dict[type[_BatchNorm], Callable[[_BatchNorm, int, str], nn.Module]] = {
+    nn.BatchNorm1d: BNET1d.from_bn,
+    nn.BatchNorm2d: BNET2d.from_bn,
+    nn.BatchNorm3d: BNET3d.from_bn,
+    nn.SyncBatchNorm: BNET2d.from_bn,  # a SyncBatchNorm takes any rank; (N, C, H, W) is the common case
+    BatchNormAct2d: BNETAct2d.from_bn,  # timm: BatchNorm, then its drop and act modules
+    SyncBatchNormAct: BNETAct2d.from_bn,
+}
+
+# Residual blocks fx cannot trace, by class, with the attribute holding their shortcut branch (whose norms
+# are never "last"). Traceable blocks need no entry; these are checked to agree with the traced rule.
 RESIDUAL_BLOCKS: dict[type[nn.Module], str] = {
     ResBlock: "idpath",  # fastai xresnet / xse_resnet / xresnext
     BasicBlock: "downsample",  # timm ResNet
@@ -50,8 +74,23 @@ def get_norm_layer(norm: str = "bnet", ndim: int = 2, **kw) -> type[nn.Module] |
     return functools.partial(cls, **kw) if kw else cls
 
 
-def _is_norm(m: nn.Module) -> bool:
-    return isinstance(m, (_BatchNorm, _BNETNd))
+def register_conversion(bn_cls: type[_BatchNorm], convert: Callable[[_BatchNorm, int, str], nn.Module]) -> None:
+    """Teach `swap_norm` a BatchNorm subclass: ``convert(bn, k, init)`` returns its BNET replacement."""
+    if not (isinstance(bn_cls, type) and issubclass(bn_cls, _BatchNorm)):
+        raise TypeError(f"register_conversion takes a BatchNorm class (a _BatchNorm subclass), got {bn_cls!r}")
+    NORM_CONVERSIONS[bn_cls] = convert
+
+
+def _conversion(name: str, bn: _BatchNorm) -> Callable[[_BatchNorm, int, str], nn.Module]:
+    """The registered conversion for `bn`, or a one-line refusal naming its class and the fix."""
+    cls = type(bn)
+    base = next((c for c in cls.__mro__ if c in NORM_CONVERSIONS), None)
+    if base is not None and cls.forward is base.forward:
+        return NORM_CONVERSIONS[base]
+    qual = f"{cls.__module__}.{cls.__qualname__}"
+    raise ValueError(f"swap_norm cannot convert {name!r} ({qual}): its forward does more than BatchNorm and no "
+                     f"conversion is registered for it; register one with bnet_fastai.register_conversion("
+                     f"{cls.__name__}, fn) where fn(bn, k, init) returns its BNET replacement")
 
 
 def _norms(module: nn.Module, prefix: str = "") -> Iterator[tuple[str, nn.Module]]:
@@ -64,33 +103,62 @@ def _norms(module: nn.Module, prefix: str = "") -> Iterator[tuple[str, nn.Module
             yield from _norms(child, full + ".")
 
 
-def _last_norms(module: nn.Module, prefix: str = "") -> Iterator[tuple[str, nn.Module]]:
-    """(name, layer) for the last norm of each known residual block's main path."""
-    for name, child in module.named_children():
-        full = f"{prefix}{name}"
-        shortcut = next((attr for cls, attr in RESIDUAL_BLOCKS.items() if isinstance(child, cls)), None)
-        if shortcut is None:
-            yield from _last_norms(child, full + ".")
-            continue
-        main = [(n, m) for n, m in _norms(child, full + ".") if not n.startswith(f"{full}.{shortcut}.")]
-        if main:
-            yield main[-1]
+def _join(prefix: str, name: str) -> str:
+    return f"{prefix}.{name}" if prefix else name
 
 
-def select_norms(model: nn.Module, placement: str = "all") -> list[tuple[str, nn.Module]]:
-    """The norm layers (BN or BNET) of `model` that `placement` designates, by qualified name."""
-    check_choice("placement", placement, PLACEMENTS)
-    found = list(_norms(model) if placement == "all" else _last_norms(model))
-    if placement == "last" and not found:
-        known = ", ".join(f"{c.__module__}.{c.__name__}" for c in RESIDUAL_BLOCKS)
-        raise ValueError(f"placement='last' found no residual block in {type(model).__name__}; "
-                         f"known blocks: {known} (add yours to bnet_fastai.norms.RESIDUAL_BLOCKS)")
+def _registered_block_last(name: str, block: nn.Module) -> str | None:
+    """The last norm of a `RESIDUAL_BLOCKS` block's main path, by registration order."""
+    shortcut = next(attr for cls, attr in RESIDUAL_BLOCKS.items() if isinstance(block, cls))
+    main = [n for n, _ in _norms(block, name + ".") if not n.startswith(f"{name}.{shortcut}.")]
+    return main[-1] if main else None
+
+
+def _last_norm_names(model: nn.Module) -> set[str]:
+    """Qualified names of the last norm on each residual block's main path (see the module docstring)."""
+    traced = graph.trace(model)
+    found, seen = set(), set()
+    for prefix, root, g in traced.units:
+        found |= {_join(prefix, main[-1]) for main in graph.residual_main_norms(root, g)}
+        seen |= {_join(prefix, n.target) for n in g.nodes if n.op == "call_module"}
+    registered = [n for n, m in traced.opaque.items() if isinstance(m, tuple(RESIDUAL_BLOCKS))]
+    for name in registered:
+        found |= {last for last in [_registered_block_last(name, model.get_submodule(name))] if last}
+    unseen = [n for n, _ in _norms(model) if n not in seen and not any(n.startswith(r + ".") for r in registered)]
+    if unseen:  # name the innermost untraceable module around each unseen norm
+        holders = sorted({type(traced.opaque[max((n for n in traced.opaque if not n or u.startswith(n + ".")),
+                                                 key=len)]).__name__ for u in unseen})
+        warnings.warn(f"placement='last': torch.fx cannot trace {', '.join(holders)}, so {len(unseen)} norm(s) "
+                      f"inside ({unseen[0]} ...) were not considered; if such a module is a residual block, add "
+                      f"its class to bnet_fastai.norms.RESIDUAL_BLOCKS", stacklevel=3)
     return found
 
 
-def _bn_ndim(bn: _BatchNorm) -> int:
-    # SyncBatchNorm accepts any input rank; the 2d layer is the common case.
-    return next((i + 1 for i, cls in enumerate(NORM_LAYERS["bn"]) if isinstance(bn, cls)), 2)
+def select_norms(model: nn.Module, placement: str = "all") -> list[tuple[str, nn.Module]]:
+    """The norm layers (BN or BNET) of `model` that `placement` designates, by qualified name, in order."""
+    check_choice("placement", placement, PLACEMENTS)
+    if placement == "all":
+        return list(_norms(model))
+    last = _last_norm_names(model)
+    found = [(n, m) for n, m in _norms(model) if n in last]
+    if not found:
+        raise ValueError(f"placement='last' found no residual block in {type(model).__name__}: no addition of a "
+                         f"shortcut to a path with a norm (use placement='all', or add an untraceable block class "
+                         f"to bnet_fastai.norms.RESIDUAL_BLOCKS)")
+    return found
+
+
+# Normalisation layers that are not BatchNorm: torch's, torchvision's frozen BN, and timm's norm modules.
+_OTHER_NORMS = (nn.LayerNorm, nn.GroupNorm, nn.modules.instancenorm._InstanceNorm, nn.LocalResponseNorm,
+                nn.RMSNorm, FrozenBatchNorm2d)
+_TIMM_NORM_MODULES = ("timm.layers.norm", "timm.layers.norm_act", "timm.layers.evo_norm",
+                      "timm.layers.filter_response_norm")
+
+
+def _other_norms(model: nn.Module) -> list[str]:
+    """Class names of the normalisation layers in `model` that are not BatchNorm or BNET."""
+    return sorted({type(m).__name__ for m in model.modules() if not _is_norm(m) and (
+        isinstance(m, _OTHER_NORMS) or type(m).__module__ in _TIMM_NORM_MODULES)})
 
 
 def swap_norm(model: nn.Module, norm: str = "bnet", placement: str = "all", k: int = 3,
@@ -100,6 +168,11 @@ def swap_norm(model: nn.Module, norm: str = "bnet", placement: str = "all", k: i
     Running statistics are carried over. `init` (BNET only): ``"auto"`` gives ``zero`` where the BN's
     gamma is zero (library zero-init of a block's last BN) and ``identity`` elsewhere; ``"copy"`` moves
     gamma/beta into the centre tap/bias, so a trained model keeps its function; or a BNET init name.
+
+    Each layer is converted by `NORM_CONVERSIONS`: timm's ``BatchNormAct2d`` becomes `BNETAct2d` with the
+    same drop and act modules. Every selected layer is checked before any is replaced: a BatchNorm subclass
+    with a forward of its own and no registered conversion, or a model with no BatchNorm at all (a
+    LayerNorm model), raises ValueError and leaves the model as it was.
     """
     check_choice("norm", norm, NORM_LAYERS)
     check_choice("placement", placement, PLACEMENTS)
@@ -107,10 +180,14 @@ def swap_norm(model: nn.Module, norm: str = "bnet", placement: str = "all", k: i
     check_choice("swap_norm init", init, SWAP_INITS)
     if norm == "bn":  # BN is what every supported library builds: nothing to convert.
         return model
-    for name, layer in select_norms(model, placement):
-        if isinstance(layer, _BatchNorm):
-            new_cls = NORM_LAYERS[norm][_bn_ndim(layer) - 1]
-            model.set_submodule(name, new_cls.from_bn(layer, k=k, init=init))
+    if not any(True for _ in _norms(model)):
+        others = _other_norms(model)
+        uses = f"it uses {', '.join(others)}" if others else "it has no normalisation layer"
+        raise ValueError(f"no BatchNorm layer in {type(model).__name__}: {uses}; BNET replaces BatchNorm only")
+    todo = [(name, layer, _conversion(name, layer)) for name, layer in select_norms(model, placement)
+            if isinstance(layer, _BatchNorm)]
+    for name, layer, convert in todo:
+        model.set_submodule(name, convert(layer, k, init))
     return model
 
 
@@ -129,8 +206,8 @@ def kernel_stats(model: nn.Module, x: torch.Tensor | None = None) -> list[dict]:
     1x1 maps (ResNeSt's split-attention) only ever uses its centre tap. This is what a report's kernel
     picture shows: which neighbours the learned kernels weigh.
     """
-    stages = [name for name, child in model.named_children()
-              if any(isinstance(m, tuple(RESIDUAL_BLOCKS)) for m in child.modules())]
+    tops = {n.split(".")[0] for n in _last_norm_names(model)}
+    stages = [name for name, _ in model.named_children() if name in tops]
     bnets = [(name, layer) for name, layer in _norms(model) if isinstance(layer, _BNETNd)]
     spatial = {}
     if x is not None:
