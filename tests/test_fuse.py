@@ -70,3 +70,66 @@ def test_a_bnet_after_a_non_conv_is_fused_into_its_own_kernel(tmp_path):
     x = torch.randn(2, 3, 12, 12)
     with torch.no_grad():
         assert_close(fused(x), model(x), atol=1e-5, rtol=1e-5)
+
+
+def _bias_map_model():
+    """A BNET after a ReLU: it keeps its own normalisation, a FusedBNET with a per-size bias map."""
+    model = perturb_bnets(torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.ReLU(), BNET2d(4, k=5)), 0.5)
+    return warm_running_stats(model, shape=(4, 3, 12, 12)).eval()
+
+
+def test_a_fused_model_exports_with_a_dynamic_image_size_and_caches_nothing_while_exporting():
+    model = _bias_map_model()
+    fused = fuse_bnet(model)
+    size = {2: torch.export.Dim("h", min=6, max=64), 3: torch.export.Dim("w", min=6, max=64)}
+    exported = torch.export.export(fused, (torch.randn(2, 3, 12, 12),), dynamic_shapes=(size,)).module()
+    assert fused[2]._bias_maps == {}  # no symbolic or fake map was kept for later eager calls
+    with torch.no_grad():
+        for shape in [(2, 3, 12, 12), (2, 3, 17, 9), (2, 3, 40, 33)]:
+            x = torch.randn(shape)
+            assert_close(exported(x), model(x), atol=1e-5, rtol=1e-5)
+            assert_close(fused(x), model(x), atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("build", [_bias_map_model, lambda: warm_running_stats(
+    perturb_bnets(create_model("xmininet", "bnet", k=3), 0.1)).eval()], ids=["bias-map", "xmininet"])
+def test_a_fused_model_runs_in_onnxruntime_at_other_sizes(tmp_path, build):
+    ort = pytest.importorskip("onnxruntime", reason="the dev extra installs onnxruntime")
+    model = build()
+    fused = fuse_bnet(model)
+    dims = {0: torch.export.Dim("n", min=1, max=16), 2: torch.export.Dim("h", min=16, max=96),
+            3: torch.export.Dim("w", min=16, max=96)}
+    torch.onnx.export(fused, (torch.randn(2, 3, 32, 32),), tmp_path / "fused.onnx", dynamo=True,
+                      dynamic_shapes=(dims,)).save(tmp_path / "fused.onnx")
+    session = ort.InferenceSession(tmp_path / "fused.onnx", providers=["CPUExecutionProvider"])
+    for shape in [(2, 3, 32, 32), (1, 3, 40, 24)]:
+        x = torch.randn(shape)
+        (out,) = session.run(None, {session.get_inputs()[0].name: x.numpy()})
+        with torch.no_grad():
+            assert_close(torch.from_numpy(out), model(x), atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("size", [1, 7])
+def test_fused_layers_return_the_autocast_dtype(size):
+    model = _bias_map_model()
+    fused = fuse_bnet(model)
+    x = torch.randn(2, 3, size + 2, size + 2)
+    with torch.autocast("cpu", dtype=torch.bfloat16), torch.no_grad():
+        y, y_model = fused(x), model(x)
+    assert y.dtype == y_model.dtype == torch.bfloat16
+    with torch.no_grad():
+        assert_close(y.float(), model(x), atol=0.05, rtol=0.02)
+    assert {key[2] for key in fused[2]._bias_maps} == {torch.bfloat16}
+
+
+def test_fused_norm_act_layers_keep_their_activation():
+    from bnet_fastai import BNETAct2d
+    bnet = perturb_bnets(BNETAct2d(4, act_layer="silu"), 0.5)
+    seq = warm_running_stats(torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), bnet), shape=(4, 3, 9, 9)).eval()
+    fused = fuse_bnet(seq)
+    assert isinstance(fused[1], FusedDepthwise) and isinstance(fused[1].act, torch.nn.SiLU)
+    alone = fuse_bnet(bnet)
+    x = torch.randn(2, 3, 9, 9)
+    with torch.no_grad():
+        assert_close(fused(x), seq(x), atol=1e-5, rtol=1e-5)
+        assert_close(alone(seq[0](x)), seq(x), atol=1e-5, rtol=1e-5)

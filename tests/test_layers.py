@@ -171,3 +171,38 @@ def test_one_by_one_maps_take_the_centre_tap_fast_path_with_the_same_values_and_
     assert_close(out, reference, atol=1e-5, rtol=1e-5)
     assert_close(grads[0], bnet.weight.grad, atol=1e-5, rtol=1e-4)
     assert_close(grads[1], bnet.bias.grad, atol=1e-5, rtol=1e-4)
+
+
+def test_the_repr_shows_the_init_used_and_copy_resets_as_a_batchnorm_resets():
+    bn = nn.BatchNorm2d(4)
+    with torch.no_grad():
+        bn.weight.uniform_(0.5, 1.5)
+    bnet = BNET2d.from_bn(bn, k=3, init="copy")
+    assert "init='copy'" in repr(bnet) and bnet.weight[:, 0, 1, 1].equal(bn.weight)
+    bnet.reset_parameters()  # a BatchNorm resets to gamma 1, beta 0: the identity kernel
+    assert "init='copy'" in repr(bnet) and torch.equal(bnet.weight, BNET2d(4).weight)
+    assert "init='zero'" in repr(BNET2d.from_bn(bn, init="zero"))
+
+
+def test_bnet_has_no_affine_false_form():
+    assert BNET2d(4, affine=True).weight.shape == (4, 1, 3, 3)
+    with pytest.raises(ValueError, match="BNET has no affine=False form"):
+        BNET2d(4, affine=False)
+
+
+def test_library_init_loops_over_nn_batchnorm2d_do_not_reach_bnets_normaliser():
+    bnet = BNET2d(4)
+    assert not any(isinstance(m, nn.BatchNorm2d) for m in bnet.modules())
+    assert isinstance(bnet.norm, torch.nn.modules.batchnorm._BatchNorm) and bnet.norm.weight is None
+    with pytest.raises(ValueError, match=r"expected 4D input \(got 3D input\)"):
+        bnet.norm(torch.randn(2, 4, 5))
+
+
+@pytest.mark.parametrize("size", [1, 5], ids=["1x1-fast-path", "conv"])
+def test_under_autocast_bnet_returns_the_autocast_dtype(size):
+    bnet = perturb_bnets(BNET2d(6), scale=0.3).eval()
+    x = torch.randn(2, 6, size, size)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y = bnet(x)
+    assert y.dtype == torch.bfloat16
+    assert_close(y.float(), bnet(x), atol=0.05, rtol=0.02)

@@ -1,0 +1,77 @@
+"""The torchvision and timm networks that tests/test_real_models.py converts, and the README table they give.
+
+Chosen to cover the layer kinds, not to be easy: plain BatchNorm2d and timm's BatchNormAct2d; basic,
+bottleneck, Res2Net, split-attention, inverted-residual, CSP, OSA and DLA-tree blocks; SE/ESE attention,
+depthwise convs, stochastic depth; dense (concatenating) networks with no residual addition at all.
+
+    python -m tests.model_zoo      # prints the README's "What works where" table from this list
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import timm
+import torchvision
+from torch import nn
+
+
+@dataclass(frozen=True)
+class Zoo:
+    library: str  # "torchvision" or "timm"
+    name: str
+    kinds: str  # what the network is made of, for the table
+    residual: bool = True  # has residual additions, so placement="last" applies
+    route: bool = True  # the builder takes norm_layer= (torchvision: a class; timm: a class, partial or name)
+    slow: bool = False  # more than a few seconds per test on 2 CPU cores
+
+    @property
+    def id(self) -> str:
+        return f"{'tv' if self.library == 'torchvision' else 'timm'}-{self.name}"
+
+    def build(self, **kw) -> nn.Module:
+        if self.library == "torchvision":
+            return torchvision.models.get_model(self.name, weights=None, **kw)
+        return timm.create_model(self.name, pretrained=False, **kw)
+
+
+ZOO = [
+    Zoo("torchvision", "resnet18", "BasicBlock"),
+    Zoo("torchvision", "resnet50", "Bottleneck (the released code's network)", slow=True),
+    Zoo("torchvision", "mobilenet_v3_small", "inverted residual, SE, hardswish, Conv2dNormActivation"),
+    Zoo("torchvision", "efficientnet_b0", "MBConv, SE, stochastic depth", slow=True),
+    Zoo("torchvision", "regnet_x_400mf", "RegNet bottleneck, grouped convs"),
+    Zoo("torchvision", "densenet121", "dense blocks (concatenation)", residual=False, route=False, slow=True),
+    Zoo("timm", "resnet18", "BasicBlock"),
+    Zoo("timm", "resnet50d", "Bottleneck, deep stem, avg-pool shortcut", slow=True),
+    Zoo("timm", "res2net50_26w_4s", "Res2Net hierarchical bottleneck", slow=True),
+    Zoo("timm", "resnest14d", "split attention (1x1 maps), avg-pool shortcut"),
+    Zoo("timm", "efficientnet_b0", "BatchNormAct2d, inverted residual, SE"),
+    Zoo("timm", "mobilenetv3_small_050", "BatchNormAct2d, hard-swish, SE", route=False),
+    Zoo("timm", "regnetx_002", "BatchNormAct2d, RegNet bottleneck"),
+    Zoo("timm", "cspresnet50", "BatchNormAct2d, cross-stage partial", slow=True),
+    Zoo("timm", "ese_vovnet19b_dw", "BatchNormAct2d, one-shot aggregation (no residual in 19b), ESE, depthwise",
+        residual=False),
+    Zoo("timm", "dla34", "DLA tree with residual roots", route=False),
+    Zoo("timm", "densenet121", "BatchNormAct2d, dense blocks (concatenation)", residual=False, slow=True),
+]
+# No BatchNorm at all: swap_norm refuses them, naming the norm they use.
+NO_BATCHNORM = [Zoo("timm", "convnext_atto", "LayerNorm2d"), Zoo("torchvision", "vit_b_16", "LayerNorm",
+                                                                  slow=True)]
+
+
+def table() -> str:
+    """The README's table: one row per network, from `ZOO` and `NO_BATCHNORM`, every cell a test."""
+    rows = ["| library | network | made of | `swap_norm` all | `swap_norm` last | `norm_layer=` | "
+            "`fuse_bnet` | `torch.export` / ONNX |",
+            "|---|---|---|---|---|---|---|---|"]
+    for z in ZOO:
+        last = "yes" if z.residual else "refused: no residual addition"
+        route = "yes" if z.route else "the builder takes no `norm_layer`: use `swap_norm`"
+        rows.append(f"| {z.library} | `{z.name}` | {z.kinds} | yes | {last} | {route} | yes | yes |")
+    for z in NO_BATCHNORM:
+        rows.append(f"| {z.library} | `{z.name}` | {z.kinds} | refused: no BatchNorm | refused | n/a | n/a | n/a |")
+    return "\n".join(rows)
+
+
+if __name__ == "__main__":
+    print(table())
