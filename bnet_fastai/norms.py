@@ -51,8 +51,9 @@ NORM_CONVERSIONS: dict[type[_BatchNorm], Callable[[_BatchNorm, int, str], nn.Mod
     SyncBatchNormAct: BNETAct2d.from_bn,
 }
 
-# Residual blocks fx cannot trace, by class, with the attribute holding their shortcut branch (whose norms
-# are never "last"). Traceable blocks need no entry; these are checked to agree with the traced rule.
+# Residual blocks by class, with the attribute holding their shortcut branch (whose norms are never "last"):
+# what decides for a block that fx cannot trace. Traceable blocks need no entry; on these classes the traced
+# rule picks the same layers (tests/test_conversions.py).
 RESIDUAL_BLOCKS: dict[type[nn.Module], str] = {
     ResBlock: "idpath",  # fastai xresnet / xse_resnet / xresnext
     BasicBlock: "downsample",  # timm ResNet
@@ -123,11 +124,17 @@ def _last_norm_names(model: nn.Module) -> set[str]:
         seen |= {_join(prefix, n.target) for n in g.nodes if n.op == "call_module"}
     registered = [n for n, m in traced.opaque.items() if isinstance(m, tuple(RESIDUAL_BLOCKS))]
     for name in registered:
-        found |= {last for last in [_registered_block_last(name, model.get_submodule(name))] if last}
-    unseen = [n for n, _ in _norms(model) if n not in seen and not any(n.startswith(r + ".") for r in registered)]
-    if unseen:  # name the innermost untraceable module around each unseen norm
-        holders = sorted({type(traced.opaque[max((n for n in traced.opaque if not n or u.startswith(n + ".")),
-                                                 key=len)]).__name__ for u in unseen})
+        last = _registered_block_last(name, model.get_submodule(name))
+        if last:
+            found.add(last)
+
+    def holder(name: str) -> str | None:  # the innermost untraceable module around `name`
+        return max((o for o in traced.opaque if not o or name.startswith(o + ".")), key=len, default=None)
+
+    unseen = [n for n, _ in _norms(model) if n not in seen and holder(n) is not None
+              and not any(n.startswith(r + ".") for r in registered)]
+    if unseen:  # a norm that is never called (dead code) is seen by no graph and has no untraceable holder
+        holders = sorted({type(traced.opaque[holder(u)]).__name__ for u in unseen})
         warnings.warn(f"placement='last': torch.fx cannot trace {', '.join(holders)}, so {len(unseen)} norm(s) "
                       f"inside ({unseen[0]} ...) were not considered; if such a module is a residual block, add "
                       f"its class to bnet_fastai.norms.RESIDUAL_BLOCKS", stacklevel=3)
