@@ -11,7 +11,10 @@ everything the next epoch depends on:
 - the smoothed training loss the `Recorder` carries from epoch to epoch (the ``train_loss`` column);
 - every random state the next epoch draws from: python's `random` (fastai's augmentation and our cached
   pipeline), numpy's, torch's CPU and CUDA generators (dropout, DataLoader worker seeds), and the shuffling
-  generator of each fastai DataLoader (``dl.rng``).
+  generator of each fastai DataLoader (``dl.rng``);
+- the run it belongs to: its ``run_id`` and the settings that define it. A checkpoint is resumed only by
+  that run (`load_checkpoint`); one that is not resumed (another run's, damaged, from an incompatible
+  model) is moved to ``<out>/.set-aside/`` with one line saying why, and the run trains from the start.
 
 `Resume` puts a checkpoint back into a freshly built Learner and lets fastai skip the finished epochs
 (`Learner.fit(..., start_epoch=k)`'s `SkipToEpoch`, given to either schedule through ``cbs``: fastai 2.8's
@@ -38,6 +41,7 @@ from fastai.callback.progress import CSVLogger
 from fastai.learner import Learner, Recorder, SkipToEpoch
 
 from ._files import atomic_file
+from .data import notice
 
 CHECKPOINT, WEIGHTS = "checkpoint.pth", "model.pth"
 
@@ -103,8 +107,8 @@ class EpochCheckpoint(Callback):
 
     order = Recorder.order + 5  # after the Recorder wrote the epoch's history row and TensorBoard its scalars
 
-    def __init__(self, run_dir: Path, seconds_before: float = 0.0):
-        self.path, self.seconds_before = Path(run_dir) / CHECKPOINT, seconds_before
+    def __init__(self, run_dir: Path, seconds_before: float = 0.0, run: dict | None = None):
+        self.path, self.seconds_before, self.run = Path(run_dir) / CHECKPOINT, seconds_before, run or {}
 
     def before_fit(self) -> None:
         self.started = time.time()
@@ -115,7 +119,7 @@ class EpochCheckpoint(Callback):
         smooth = self.recorder.smooth_loss
         scaler = getattr(self.learn, "scaler", None)
         seconds = self.seconds_before + time.time() - self.started  # training time over every session
-        state = {"epochs_done": self.epoch + 1, "train_iter": self.train_iter, "seconds": seconds,
+        state = {"run": self.run, "epochs_done": self.epoch + 1, "train_iter": self.train_iter, "seconds": seconds,
                  "model": unwrapped(self.model).state_dict(), "opt": self.opt.state_dict(),
                  "scaler": scaler.state_dict() if scaler is not None else None,
                  "smooth_loss": (smooth.count, smooth.val), "random": random_states(self.learn)}
@@ -189,16 +193,43 @@ class AppendingCSVLogger(CSVLogger):
         self.old_logger, self.learn.logger = self.logger, self._write_line
 
 
-def load_checkpoint(run_dir: Path) -> dict | None:
-    """The run's checkpoint, or None if there is none or it cannot be read (then the run starts over)."""
+def load_checkpoint(run_dir: Path, run_id: str) -> tuple[dict | None, str | None]:
+    """The run's own checkpoint and None, or None and why the file there cannot be resumed (None, None: none).
+
+    Resumed only if it reads whole and records `run_id`: a checkpoint copied from another run (another seed,
+    another norm) or written before checkpoints recorded their run is not this run's history.
+    """
     path = Path(run_dir) / CHECKPOINT
     if not path.is_file():
-        return None
+        return None, None
     try:
         state = torch.load(path, map_location="cpu", weights_only=False)
-    except Exception:  # noqa: BLE001  (whatever torch raises on a damaged file: start over instead)
-        return None
-    return state if isinstance(state, dict) and {"epochs_done", "model", "opt", "random"} <= set(state) else None
+    except Exception as e:  # noqa: BLE001  (whatever torch raises on a damaged file: start over instead)
+        return None, f"it cannot be read ({type(e).__name__}: {one_line(e)})"
+    if not (isinstance(state, dict) and {"epochs_done", "model", "opt", "random"} <= set(state)):
+        return None, "it is not a checkpoint of this package"
+    owner = (state.get("run") or {}).get("run_id")
+    if owner is None:
+        return None, "it records no run (written before checkpoints named their run)"
+    if owner != run_id:
+        return None, f"it belongs to run {owner}"
+    return state, None
+
+
+def set_aside(run_dir: Path, why: str) -> Path:
+    """Move `run_dir`'s checkpoint to ``<out>/.set-aside/`` (kept for inspection, never resumed) and say so."""
+    run_dir = Path(run_dir)
+    dest = run_dir.parent / ".set-aside" / f"{run_dir.name}.{time.strftime('%Y%m%d-%H%M%S')}.{CHECKPOINT}"
+    dest.parent.mkdir(exist_ok=True)
+    (run_dir / CHECKPOINT).replace(dest)
+    notice(f"{run_dir.name}: not resuming from {CHECKPOINT}: {why}; moved to {dest}, training from the start")
+    return dest
+
+
+def one_line(error: BaseException, width: int = 160) -> str:
+    """An exception's message cut to one line: a state_dict mismatch lists every key over many lines."""
+    text = (str(error).strip().splitlines() or [""])[0]
+    return text if len(text) <= width else text[:width - 3] + "..."
 
 
 def restore(learn: Learner, state: dict) -> None:

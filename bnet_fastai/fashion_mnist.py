@@ -5,7 +5,11 @@ Sources, the first that has all four files: a folder named by ``BNET_FASTAI_FASH
 ``BNET_FASTAI_MIRROR/<file name>`` when the mirror is set, else the dataset's official location. Downloaded
 files are kept in ``<data root>/archive/fashion-mnist/``. Every file is checked before use: gzip's CRC, the
 IDX magic number, 28x28 images, a payload of exactly the size the header announces, labels in 0..9, and
-as many labels as images. The images are then written once, atomically, into the Imagenette layout
+as many labels as images, and each file's content against the published dataset's SHA-256: other files (a
+well-formed label file with other labels would silently change every accuracy) stop with one line naming
+the file, unless ``BNET_FASTAI_FASHION_MNIST_UNPUBLISHED=1`` says to use them as given; the dataset's record
+(``.bnet_fastai_fashion_mnist.json``) and every run's ``config.json`` then say the files are not the published
+ones. The images are then written once, atomically, into the Imagenette layout
 (``train/<class>/<index>.png``, ``val/<class>/<index>.png``; the 10,000 test images are the validation
 set) so the same loaders, cache and report run unchanged.
 """
@@ -43,6 +47,7 @@ PUBLISHED_SHA256 = {
 CLASSES = ("tshirt_top", "trouser", "pullover", "dress", "coat", "sandal", "shirt", "sneaker", "bag", "ankle_boot")
 IMAGE_MAGIC, LABEL_MAGIC, SIDE = 2051, 2049, 28
 INFO_FILE = ".bnet_fastai_fashion_mnist.json"  # written last: the folder is complete
+UNPUBLISHED_ENV = "BNET_FASTAI_FASHION_MNIST_UNPUBLISHED"  # "1": train on files that are not the published ones
 
 
 class FashionMNISTError(DatasetError):
@@ -150,13 +155,37 @@ def _fix_for(folder: Path, archive: Path) -> str:
     return "replace it in the folder BNET_FASTAI_FASHION_MNIST names, or unset the variable"
 
 
+def unpublished_allowed() -> bool:
+    """Whether the user said to train on Fashion-MNIST files that are not the published ones."""
+    return os.environ.get(UNPUBLISHED_ENV, "").strip().lower() in ("1", "true", "yes")
+
+
+def provenance(path: Path) -> dict:
+    """What a written Fashion-MNIST folder was made from (source, published files or not); {} for others."""
+    info_file = Path(path) / INFO_FILE
+    if not info_file.is_file():
+        return {}
+    info = json.loads(info_file.read_text())
+    return {"source": info["source"], "published_files": info["published"]}
+
+
+def _check_written(dest: Path) -> Path:
+    """`dest`, refused if it was written from files that are not the published ones and nobody said so."""
+    info = provenance(dest)
+    if not info["published_files"] and not unpublished_allowed():
+        raise FashionMNISTError(f"{dest} was written from Fashion-MNIST files that are not the published ones "
+                                f"(from {info['source']}): delete {dest} to rebuild it from the published files, "
+                                f"or set {UNPUBLISHED_ENV}=1 to train on it as it is")
+    return dest
+
+
 def write(dest: Path, archive: Path) -> Path:
     """Fashion-MNIST as PNGs in the Imagenette layout at `dest`, written once; returns `dest`."""
     if is_written(dest):
-        return dest
+        return _check_written(dest)
     with writer_lock(dest):
         if is_written(dest):  # written by another process while this one waited
-            return dest
+            return _check_written(dest)
         folder = local_folder()
         if folder is None:
             for name in (n for pair in FILES.values() for n in pair):
@@ -168,13 +197,24 @@ def write(dest: Path, archive: Path) -> Path:
             if folder == archive:  # a damaged download is never reused: the next run fetches it again
                 shutil.rmtree(archive, ignore_errors=True)
             raise
-        published = all(PUBLISHED_SHA256[n] == d for n, d in digests.items())
-        info = {"source": str(folder), "sha256": digests, "published": published,
+        others = [n for n, d in digests.items() if PUBLISHED_SHA256[n] != d]
+        if others and not unpublished_allowed():
+            if folder == archive:  # never reused: the next run fetches the files again
+                shutil.rmtree(archive, ignore_errors=True)
+            name, mirror = others[0], os.environ.get("BNET_FASTAI_MIRROR") or OFFICIAL_URL
+            where, fix = ((f"{folder / name}", _fix_for(folder, archive)) if folder != archive else
+                          (f"{name} from {mirror}", f"the download was deleted; serve the published files there"))
+            raise FashionMNISTError(
+                f"{where} is not the published Fashion-MNIST file (SHA-256 {digests[name][:12]}..., published "
+                f"{PUBLISHED_SHA256[name][:12]}...; {len(others)} of 4 files differ): {fix}, or set "
+                f"{UNPUBLISHED_ENV}=1 to train on these files as given")
+        info = {"source": str(folder), "sha256": digests, "published": not others, "not_published": others,
                 "counts": {s: len(v[1]) for s, v in splits.items()}}
         _write_pngs(dest, splits, info)
-    if not published:
-        print(f"note: the Fashion-MNIST files in {folder} are not the published ones (checksums differ); "
-              f"used as given", flush=True)
+    if others:
+        print(f"note: training on Fashion-MNIST files that are not the published ones ({', '.join(others)} in "
+              f"{folder}), as {UNPUBLISHED_ENV}=1 says; the dataset's record and each run's config.json say so",
+              flush=True)
     return dest
 
 

@@ -43,12 +43,15 @@ from .checkpoint import (
     QuietSkippedEpochs,
     Resume,
     load_checkpoint,
+    one_line,
     restore,
     save_weights,
+    set_aside,
     unwrapped,
 )
 from .config import ADDED_LATER, SCHEDULES, RunConfig  # noqa: F401  (public here too)
-from .data import DATASETS, dataloaders, image_files, notice, prepare, subsample_train
+from . import fashion_mnist
+from .data import DATASETS, dataloaders, image_files, prepare, subsample_train
 from .fuse import fuse_bnet
 from .models import create_model
 from .norms import kernel_stats
@@ -163,17 +166,19 @@ def _decide(config: RunConfig, run_dir: Path, force: bool, wait: bool,
         if damage is None:
             (run_dir / CHECKPOINT).unlink(missing_ok=True)  # left by a kill just after the run finished
             return {"action": "reuse", "result": {**previous, "run_dir": str(run_dir), "reused": True}}, None
-    state = None if force or status in DONE else load_checkpoint(run_dir)
+    state, why = (None, None) if force or status in DONE else load_checkpoint(run_dir, config.run_id)
     if state and history_rows(run_dir) < state["epochs_done"]:  # history lost rows: it cannot continue
-        state = None
+        state, why = None, f"history.csv has fewer rows than its {state['epochs_done']} epochs"
+    if why:
+        set_aside(run_dir, why)
     try:
         learn, divergence = build_learner(config)  # builds the dataset's cache too, before the other ranks
         if state:
             try:
                 restore(learn, state)
-            except Exception as e:  # noqa: BLE001  (e.g. written by another fastai version: start over)
-                notice(f"{run_dir.name}: its checkpoint cannot be restored ({type(e).__name__}: {e}); "
-                       f"training it from the start")
+            except Exception as e:  # noqa: BLE001  (e.g. another model's weights: start over)
+                set_aside(run_dir, f"it does not fit this run's model or optimizer ({type(e).__name__}: "
+                                   f"{one_line(e)})")
                 state = None
                 learn, divergence = build_learner(config)
     except ValueError:  # bad input: the output folder is left as it was
@@ -196,7 +201,7 @@ def _follow(config: RunConfig, run_dir: Path, start: int) -> tuple:
     """A rank other than 0: the Learner, and the checkpoint rank 0 resumes from (every rank must read the same
     one: `out` is a folder they all share)."""
     learn, divergence = build_learner(config)
-    state = load_checkpoint(run_dir) if start else None
+    state = load_checkpoint(run_dir, config.run_id)[0] if start else None
     if start and (state is None or state["epochs_done"] != start):
         raise RunFailed(f"rank {rank_distrib()} cannot read the checkpoint of epoch {start} that rank 0 resumes "
                         f"from in {run_dir}: give every rank the same --out folder")
@@ -224,7 +229,8 @@ def _open_run(learn: Learner, config: RunConfig, run_dir: Path, state: dict | No
     learn.path = run_dir  # CSVLogger writes relative to learn.path, which fastai sets to the dataset folder
     learn.add_cbs([AppendingCSVLogger("history.csv") if start else CSVLogger(fname="history.csv"),
                    TensorBoardScalars(run_dir, first_step=start + 1),
-                   EpochCheckpoint(run_dir, seconds_before=state.get("seconds", 0) if state else 0)])
+                   EpochCheckpoint(run_dir, seconds_before=state.get("seconds", 0) if state else 0,
+                                   run={"run_id": config.run_id, "config": asdict(config)})])
 
 
 def _fit(learn: Learner, divergence: "DivergenceCallback", config: RunConfig, run_dir: Path,
@@ -352,7 +358,8 @@ def _write_config(learn: Learner, config: RunConfig, run_dir: Path) -> None:
     atomic_write(run_dir / "config.json", json.dumps({
         "run_id": config.run_id, "config": asdict(config),
         "dataset": {"name": config.dataset, "path": str(dls.path), "n_train": len(dls.train_ds),
-                    "n_valid": len(dls.valid_ds), "classes": list(map(str, dls.vocab))},
+                    "n_valid": len(dls.valid_ds), "classes": list(map(str, dls.vocab)),
+                    **fashion_mnist.provenance(dls.path)},  # Fashion-MNIST: its source, published files or not
         "model": {"parameters": sum(p.numel() for p in model.parameters()),
                   "parameters_not_decayed": sum(p.numel() for p in no_decay_params(model))},
         "weight_decay_rule": ("every parameter is decayed" if config.wd_norm else

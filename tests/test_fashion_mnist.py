@@ -23,8 +23,10 @@ TRAIN_IMAGES, TRAIN_LABELS = fashion_mnist.FILES["train"]
 
 @pytest.fixture
 def data_root(tmp_path, monkeypatch):
-    """An empty data root; Debian's folder (installed on our machines) hidden so each test picks its source."""
+    """An empty data root; Debian's folder (installed on our machines) hidden so each test picks its source.
+    The tests' small IDX files are not the published ones: they say so (`UNPUBLISHED_ENV`)."""
     monkeypatch.setenv("BNET_FASTAI_DATA", str(tmp_path / "data"))
+    monkeypatch.setenv(fashion_mnist.UNPUBLISHED_ENV, "1")
     monkeypatch.delenv("BNET_FASTAI_FASHION_MNIST", raising=False)
     monkeypatch.delenv("BNET_FASTAI_MIRROR", raising=False)
     monkeypatch.setattr(fashion_mnist, "DEBIAN_FOLDER", tmp_path / "no-debian-package")
@@ -87,7 +89,7 @@ def test_a_damaged_file_exits_2_in_one_line_naming_it_and_a_retry_after_the_fix_
                                                                                         words):
     local, root = tmp_path / "local", tmp_path / "data"
     write_idx(local, **damage)
-    env = {"BNET_FASTAI_DATA": str(root), "BNET_FASTAI_FASHION_MNIST": str(local)}
+    env = {"BNET_FASTAI_DATA": str(root), "BNET_FASTAI_FASHION_MNIST": str(local), fashion_mnist.UNPUBLISHED_ENV: "1"}
     done = _cli("data", "fashion-mnist", env=env)
     assert done.returncode == 2 and done.stdout == ""
     assert len(done.stderr.strip().splitlines()) == 1 and "Traceback" not in done.stderr
@@ -181,3 +183,30 @@ def test_fashion_mnist_is_available_offline_only_with_its_files(tmp_path, data_r
     write_idx(tmp_path / "local")
     monkeypatch.setenv("BNET_FASTAI_FASHION_MNIST", str(tmp_path / "local"))
     assert study.dataset_available("fashion-mnist")
+
+
+def test_well_formed_files_that_are_not_the_published_ones_stop_unless_said(tmp_path, data_root, monkeypatch):
+    arrays = write_idx(tmp_path / "local")
+    monkeypatch.setenv("BNET_FASTAI_FASHION_MNIST", str(tmp_path / "local"))
+    monkeypatch.delenv(fashion_mnist.UNPUBLISHED_ENV)
+    bad = _cli("run", "--dataset", "fashion-mnist", "--arch", "xmininet", "--epochs", "1", "--out",
+               str(tmp_path / "out"), env={"BNET_FASTAI_DATA": str(data_root)})
+    assert bad.returncode == 2 and len(bad.stderr.strip().splitlines()) == 1, bad.stderr
+    assert f"{tmp_path / 'local' / TRAIN_IMAGES} is not the published Fashion-MNIST file" in bad.stderr
+    assert f"4 of 4 files differ" in bad.stderr and f"{fashion_mnist.UNPUBLISHED_ENV}=1" in bad.stderr
+    assert not (data_root / "fashion-mnist").exists() and not (tmp_path / "out").exists()
+
+    monkeypatch.setenv(fashion_mnist.UNPUBLISHED_ENV, "1")  # said: used as given, and recorded
+    path = prepare("fashion-mnist")
+    info = json.loads((path / fashion_mnist.INFO_FILE).read_text())
+    assert info["published"] is False and sorted(info["not_published"]) == sorted(fashion_mnist.PUBLISHED_SHA256)
+    assert fashion_mnist.provenance(path) == {"source": str(tmp_path / "local"), "published_files": False}
+    from bnet_fastai.train import RunConfig, run
+    result = run(RunConfig(arch="xmininet", dataset="fashion-mnist", size=16, bs=8, epochs=1, workers=0),
+                 tmp_path / "runs")
+    dataset = json.loads((Path(result["run_dir"]) / "config.json").read_text())["dataset"]
+    assert dataset["published_files"] is False and dataset["source"] == str(tmp_path / "local")
+    monkeypatch.delenv(fashion_mnist.UNPUBLISHED_ENV)  # a folder written so is not used later without it
+    with pytest.raises(fashion_mnist.FashionMNISTError, match="was written from Fashion-MNIST files that are not"):
+        prepare("fashion-mnist")
+    assert len(arrays["train_labels"]) == 20

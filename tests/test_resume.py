@@ -1,5 +1,6 @@
 """Per-epoch checkpoints (issue 11): a killed run resumes at its first unfinished epoch and ends exactly where
 an uninterrupted run ends; a finished run keeps loadable weights and drops its checkpoint."""
+import io
 import json
 import os
 import subprocess
@@ -122,6 +123,74 @@ def test_a_kill_after_the_last_epoch_but_before_the_final_status_just_finishes_t
     assert json.loads((run_dir / "status.json").read_text())["resumed_from_epoch"] == 4
     _same_end(run_dir, whole)
     assert not (run_dir / "checkpoint.pth").exists()
+
+
+@pytest.fixture(scope="module")
+def other_runs_checkpoint(uninterrupted):
+    """checkpoint.pth of another run (seed 1) killed after 2 of its 4 epochs."""
+    root, _ = uninterrupted
+    other = {**CONFIG, "seed": 1}
+    script = root / "die-other.py"
+    script.write_text(DIE)
+    died = subprocess.run([sys.executable, str(script), str(root / "other"), "after", "2", repr(other)],
+                          capture_output=True, text=True, timeout=300,
+                          env={**os.environ, "BNET_FASTAI_DATA": str(root / "data")})
+    assert died.returncode == -9, died.stderr[-2000:]
+    return (root / "other" / RunConfig(**other).run_id / "checkpoint.pth").read_bytes(), RunConfig(**other).run_id
+
+
+def _trained_with_this_checkpoint(root: Path, name: str, data: bytes, monkeypatch, capsys) -> tuple[Path, str]:
+    """This run (CONFIG) into a folder holding `data` as its checkpoint (and the killed run's history): the
+    result, and its one stderr line about the checkpoint."""
+    monkeypatch.setenv("BNET_FASTAI_DATA", str(root / "data"))
+    run_dir = root / name / RunConfig(**CONFIG).run_id
+    run_dir.mkdir(parents=True)
+    (run_dir / "checkpoint.pth").write_bytes(data)
+    (run_dir / "history.csv").write_bytes(next((root / "other").glob("*/history.csv")).read_bytes())
+    capsys.readouterr()
+    result = run(RunConfig(**CONFIG), root / name)
+    err = capsys.readouterr().err
+    assert result["status"] == "finished" and "resumed_from_epoch" not in result
+    lines = [line for line in err.splitlines() if "checkpoint.pth" in line]
+    assert len(lines) == 1, err
+    return Path(result["run_dir"]), lines[0]
+
+
+def test_another_runs_checkpoint_is_set_aside_and_the_run_trains_from_the_start(
+        uninterrupted, other_runs_checkpoint, monkeypatch, capsys):
+    root, whole = uninterrupted
+    data, other_id = other_runs_checkpoint
+    run_dir, line = _trained_with_this_checkpoint(root, "foreign", data, monkeypatch, capsys)
+    assert line.startswith(f"{run_dir.name}: not resuming from checkpoint.pth: it belongs to run {other_id}; "
+                           f"moved to {root / 'foreign' / '.set-aside'}")
+    _same_end(run_dir, whole)  # the history of an uninterrupted run, none of the other run's
+    (kept,) = (root / "foreign" / ".set-aside").iterdir()
+    assert kept.read_bytes() == data
+
+
+@pytest.mark.parametrize("damage", ["truncated", "random"])
+def test_a_damaged_checkpoint_is_named_in_one_line_and_the_run_trains_from_the_start(
+        uninterrupted, other_runs_checkpoint, monkeypatch, capsys, damage):
+    root, whole = uninterrupted
+    data = other_runs_checkpoint[0][:1000] if damage == "truncated" else os.urandom(4096)
+    run_dir, line = _trained_with_this_checkpoint(root, f"damaged-{damage}", data, monkeypatch, capsys)
+    assert f"{run_dir.name}: not resuming from checkpoint.pth: it cannot be read (" in line
+    assert line.endswith("training from the start")
+    _same_end(run_dir, whole)
+
+
+def test_a_checkpoint_of_an_incompatible_model_is_one_line_not_a_state_dict_dump(
+        uninterrupted, other_runs_checkpoint, monkeypatch, capsys, tmp_path):
+    root, whole = uninterrupted
+    state = torch.load(io.BytesIO(other_runs_checkpoint[0]), weights_only=False)
+    state["run"]["run_id"] = RunConfig(**CONFIG).run_id  # claims to be this run's, holds another model
+    state["model"] = {f"{k}.extra": v for k, v in state["model"].items()}
+    buffer = io.BytesIO()
+    torch.save(state, buffer)
+    run_dir, line = _trained_with_this_checkpoint(root, "incompatible", buffer.getvalue(), monkeypatch, capsys)
+    assert "it does not fit this run's model or optimizer (RuntimeError: Error(s) in loading state_dict" in line
+    assert len(line) < 400
+    _same_end(run_dir, whole)
 
 
 def test_model_pth_reproduces_the_logged_accuracy_and_the_fused_model_agrees(uninterrupted, monkeypatch):
