@@ -2,10 +2,33 @@
 from __future__ import annotations
 
 import contextlib
+import errno
 import fcntl
 import os
 from collections.abc import Iterator
 from pathlib import Path
+
+# Write errors a user can fix, by errno: what happened, and what to do.
+_FIXABLE = {
+    errno.ENOSPC: ("no space left on its device", "free some space"),
+    errno.EDQUOT: ("the disk quota is exceeded", "free some space or raise the quota"),
+    errno.EROFS: ("its file system is read-only", "use a writable folder"),
+    errno.EACCES: ("permission denied", "make it writable or use another folder"),
+    errno.EPERM: ("operation not permitted", "make it writable or use another folder"),
+}
+
+
+def file_fault(error: BaseException) -> tuple[str, str] | None:
+    """(what happened, the fix) when `error`, or an error it was raised from, is a write error a user can fix.
+
+    fastai re-raises a callback's error with its own message but the same object, so the errno survives."""
+    seen = set()
+    while error is not None and id(error) not in seen:
+        seen.add(id(error))
+        if isinstance(error, OSError) and error.errno in _FIXABLE:
+            return _FIXABLE[error.errno]
+        error = error.__cause__ or error.__context__
+    return None
 
 
 @contextlib.contextmanager

@@ -28,6 +28,7 @@ A finished run keeps ``model.pth`` (the model's state_dict) and drops its checkp
 from __future__ import annotations
 
 import contextlib
+import io
 import random
 import signal
 import threading
@@ -53,9 +54,14 @@ def unwrapped(model: torch.nn.Module) -> torch.nn.Module:
 
 
 def atomic_save(obj: object, path: Path) -> None:
-    """`torch.save` that readers (and a later resume) see whole or not at all."""
+    """`torch.save` that readers (and a later resume) see whole or not at all.
+
+    Serialised in memory, then written by Python: torch's zip writer reports a full disk as
+    ``unexpected pos …``, Python as ``OSError(ENOSPC)``, which names the cause (`_files.file_fault`)."""
+    buffer = io.BytesIO()
+    torch.save(obj, buffer)
     with atomic_file(path, "wb") as f:
-        torch.save(obj, f)
+        f.write(buffer.getbuffer())
 
 
 @contextlib.contextmanager

@@ -34,7 +34,7 @@ from fastai.optimizer import SGD, Adam, ranger
 from fastai.torch_core import num_distrib, rank_distrib, set_seed
 
 from ._checks import check_output_folder
-from ._files import atomic_write
+from ._files import atomic_write, file_fault
 from .cache import cached_dataloaders
 from .checkpoint import (
     CHECKPOINT,
@@ -145,7 +145,11 @@ def run(config: RunConfig, out: str | Path = "results/default", force: bool = Fa
             return decision["result"]
         learn, divergence, state = built or _follow(config, run_dir, decision["start_epoch"])
         if main_process:
-            _open_run(learn, config, run_dir, state)
+            try:
+                _open_run(learn, config, run_dir, state)
+            except OSError as e:
+                _raise_if_fixable(e, run_dir)
+                raise
         show_progress(learn, config.run_id, main_process)
         learn.add_cbs(cbs or [])
         result = _fit(learn, divergence, config, run_dir, main_process, state)
@@ -254,6 +258,7 @@ def _fit(learn: Learner, divergence: "DivergenceCallback", config: RunConfig, ru
         raise
     except Exception as e:
         if main_process:
+            _raise_if_fixable(e, run_dir)
             write_status(run_dir, "failed", error=f"{type(e).__name__}: {e}")
         raise RunFailed(f"{type(e).__name__}: {e} (see {run_dir / 'status.json'})") from e
     trained = [v for v in learn.recorder.values if len(v)]  # a resumed run's skipped epochs have none
@@ -267,9 +272,24 @@ def _fit(learn: Learner, divergence: "DivergenceCallback", config: RunConfig, ru
         try:
             _finish(learn, config, run_dir, status, final)
         except Exception as e:  # the last checkpoint stays: running the run again finishes it
+            _raise_if_fixable(e, run_dir)
             write_status(run_dir, "failed", error=f"after the last epoch: {type(e).__name__}: {e}")
             raise RunFailed(f"{type(e).__name__}: {e} (see {run_dir / 'status.json'})") from e
     return {"status": status, **final, "run_dir": str(run_dir), "reused": False}
+
+
+def _raise_if_fixable(error: BaseException, run_dir: Path) -> None:
+    """A write error the user can fix (a full disk, a read-only or foreign folder): status `failed` with the
+    cause where it can still be written, and one line naming the folder, the cause and the fix."""
+    fault = file_fault(error)
+    if fault is None:
+        return
+    what, fix = fault
+    message = (f"cannot write {run_dir}: {what}; {fix}, then run the same command again (it resumes from its "
+               f"last finished epoch)")
+    with contextlib.suppress(OSError):  # on a full disk the removed temporary file may have made room
+        write_status(run_dir, "failed", error=message)
+    raise RunFailed(message) from error
 
 
 def _last_accuracy(run_dir: Path) -> float | None:

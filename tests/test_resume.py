@@ -1,8 +1,10 @@
 """Per-epoch checkpoints (issue 11): a killed run resumes at its first unfinished epoch and ends exactly where
 an uninterrupted run ends; a finished run keeps loadable weights and drops its checkpoint."""
+import contextlib
 import io
 import json
 import os
+import shutil
 import subprocess
 import sys
 import textwrap
@@ -13,7 +15,10 @@ import pandas as pd
 import pytest
 import torch
 
-from bnet_fastai.checkpoint import load_model
+from fastai.callback.core import Callback
+
+from bnet_fastai.checkpoint import EpochCheckpoint, load_model
+from bnet_fastai.runstate import RunFailed
 from bnet_fastai.train import RunConfig, build_learner, run
 
 CONFIG = dict(arch="xmininet", norm="bnet", dataset="sample", size=16, bs=32, epochs=4, fraction=0.5, workers=0,
@@ -191,6 +196,51 @@ def test_a_checkpoint_of_an_incompatible_model_is_one_line_not_a_state_dict_dump
     assert "it does not fit this run's model or optimizer (RuntimeError: Error(s) in loading state_dict" in line
     assert len(line) < 400
     _same_end(run_dir, whole)
+
+
+@contextlib.contextmanager
+def _small_tmpfs(path: Path, size: str = "64m"):
+    """A tmpfs at `path`, where this process may mount one (root with CAP_SYS_ADMIN); else the test skips."""
+    path.mkdir()
+    if os.geteuid() != 0 or shutil.which("mount") is None:
+        pytest.skip("mounting a tmpfs to fill needs root and mount(8)")
+    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(path)],
+                             capture_output=True, text=True)
+    if mounted.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here: {mounted.stderr.strip()}")
+    try:
+        yield path
+    finally:
+        subprocess.run(["umount", "-l", str(path)], check=False)
+
+
+def test_a_full_disk_is_named_in_one_line_and_the_rerun_after_freeing_space_resumes(
+        uninterrupted, monkeypatch, tmp_path):
+    root, whole = uninterrupted
+    monkeypatch.setenv("BNET_FASTAI_DATA", str(root / "data"))
+
+    class FillTheDisk(Callback):  # after epoch 2's history row, before its checkpoint: leave 64 KiB free
+        order = EpochCheckpoint.order - 1
+
+        def after_epoch(self):
+            if self.epoch == 1:
+                free = shutil.disk_usage(out).free
+                (out / "filler").write_bytes(b"\0" * max(free - 64 * 1024, 0))
+
+    with _small_tmpfs(tmp_path / "small") as out:
+        with pytest.raises(RunFailed) as err:
+            run(RunConfig(**CONFIG), out, cbs=[FillTheDisk()])
+        run_dir = out / RunConfig(**CONFIG).run_id
+        message = str(err.value)
+        assert message == (f"cannot write {run_dir}: no space left on its device; free some space, then run the "
+                           f"same command again (it resumes from its last finished epoch)")
+        status = json.loads((run_dir / "status.json").read_text())
+        assert status["status"] == "failed" and status["error"] == message
+        assert not list(run_dir.glob(".*.tmp"))  # the checkpoint write left nothing half written
+        (out / "filler").unlink()
+        result = run(RunConfig(**CONFIG), out)
+        assert result["status"] == "finished" and result["resumed_from_epoch"] == 1
+        _same_end(run_dir, whole)
 
 
 def test_model_pth_reproduces_the_logged_accuracy_and_the_fused_model_agrees(uninterrupted, monkeypatch):
