@@ -259,7 +259,12 @@ def load_model(run_dir: str | Path) -> torch.nn.Module:
     from .models import create_model
 
     run_dir = Path(run_dir)
-    saved = json.loads((run_dir / "config.json").read_text())
+    if not (run_dir / "config.json").is_file():
+        runs = sorted(p.parent for p in run_dir.glob("*/config.json"))
+        if runs:
+            raise ValueError(f"{run_dir} is an experiment folder ({len(runs)} runs), not a run: pass one run "
+                             f"folder, e.g. load_model({str(runs[0])!r})")
+        raise ValueError(f"{run_dir} is not a run folder (it has no config.json): pass <out>/<run_id>")
     c = saved["config"]
     model = create_model(c["arch"], c["norm"], n_out=len(saved["dataset"]["classes"]), placement=c["placement"],
                          k=c["k"], act=c["act"], bnet_init=c["bnet_init"], sa=c.get("sa", False),

@@ -14,7 +14,6 @@ import sys
 import tarfile
 import tempfile
 import urllib.error
-import urllib.parse
 import zlib
 from dataclasses import dataclass
 from pathlib import Path
@@ -31,7 +30,7 @@ from fastai.vision.utils import verify_images
 from . import fashion_mnist
 from ._checks import DatasetError, check_choice
 from ._files import atomic_write, writer_lock
-from .paths import data_root, results_root  # noqa: F401  (results_root: public here too)
+from .paths import data_root, mirror, results_root  # noqa: F401  (results_root: public here too)
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png")
 VERIFIED_FILE = ".bnet_fastai_verified.json"  # the unreadable images found once, so later runs skip them
@@ -82,11 +81,11 @@ def list_datasets() -> list[str]:
 def download_url(name: str) -> str:
     """The URL `name` is fetched from: its fastai URL, or the mirror's copy of the same archive."""
     spec = DATASETS[name]
-    mirror = os.environ.get("BNET_FASTAI_MIRROR", "").rstrip("/")
-    if mirror and urllib.parse.urlparse(mirror).scheme not in ("http", "https", "ftp", "file"):
-        raise DatasetError(f"BNET_FASTAI_MIRROR={mirror!r} is not a URL: give it with its scheme, "
-                           f"e.g. http://host/path")
-    return f"{mirror}/{spec.archive}" if mirror else spec.url
+    try:
+        base = mirror()
+    except ValueError as e:
+        raise DatasetError(str(e)) from None
+    return f"{base}/{spec.archive}" if base else spec.url
 
 
 def prepare(name: str) -> Path:

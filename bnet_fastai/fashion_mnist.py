@@ -30,6 +30,7 @@ import numpy as np
 
 from ._checks import DatasetError
 from ._files import writer_lock
+from .paths import mirror
 
 OFFICIAL_URL = "http://fashion-mnist.s3-website.eu-central-1.amazonaws.com"
 DEBIAN_FOLDER = Path("/usr/share/datasets/fashion-mnist")
@@ -86,9 +87,12 @@ def _download(name: str, archive: Path) -> Path:
     path = archive / name
     if path.is_file():
         return path
-    mirror = os.environ.get("BNET_FASTAI_MIRROR", "").rstrip("/")
-    url = f"{mirror or OFFICIAL_URL}/{name}"
-    setting = "BNET_FASTAI_MIRROR" if mirror else "BNET_FASTAI_MIRROR (or install Debian's dataset-fashion-mnist)"
+    try:
+        base = mirror()
+    except ValueError as e:  # before the archive folder exists
+        raise FashionMNISTError(str(e)) from None
+    url = f"{base or OFFICIAL_URL}/{name}"
+    setting = "BNET_FASTAI_MIRROR" if base else "BNET_FASTAI_MIRROR (or install Debian's dataset-fashion-mnist)"
     archive.mkdir(parents=True, exist_ok=True)
     tmp = archive / f".{name}.{os.getpid()}.part"
     try:
@@ -201,9 +205,9 @@ def write(dest: Path, archive: Path) -> Path:
         if others and not unpublished_allowed():
             if folder == archive:  # never reused: the next run fetches the files again
                 shutil.rmtree(archive, ignore_errors=True)
-            name, mirror = others[0], os.environ.get("BNET_FASTAI_MIRROR") or OFFICIAL_URL
+            name, source = others[0], mirror() or OFFICIAL_URL
             where, fix = ((f"{folder / name}", _fix_for(folder, archive)) if folder != archive else
-                          (f"{name} from {mirror}", f"the download was deleted; serve the published files there"))
+                          (f"{name} from {source}", "the download was deleted; serve the published files there"))
             raise FashionMNISTError(
                 f"{where} is not the published Fashion-MNIST file (SHA-256 {digests[name][:12]}..., published "
                 f"{PUBLISHED_SHA256[name][:12]}...; {len(others)} of 4 files differ): {fix}, or set "

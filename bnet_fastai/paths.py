@@ -6,7 +6,10 @@ Data root: ``data/`` beside the package's project (or ``./data`` when installed 
 from __future__ import annotations
 
 import os
+import urllib.parse
 from pathlib import Path
+
+MIRROR_SCHEMES = ("http", "https", "ftp", "file")  # what urllib fetches
 
 
 def _project_folder(name: str, variable: str) -> Path:
@@ -24,3 +27,13 @@ def data_root() -> Path:
 def results_root() -> Path:
     """The folder experiments are written into by default: `BNET_FASTAI_RESULTS`, else ``results/``."""
     return _project_folder("results", "BNET_FASTAI_RESULTS")
+
+
+def mirror() -> str:
+    """`BNET_FASTAI_MIRROR` without its trailing slash ("" when unset); ValueError when it is not a URL that
+    urllib fetches, raised before anything is downloaded or written."""
+    value = os.environ.get("BNET_FASTAI_MIRROR", "").rstrip("/")
+    if value and urllib.parse.urlparse(value).scheme not in MIRROR_SCHEMES:
+        raise ValueError(f"BNET_FASTAI_MIRROR={value!r} is not a URL with a scheme urllib fetches "
+                         f"({', '.join(MIRROR_SCHEMES)}): e.g. http://host/path")
+    return value

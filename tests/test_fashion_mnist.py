@@ -210,3 +210,12 @@ def test_well_formed_files_that_are_not_the_published_ones_stop_unless_said(tmp_
     with pytest.raises(fashion_mnist.FashionMNISTError, match="was written from Fashion-MNIST files that are not"):
         prepare("fashion-mnist")
     assert len(arrays["train_labels"]) == 20
+
+
+def test_a_mirror_with_a_scheme_urllib_does_not_fetch_is_refused_before_anything_is_written(data_root, monkeypatch,
+                                                                                            capsys):
+    monkeypatch.setenv("BNET_FASTAI_MIRROR", "gopher://127.0.0.1/fashion")
+    with pytest.raises(fashion_mnist.FashionMNISTError, match=r"^BNET_FASTAI_MIRROR='gopher://127.0.0.1/fashion' "
+                                                             r"is not a URL with a scheme urllib fetches"):
+        prepare("fashion-mnist")
+    assert capsys.readouterr().out == "" and not (data_root / "archive").exists()

@@ -333,3 +333,12 @@ def test_a_loaded_optimizer_state_follows_its_parameters_to_their_device(opt):
     tensors = [v for p, *_ in optimizer.all_params() for v in optimizer.state[p].values() if torch.is_tensor(v)]
     tensors += [w for ws in getattr(optimizer, "slow_weights", None) or [] for w in ws]
     assert len(tensors) >= 4 and all(t.device.type == "meta" for t in tensors)
+
+
+def test_load_model_given_an_experiment_folder_says_to_pass_a_run_folder(uninterrupted, tmp_path):
+    root, whole = uninterrupted
+    with pytest.raises(ValueError, match=rf"^{whole.parent} is an experiment folder \(1 runs\), not a run: pass one "
+                                         rf"run folder, e\.g\. load_model\('{whole}'\)$"):
+        load_model(whole.parent)
+    with pytest.raises(ValueError, match=r"is not a run folder \(it has no config.json\): pass <out>/<run_id>$"):
+        load_model(tmp_path)
