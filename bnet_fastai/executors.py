@@ -110,11 +110,17 @@ _busy = False  # a pool worker is inside a run (an interruption then marks that 
 _stopped = False  # a pool worker was interrupted: it starts no further run
 
 
+def _ignore(signum, frame) -> None:
+    """A later Ctrl-C or SIGTERM, after the first: nothing to do."""
+
+
 def _interrupted(signum, frame) -> None:
     global _stopped
     _stopped = True
-    for sig in (signal.SIGINT, signal.SIGTERM):  # Ctrl-C reaches every worker, then the sweep sends SIGTERM
-        signal.signal(sig, signal.SIG_IGN)
+    # Ctrl-C reaches every worker, then the sweep sends SIGTERM. Not SIG_IGN: a SIGTERM that arrived before
+    # this handler ran would then be reported as "OSError: Signal 15 ignored due to race condition".
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, _ignore)
     if _busy:
         raise KeyboardInterrupt  # train.run writes `interrupted` and re-raises
     sys.exit(EXIT_INTERRUPTED)  # idle: leave quietly

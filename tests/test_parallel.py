@@ -1,6 +1,7 @@
 """A grid across processes and a Ray cluster (issue 11 parts 4-5): `--parallel N`, `--ray`, concurrent sweeps on one
 folder. Real processes, real Ray; each run is 1 epoch on 20% of the sample digits at 16 px. Whatever trains them,
 every run is finished and trained exactly once; bad input exits 2 in one line, quickly, writing nothing."""
+import dataclasses
 import json
 import os
 import re
@@ -142,6 +143,31 @@ def test_sigterm_stops_a_parallel_sweep_and_marks_its_runs_interrupted(tmp_path,
         "bnet-fastai sweep: interrupted; run the same command again to resume")
     assert all(_status(out, r)["status"] == "interrupted" for r in seen)  # written by the runs themselves
     assert len(seen) == 2 and workers and not _still_running(workers)
+
+
+@pytest.mark.slow
+def test_ctrl_c_to_a_parallel_sweep_prints_no_traceback_and_the_rerun_finishes_every_run(tmp_path, env):
+    out, log = tmp_path / "exp", tmp_path / "stderr.txt"
+    args = [CLI, "sweep", *GRID, "--epochs", "8", "--parallel", "2", "--out", str(out)]
+    with open(log, "w") as stderr:  # its own session: Ctrl-C at a terminal signals the whole process group
+        proc = subprocess.Popen(args, env=env, stdout=subprocess.PIPE, stderr=stderr, text=True,
+                                start_new_session=True)
+    seen = set()
+    for line in proc.stdout:
+        if " epoch " in line:
+            seen.add(line.split()[0])
+        if len(seen) == 2:
+            break
+    os.killpg(proc.pid, signal.SIGINT)
+    proc.communicate(timeout=60)
+    err = log.read_text()
+    assert proc.returncode == 130 and "Traceback" not in err and "Error" not in err, err
+    assert err.strip().splitlines()[-1] == "bnet-fastai sweep: interrupted; run the same command again to resume"
+    again = subprocess.run(args, env=env, capture_output=True, text=True, timeout=600)  # the same command
+    assert again.returncode == 0 and "sweep done: 4 finished" in again.stdout, again.stderr
+    eight = [c.run_id for c in expand_grid(dataclasses.replace(BASE, epochs=8), {"norm": ["bn", "bnet"],
+                                                                                  "seed": [0, 1]})]
+    assert all(_status(out, r)["epochs_done"] == 8 for r in eight)
 
 
 @pytest.mark.slow
