@@ -5,6 +5,7 @@ import contextlib
 import errno
 import fcntl
 import os
+import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -50,6 +51,16 @@ def atomic_write(path: Path, text: str) -> None:
     """Write `text` to `path` atomically (`atomic_file`)."""
     with atomic_file(path) as f:
         f.write(text)
+
+
+def shared_tempdir(prefix: str, dir: Path) -> Path:
+    """`tempfile.mkdtemp`, but with the mode a new folder gets from the umask (mkdtemp's is 0700): a dataset
+    or cache renamed from it into place is readable by the other users of a shared data root."""
+    tmp = Path(tempfile.mkdtemp(prefix=prefix, dir=dir))
+    umask = os.umask(0)
+    os.umask(umask)
+    tmp.chmod(0o777 & ~umask)
+    return tmp
 
 
 @contextlib.contextmanager

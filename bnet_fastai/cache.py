@@ -21,7 +21,6 @@ import math
 import os
 import random
 import shutil
-import tempfile
 from concurrent.futures import ThreadPoolExecutor
 from functools import partial
 from pathlib import Path
@@ -35,7 +34,8 @@ from fastai.torch_core import TensorCategory, TensorImage
 from fastai.vision.core import imagenet_stats
 from PIL import Image
 
-from ._files import writer_lock
+from ._files import shared_tempdir, writer_lock
+from .paths import state_folder
 from .data import DATASETS, UNREADABLE, DatasetSpec, image_files, notice, prepare, report_unreadable, subsample_train
 
 CACHE_VERSION = 2  # 2: raw valid.bin, byte sizes and a checksum in index.json
@@ -117,7 +117,8 @@ def build_cache(name: str, size: int, cache_side: int | None = None, threads: in
     """
     spec, path = DATASETS[name], prepare(name)
     cache_side = cache_side or round(size * 1.25)
-    folder = path / f".bnet_fastai_cache_s{size}_c{cache_side}_v{CACHE_VERSION}"
+    # beside the dataset, or where `paths.state_folder` says when the dataset's folder is read-only
+    folder = state_folder(path) / f".bnet_fastai_cache_s{size}_c{cache_side}_v{CACHE_VERSION}"
     if folder.is_dir() and cache_damage(folder) is None:
         return folder
     with writer_lock(folder):
@@ -126,7 +127,7 @@ def build_cache(name: str, size: int, cache_side: int | None = None, threads: in
                 return folder  # built by another process while this one waited
             notice(f"decode cache {folder} is damaged ({damage}): rebuilding it")
             shutil.rmtree(folder)
-        tmp = Path(tempfile.mkdtemp(prefix=".cache-", dir=path))
+        tmp = shared_tempdir(".cache-", folder.parent)
         try:
             _write(tmp, path, spec, size, cache_side, threads)
             tmp.rename(folder)  # a kill leaves a hidden temp folder, never a half-written cache

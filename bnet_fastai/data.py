@@ -12,7 +12,6 @@ import os
 import shutil
 import sys
 import tarfile
-import tempfile
 import urllib.error
 import zlib
 from dataclasses import dataclass
@@ -29,8 +28,8 @@ from fastai.vision.utils import verify_images
 
 from . import fashion_mnist
 from ._checks import DatasetError, check_choice
-from ._files import atomic_write, writer_lock
-from .paths import data_root, mirror, results_root  # noqa: F401  (results_root: public here too)
+from ._files import atomic_write, shared_tempdir, writer_lock
+from .paths import data_root, mirror, results_root, state_folder  # noqa: F401  (results_root: public here too)
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png")
 VERIFIED_FILE = ".bnet_fastai_verified.json"  # the unreadable images found once, so later runs skip them
@@ -168,7 +167,7 @@ def _write_sample(dest: Path) -> Path:
     index = np.arange(len(pixels))
     train, valid = train_test_split(index, test_size=0.2, random_state=0, stratify=digits.target)
     dest.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=".sample-", dir=dest.parent))
+    tmp = shared_tempdir(".sample-", dest.parent)
     try:
         for split, idxs in (("train", train), ("val", valid)):
             for i in idxs:
@@ -193,12 +192,15 @@ def image_files(path: Path, spec: DatasetSpec) -> list[Path]:
     """
     files = sorted(p for d in (spec.train, spec.valid) for p in (path / d).rglob("*")
                    if p.suffix.lower() in IMAGE_EXTENSIONS)
-    record = path / VERIFIED_FILE
-    known = json.loads(record.read_text()) if record.exists() else None
-    if known is None or known.get("n_files") != len(files):
+    # the record made when the dataset was prepared, else this user's (`paths.state_folder`: a read-only
+    # dataset folder keeps it elsewhere)
+    records = [path / VERIFIED_FILE, state_folder(path) / VERIFIED_FILE]
+    known = next((k for r in records if r.is_file() and (k := json.loads(r.read_text())).get("n_files") == len(files)),
+                 None)
+    if known is None:
         bad = sorted(str(p.relative_to(path)) for p in verify_images(files))
         known = {"n_files": len(files), "unreadable": bad}
-        atomic_write(record, json.dumps(known, indent=1))
+        atomic_write(records[1], json.dumps(known, indent=1))
     if known["unreadable"]:
         notice(f"skipping {len(known['unreadable'])} unreadable image(s) in {path}: "
                f"{', '.join(known['unreadable'][:5])}{' ...' if len(known['unreadable']) > 5 else ''}")

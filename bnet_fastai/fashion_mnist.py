@@ -20,7 +20,6 @@ import hashlib
 import json
 import os
 import shutil
-import tempfile
 import urllib.error
 import urllib.request
 import zlib
@@ -29,7 +28,7 @@ from pathlib import Path
 import numpy as np
 
 from ._checks import DatasetError
-from ._files import writer_lock
+from ._files import shared_tempdir, writer_lock
 from .paths import mirror
 
 OFFICIAL_URL = "http://fashion-mnist.s3-website.eu-central-1.amazonaws.com"
@@ -226,7 +225,7 @@ def _write_pngs(dest: Path, splits: dict[str, tuple[np.ndarray, np.ndarray]], in
     """Write every image into a hidden temporary folder, then rename it to `dest`: a crash leaves no `dest`."""
     from PIL import Image
 
-    tmp = Path(tempfile.mkdtemp(prefix=".fashion-mnist-", dir=dest.parent))
+    tmp = shared_tempdir(".fashion-mnist-", dest.parent)
     try:
         for split, (images, labels) in splits.items():
             for name in CLASSES:

@@ -1,0 +1,72 @@
+"""A dataset prepared once is trained on from a read-only root; what runs write goes to BNET_FASTAI_CACHE."""
+import os
+import shutil
+import stat
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from bnet_fastai.data import DATASETS, VERIFIED_FILE, prepare
+from bnet_fastai.paths import state_folder
+from bnet_fastai.train import RunConfig, run
+
+CLI = str(Path(sys.executable).with_name("bnet-fastai"))
+CONFIG = dict(arch="xmininet", dataset="sample", size=16, bs=32, epochs=1, fraction=0.2, workers=0)
+
+
+@pytest.fixture
+def read_only_root(tmp_path, monkeypatch):
+    """A data root holding the prepared `sample` dataset, bind-mounted read-only (root and mount(8) needed)."""
+    if os.geteuid() != 0 or shutil.which("mount") is None:
+        pytest.skip("a read-only bind mount needs root and mount(8)")
+    writable, ro = tmp_path / "data", tmp_path / "data-ro"
+    monkeypatch.setenv("BNET_FASTAI_DATA", str(writable))
+    prepare("sample")  # prepared by whoever owns the share: no cache, no record of unreadable images yet
+    ro.mkdir()
+    for cmd in (["mount", "--bind", str(writable), str(ro)], ["mount", "-o", "remount,ro,bind", str(ro)]):
+        done = subprocess.run(cmd, capture_output=True, text=True)
+        if done.returncode != 0:
+            subprocess.run(["umount", str(ro)], capture_output=True)
+            pytest.skip(f"cannot bind-mount read-only here: {done.stderr.strip()}")
+    monkeypatch.setenv("BNET_FASTAI_DATA", str(ro))
+    try:
+        yield ro
+    finally:
+        subprocess.run(["umount", "-l", str(ro)], check=False)
+
+
+def test_a_prepared_dataset_trains_from_a_read_only_root(read_only_root, tmp_path, monkeypatch):
+    monkeypatch.setenv("BNET_FASTAI_CACHE", str(tmp_path / "cache"))
+    dataset = read_only_root / DATASETS["sample"].folder
+    before = sorted(p.name for p in dataset.iterdir())
+    result = run(RunConfig(**CONFIG), tmp_path / "out")
+    assert result["status"] == "finished"
+    assert sorted(p.name for p in dataset.iterdir()) == before  # nothing could be written there, nothing was
+    (mine,) = (tmp_path / "cache").iterdir()
+    assert mine == state_folder(dataset) and mine.name.startswith("sample-")
+    assert (mine / VERIFIED_FILE).is_file() and any(p.name.startswith(".bnet_fastai_cache_s16") for p in mine.iterdir())
+    assert run(RunConfig(**{**CONFIG, "seed": 1}), tmp_path / "out")["status"] == "finished"  # and reuses them
+
+
+def test_a_read_only_root_with_no_writable_cache_stops_in_one_line_naming_the_setting(read_only_root, tmp_path):
+    blocked = tmp_path / "file-not-folder"
+    blocked.write_text("")
+    env = {**os.environ, "BNET_FASTAI_CACHE": str(blocked / "cache")}
+    done = subprocess.run([CLI, "run", "--arch", "xmininet", "--dataset", "sample", "--size", "16", "--epochs", "1",
+                           "--fraction", "0.2", "--workers", "0", "--out", str(tmp_path / "out")],
+                          capture_output=True, text=True, env=env)
+    assert done.returncode == 2 and len(done.stderr.strip().splitlines()) == 1, done.stderr
+    assert "is read-only and the cache folder" in done.stderr and "set BNET_FASTAI_CACHE" in done.stderr
+
+
+def test_dataset_folders_are_readable_by_the_other_users_of_a_shared_root(tmp_path, monkeypatch):
+    monkeypatch.setenv("BNET_FASTAI_DATA", str(tmp_path / "data"))
+    umask = os.umask(0o022)
+    try:
+        path = prepare("sample")
+    finally:
+        os.umask(umask)
+    mode = stat.S_IMODE(path.stat().st_mode)
+    assert mode == 0o755, oct(mode)
