@@ -13,6 +13,7 @@ import shutil
 import sys
 import tarfile
 import urllib.error
+import urllib.request
 import zlib
 from dataclasses import dataclass
 from pathlib import Path
@@ -130,6 +131,10 @@ def _fetch_alone(name: str, url: str, folder: Path) -> Path:
         else:
             (folder / EXTRACTED_FILE).touch()  # complete, extracted by fastai itself or by hand: keep it
     try:
+        if not archive.is_file() and not folder.is_dir():  # it will be downloaded: ask the server first, so
+            # that a refusal leaves no progress-bar glyph on stdout and no archive folder
+            with urllib.request.urlopen(url, timeout=60):
+                pass
         path = Path(untar_data(url, archive=root / "archive", data=root))
     except urllib.error.HTTPError as e:  # the server answered: its page is no use in a one-line message
         fix = (f"check BNET_FASTAI_MIRROR: it must serve {spec.archive}" if os.environ.get("BNET_FASTAI_MIRROR")

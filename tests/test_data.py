@@ -157,3 +157,11 @@ def test_a_complete_dataset_extracted_without_us_is_kept_offline(tmp_path, data_
     monkeypatch.setenv("BNET_FASTAI_MIRROR", f"http://127.0.0.1:{_free_port()}")  # unreachable
     assert prepare("imagenette-160") == folder
     assert (folder / "train/n01440764/a.JPEG").exists() and (folder / EXTRACTED_FILE).exists()
+
+
+def test_an_unreachable_mirror_leaves_no_progress_glyph_and_no_archive_folder(data_root, monkeypatch, capsys):
+    monkeypatch.setenv("BNET_FASTAI_MIRROR", f"http://127.0.0.1:{_free_port()}")  # nothing listens there
+    with pytest.raises(DatasetError, match="cannot download 'imagenette-160' from http://127.0.0.1:.*refused"):
+        prepare("imagenette-160")
+    assert capsys.readouterr().out == ""
+    assert not (data_root / "archive").exists() and not (data_root / "imagenette2-160").exists()
