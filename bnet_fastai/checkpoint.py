@@ -265,6 +265,7 @@ def load_model(run_dir: str | Path) -> torch.nn.Module:
             raise ValueError(f"{run_dir} is an experiment folder ({len(runs)} runs), not a run: pass one run "
                              f"folder, e.g. load_model({str(runs[0])!r})")
         raise ValueError(f"{run_dir} is not a run folder (it has no config.json): pass <out>/<run_id>")
+    saved = json.loads((run_dir / "config.json").read_text())
     c = saved["config"]
     model = create_model(c["arch"], c["norm"], n_out=len(saved["dataset"]["classes"]), placement=c["placement"],
                          k=c["k"], act=c["act"], bnet_init=c["bnet_init"], sa=c.get("sa", False),

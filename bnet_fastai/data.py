@@ -133,7 +133,8 @@ def _fetch_alone(name: str, url: str, folder: Path) -> Path:
     try:
         if not archive.is_file() and not folder.is_dir():  # it will be downloaded: ask the server first, so
             # that a refusal leaves no progress-bar glyph on stdout and no archive folder
-            with urllib.request.urlopen(url, timeout=60):
+            method = "HEAD" if url.startswith(("http://", "https://")) else None  # only http knows HEAD
+            with urllib.request.urlopen(urllib.request.Request(url, method=method), timeout=60):
                 pass
         path = Path(untar_data(url, archive=root / "archive", data=root))
     except urllib.error.HTTPError as e:  # the server answered: its page is no use in a one-line message

@@ -58,17 +58,17 @@ def write_archive(dest: Path, top: str = "imagenette2-160", **kw) -> Path:
 
 
 class _QuietHandler(http.server.SimpleHTTPRequestHandler):
-    requests: list | None = None  # when a list, every requested path is appended to it
+    requests: list | None = None  # when a list, the path of every download (GET) is appended to it
 
     def log_message(self, *args) -> None:
-        if self.requests is not None:
+        if self.requests is not None and self.command == "GET":  # not the HEAD asked before a download
             self.requests.append(self.path)
 
 
 @contextlib.contextmanager
 def serve(folder: Path, requests: list | None = None):
     """Serve `folder` on 127.0.0.1 (a free port) for the duration of the block; yields the base URL.
-    With `requests`, every request's path is appended to that list."""
+    With `requests`, every download's path (GET: not the HEAD that asks first) is appended to that list."""
     handler = type("Handler", (_QuietHandler,), {"requests": requests})
     server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), functools.partial(handler, directory=str(folder)))
     thread = threading.Thread(target=server.serve_forever, daemon=True)

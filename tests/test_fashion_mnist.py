@@ -1,7 +1,9 @@
 """Fashion-MNIST: IDX files decoded into the Imagenette layout, from a local folder or a loopback mirror;
 damaged files are rejected in one line naming them; the automatic dataset choices."""
+import gzip
 import json
 import os
+import shutil
 import subprocess
 import sys
 from collections import Counter
@@ -19,6 +21,7 @@ from .archives import serve, write_idx
 
 CLI = str(Path(sys.executable).with_name("bnet-fastai"))
 TRAIN_IMAGES, TRAIN_LABELS = fashion_mnist.FILES["train"]
+DEBIAN = fashion_mnist.DEBIAN_FOLDER  # the data_root fixture hides it; a test that needs the real files reads it here
 
 
 @pytest.fixture
@@ -219,3 +222,20 @@ def test_a_mirror_with_a_scheme_urllib_does_not_fetch_is_refused_before_anything
                                                              r"is not a URL with a scheme urllib fetches"):
         prepare("fashion-mnist")
     assert capsys.readouterr().out == "" and not (data_root / "archive").exists()
+
+
+def test_the_published_files_with_one_label_file_changed_stop_naming_that_file(tmp_path, data_root, monkeypatch):
+    if not all((DEBIAN / n).is_file() for n in fashion_mnist.PUBLISHED_SHA256):
+        pytest.skip("needs Debian's dataset-fashion-mnist (apt-get install dataset-fashion-mnist)")
+    local = tmp_path / "local"
+    shutil.copytree(DEBIAN, local)
+    name = "t10k-labels-idx1-ubyte.gz"
+    data = bytearray(gzip.decompress((local / name).read_bytes()))
+    data[8:] = bytes((b + 1) % 10 for b in data[8:])  # the same header and count, other labels
+    (local / name).write_bytes(gzip.compress(bytes(data)))
+    monkeypatch.setenv("BNET_FASTAI_FASHION_MNIST", str(local))
+    monkeypatch.delenv(fashion_mnist.UNPUBLISHED_ENV)
+    done = _cli("data", "fashion-mnist", env={"BNET_FASTAI_DATA": str(data_root)})
+    assert done.returncode == 2 and len(done.stderr.strip().splitlines()) == 1, done.stderr
+    assert f"{local / name} is not the published Fashion-MNIST file" in done.stderr
+    assert "1 of 4 files differ" in done.stderr and not (data_root / "fashion-mnist").exists()

@@ -17,7 +17,7 @@ import torch
 
 from fastai.callback.core import Callback
 
-from bnet_fastai.checkpoint import EpochCheckpoint, load_model
+from bnet_fastai.checkpoint import EpochCheckpoint, load_checkpoint, load_model
 from bnet_fastai.runstate import RunFailed
 from bnet_fastai.train import RunConfig, build_learner, run
 
@@ -342,3 +342,15 @@ def test_load_model_given_an_experiment_folder_says_to_pass_a_run_folder(uninter
         load_model(whole.parent)
     with pytest.raises(ValueError, match=r"is not a run folder \(it has no config.json\): pass <out>/<run_id>$"):
         load_model(tmp_path)
+
+
+def test_a_checkpoint_of_another_norm_is_not_this_runs(tmp_path):
+    bnet, bn = RunConfig(**CONFIG), RunConfig(**{**CONFIG, "norm": "bn"})
+    state = {"run": {"run_id": bn.run_id}, "epochs_done": 2, "model": {}, "opt": {}, "random": {}}
+    torch.save(state, tmp_path / "checkpoint.pth")
+    assert load_checkpoint(tmp_path, bnet.run_id) == (None, f"it belongs to run {bn.run_id}")
+    assert load_checkpoint(tmp_path, bn.run_id)[0]["epochs_done"] == 2
+    del state["run"]
+    torch.save(state, tmp_path / "checkpoint.pth")
+    assert load_checkpoint(tmp_path, bn.run_id) == (None, "it records no run (written before checkpoints named "
+                                                          "their run)")
