@@ -227,13 +227,13 @@ def default_workers() -> int:
 def cached_dataloaders(name: str, size: int = 128, bs: int = 64, workers: int | None = None, fraction: float = 1.0,
                        seed: int = 0, device=None) -> DataLoaders:
     """Like `data.dataloaders` (same items, labels, split, augmentation), from the decoded cache."""
-    folder = build_cache(name, size)
+    folder, dataset = build_cache(name, size), prepare(name)  # the cache may live apart from the dataset
     train, valid = CachedTrain(folder, flip=DATASETS[name].flip), CachedValid(folder)
     if fraction < 1:
-        kept = set(subsample_train(train.items, folder.parent / DATASETS[name].train, fraction, seed))
+        kept = set(subsample_train(train.items, dataset / DATASETS[name].train, fraction, seed))
         train = CachedTrain(folder, keep=[i for i, p in enumerate(train.items) if p in kept], flip=train.flip)
     workers = default_workers() if workers is None else workers
-    dls = DataLoaders.from_dsets(train, valid, bs=bs, num_workers=workers, device=device, path=folder.parent,
+    dls = DataLoaders.from_dsets(train, valid, bs=bs, num_workers=workers, device=device, path=dataset,
                                  after_batch=[IntToFloatTensor(), Normalize.from_stats(*imagenet_stats)])
     dls.vocab = train.vocab
     return dls

@@ -225,7 +225,8 @@ def load_checkpoint(run_dir: Path, run_id: str) -> tuple[dict | None, str | None
 def set_aside(run_dir: Path, why: str) -> Path:
     """Move `run_dir`'s checkpoint to ``<out>/.set-aside/`` (kept for inspection, never resumed) and say so."""
     run_dir = Path(run_dir)
-    dest = run_dir.parent / ".set-aside" / f"{run_dir.name}.{time.strftime('%Y%m%d-%H%M%S')}.{CHECKPOINT}"
+    stamp = f"{time.strftime('%Y%m%d-%H%M%S')}-{time.time_ns() % 10**9:09d}"  # two set aside in a second differ
+    dest = run_dir.parent / ".set-aside" / f"{run_dir.name}.{stamp}.{CHECKPOINT}"
     dest.parent.mkdir(exist_ok=True)
     (run_dir / CHECKPOINT).replace(dest)
     notice(f"{run_dir.name}: not resuming from {CHECKPOINT}: {why}; moved to {dest}, training from the start")

@@ -120,6 +120,18 @@ def _fetch(name: str) -> Path:
         return _fetch_alone(name, url, folder)
 
 
+def _ask_first(url: str) -> None:
+    """Ask the server for `url` before fastai's download starts its progress bar (HEAD over http). A server
+    that does not answer HEAD (405, 403, 501) is left to the download itself."""
+    method = "HEAD" if url.startswith(("http://", "https://")) else None  # only http knows HEAD
+    try:
+        with urllib.request.urlopen(urllib.request.Request(url, method=method), timeout=60):
+            pass
+    except urllib.error.HTTPError as e:
+        if not (method and e.code in (403, 405, 501)):
+            raise
+
+
 def _fetch_alone(name: str, url: str, folder: Path) -> Path:
     spec, root = DATASETS[name], data_root()
     archive = root / "archive" / spec.archive
@@ -133,9 +145,7 @@ def _fetch_alone(name: str, url: str, folder: Path) -> Path:
     try:
         if not archive.is_file() and not folder.is_dir():  # it will be downloaded: ask the server first, so
             # that a refusal leaves no progress-bar glyph on stdout and no archive folder
-            method = "HEAD" if url.startswith(("http://", "https://")) else None  # only http knows HEAD
-            with urllib.request.urlopen(urllib.request.Request(url, method=method), timeout=60):
-                pass
+            _ask_first(url)
         path = Path(untar_data(url, archive=root / "archive", data=root))
     except urllib.error.HTTPError as e:  # the server answered: its page is no use in a one-line message
         fix = (f"check BNET_FASTAI_MIRROR: it must serve {spec.archive}" if os.environ.get("BNET_FASTAI_MIRROR")
@@ -200,13 +210,15 @@ def image_files(path: Path, spec: DatasetSpec) -> list[Path]:
                    if p.suffix.lower() in IMAGE_EXTENSIONS)
     # the record made when the dataset was prepared, else this user's (`paths.state_folder`: a read-only
     # dataset folder keeps it elsewhere)
-    records = [path / VERIFIED_FILE, state_folder(path) / VERIFIED_FILE]
-    known = next((k for r in records if r.is_file() and (k := json.loads(r.read_text())).get("n_files") == len(files)),
-                 None)
+    def valid(record: Path) -> dict | None:
+        known = json.loads(record.read_text()) if record.is_file() else None
+        return known if known and known.get("n_files") == len(files) else None
+
+    known = valid(path / VERIFIED_FILE) or valid(state_folder(path) / VERIFIED_FILE)
     if known is None:
         bad = sorted(str(p.relative_to(path)) for p in verify_images(files))
         known = {"n_files": len(files), "unreadable": bad}
-        atomic_write(records[1], json.dumps(known, indent=1))
+        atomic_write(state_folder(path) / VERIFIED_FILE, json.dumps(known, indent=1))
     if known["unreadable"]:
         notice(f"skipping {len(known['unreadable'])} unreadable image(s) in {path}: "
                f"{', '.join(known['unreadable'][:5])}{' ...' if len(known['unreadable']) > 5 else ''}")

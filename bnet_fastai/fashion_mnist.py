@@ -204,9 +204,10 @@ def write(dest: Path, archive: Path) -> Path:
         if others and not unpublished_allowed():
             if folder == archive:  # never reused: the next run fetches the files again
                 shutil.rmtree(archive, ignore_errors=True)
-            name, source = others[0], mirror() or OFFICIAL_URL
+            name = others[0]
             where, fix = ((f"{folder / name}", _fix_for(folder, archive)) if folder != archive else
-                          (f"{name} from {source}", "the download was deleted; serve the published files there"))
+                          (f"{name} from {mirror() or OFFICIAL_URL}",
+                           "the download was deleted; serve the published files there"))
             raise FashionMNISTError(
                 f"{where} is not the published Fashion-MNIST file (SHA-256 {digests[name][:12]}..., published "
                 f"{PUBLISHED_SHA256[name][:12]}...; {len(others)} of 4 files differ): {fix}, or set "

@@ -31,8 +31,9 @@ def _cacheable(x: torch.Tensor) -> bool:
     Under torch.export, torch.compile or tracing (ONNX), sizes may be symbolic and tensors fake; the map is
     then part of the traced computation, built from the input's size, so the export holds at any size.
     """
-    return (type(x) is torch.Tensor and not torch.compiler.is_compiling() and not torch.jit.is_tracing()
-            and all(type(n) is int for n in x.shape))
+    kind = type(x).__module__  # "torch" for a tensor; fastai's TensorImage is welcome, torch's fake ones are not
+    return ((kind == "torch" or not kind.startswith("torch")) and not torch.compiler.is_compiling()
+            and not torch.jit.is_tracing() and all(type(n) is int for n in x.shape))
 
 
 class _Fused(nn.Module):
@@ -144,7 +145,7 @@ def fuse_bnet(model: nn.Module) -> nn.Module:
     and ONNX at a dynamic input size.
     """
     if isinstance(model, _BNETNd):
-        return FusedBNET(model)
+        return FusedBNET(copy.deepcopy(model))  # a BNETAct2d's drop and act are the copy's, not the original's
     fused = copy.deepcopy(model).eval()
     for conv_name, bnet_name in _conv_bnet_pairs(fused):
         bnet = fused.get_submodule(bnet_name)

@@ -76,6 +76,9 @@ def trace(model: nn.Module) -> Traced:
     graphs: dict[str, fx.Graph] = {}
     probe = _Tracer(leaves)
     for name, m in reversed(named):  # every descendant before its ancestors
+        if isinstance(m, (nn.ModuleList, nn.ModuleDict)):  # never called: their children are traced on their own
+            leaves.add(id(m))
+            continue
         if probe.is_leaf_module(m, name) and name:
             continue
         g = _trace(m, leaves)

@@ -169,8 +169,9 @@ class _BNETNd(nn.Module):
 
 def autocast_dtype(x: torch.Tensor) -> torch.dtype:
     """The dtype a convolution of `x` returns here: the autocast dtype where autocast is on, else x's."""
-    device = x.device.type
-    return torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else x.dtype
+    device = x.device.type  # autocast lowers float32 only (a float64 conv stays float64)
+    lowered = torch.is_autocast_enabled(device) and x.dtype == torch.float32
+    return torch.get_autocast_dtype(device) if lowered else x.dtype
 
 
 class BNET1d(_BNETNd):

@@ -175,3 +175,30 @@ def test_a_model_without_batchnorm_is_refused_and_left_alone():
     assert str(model) == str(before)
     with pytest.raises(ValueError, match="no BatchNorm layer in Sequential: it has no normalisation layer"):
         swap_norm(nn.Sequential(nn.Linear(2, 2)), "bnet")
+
+
+class _Blk(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.c1, self.b1 = nn.Conv2d(4, 4, 3, padding=1), nn.BatchNorm2d(4)
+        self.c2, self.b2 = nn.Conv2d(4, 4, 3, padding=1), nn.BatchNorm2d(4)
+
+    def forward(self, x):
+        return x + self.b2(self.c2(self.b1(self.c1(x))))
+
+
+class _Looped(nn.Module):
+    """Untraceable as a whole (control flow on a value); its blocks, in a ModuleList, are traceable."""
+
+    def __init__(self):
+        super().__init__()
+        self.blocks = nn.ModuleList([_Blk(), _Blk()])
+
+    def forward(self, x):
+        for block in self.blocks:
+            x = block(x) if x.sum() > 0 else block(-x)
+        return x
+
+
+def test_blocks_held_in_a_module_list_of_an_untraceable_model_are_found():
+    assert [n for n, _ in select_norms(_Looped(), "last")] == ["blocks.0.b2", "blocks.1.b2"]

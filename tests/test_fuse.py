@@ -133,3 +133,10 @@ def test_fused_norm_act_layers_keep_their_activation():
     with torch.no_grad():
         assert_close(fused(x), seq(x), atol=1e-5, rtol=1e-5)
         assert_close(alone(seq[0](x)), seq(x), atol=1e-5, rtol=1e-5)
+
+
+def test_fusing_a_lone_norm_act_layer_leaves_the_original_alone():
+    from bnet_fastai import BNETAct2d
+    bnet = BNETAct2d(4, drop_layer=lambda: torch.nn.Dropout(0.5)).train()
+    fused = fuse_bnet(bnet)
+    assert bnet.training and bnet.drop.training and fused.drop is not bnet.drop and not fused.drop.training

@@ -1,4 +1,5 @@
 """A dataset prepared once is trained on from a read-only root; what runs write goes to BNET_FASTAI_CACHE."""
+import json
 import os
 import shutil
 import stat
@@ -47,6 +48,8 @@ def test_a_prepared_dataset_trains_from_a_read_only_root(read_only_root, tmp_pat
     (mine,) = (tmp_path / "cache").iterdir()
     assert mine == state_folder(dataset) and mine.name.startswith("sample-")
     assert (mine / VERIFIED_FILE).is_file() and any(p.name.startswith(".bnet_fastai_cache_s16") for p in mine.iterdir())
+    config = json.loads((Path(result["run_dir"]) / "config.json").read_text())
+    assert config["dataset"]["path"] == str(dataset)  # the dataset's folder, not the cache's
     assert run(RunConfig(**{**CONFIG, "seed": 1}), tmp_path / "out")["status"] == "finished"  # and reuses them
 
 
