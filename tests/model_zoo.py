@@ -4,7 +4,8 @@ Chosen to cover the layer kinds, not to be easy: plain BatchNorm2d and timm's Ba
 bottleneck, Res2Net, split-attention, inverted-residual, CSP, OSA and DLA-tree blocks; SE/ESE attention,
 depthwise convs, stochastic depth; dense (concatenating) networks with no residual addition at all.
 
-    python -m tests.model_zoo      # prints the README's "What works where" table from this list
+    python -m tests.model_zoo            # prints the README's "What works where" table from this list
+    python -m tests.model_zoo --numbers  # the measured differences behind it, one row per network (~2 min)
 """
 from __future__ import annotations
 
@@ -73,5 +74,38 @@ def table() -> str:
     return "\n".join(rows)
 
 
+def numbers() -> None:
+    """Per network: BN layers; relative output difference of swap_norm(init="copy") for placement all and last
+    (with the BNET count); of fuse_bnet for k = 1, 3, 5. The comparisons tests/test_real_models.py bounds by 1e-5."""
+    import copy
+
+    import torch
+
+    from bnet_fastai import count_norms, fuse_bnet, swap_norm
+
+    from .helpers import perturb_bnets
+    from .test_real_models import X, _rel, _trained_like
+
+    print("network | BN layers | copy, all | copy, last (BNETs) | fuse k=1 | k=3 | k=5")
+    for z in ZOO:
+        torch.manual_seed(0)
+        model = _trained_like(z.build())
+        with torch.no_grad():
+            expected, row = model(X), [z.id, str(count_norms(model)["bn"])]
+            for placement in ("all", "last") if z.residual else ("all",):
+                swapped = swap_norm(copy.deepcopy(model), "bnet", placement=placement, init="copy").eval()
+                n = f" ({count_norms(swapped)['bnet']})" if placement == "last" else ""
+                row.append(f"{_rel(swapped(X), expected):.1e}{n}")
+            if not z.residual:
+                row.append("-")
+            for k in (1, 3, 5):
+                torch.manual_seed(k)
+                swapped = perturb_bnets(swap_norm(copy.deepcopy(model), "bnet", k=k, init="copy"), 0.1 / k**2).eval()
+                row.append(f"{_rel(fuse_bnet(swapped)(X), swapped(X)):.1e}")
+        print(" | ".join(row), flush=True)
+
+
 if __name__ == "__main__":
-    print(table())
+    import sys
+
+    numbers() if "--numbers" in sys.argv[1:] else print(table())
