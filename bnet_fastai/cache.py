@@ -30,7 +30,7 @@ import torch
 import torchvision.transforms.v2.functional as TF
 from fastai.data.core import DataLoaders
 from fastai.data.transforms import IntToFloatTensor, Normalize
-from fastai.torch_core import TensorCategory, TensorImage
+from fastai.torch_core import TensorCategory, TensorImage, default_device
 from fastai.vision.core import imagenet_stats
 from PIL import Image
 
@@ -233,6 +233,9 @@ def cached_dataloaders(name: str, size: int = 128, bs: int = 64, workers: int | 
         kept = set(subsample_train(train.items, dataset / DATASETS[name].train, fraction, seed))
         train = CachedTrain(folder, keep=[i for i, p in enumerate(train.items) if p in kept], flip=train.flip)
     workers = default_workers() if workers is None else workers
+    # fastai's DataBlock puts its loaders on default_device(); from_dsets leaves them (and so the model, which
+    # fastai moves to the loaders' device) on the CPU unless told: on a GPU machine runs would train on the CPU
+    device = default_device() if device is None else device
     dls = DataLoaders.from_dsets(train, valid, bs=bs, num_workers=workers, device=device, path=dataset,
                                  after_batch=[IntToFloatTensor(), Normalize.from_stats(*imagenet_stats)])
     dls.vocab = train.vocab

@@ -1,4 +1,4 @@
-"""The `bnet-fastai` command: run, sweep, study, report, data (and archs).
+"""The `bnet-fastai` command: run, sweep, study, report, data, check (the preflight) and archs.
 
 Every `RunConfig` field is an option (``--label-smoothing`` for ``label_smoothing``); in `sweep` each
 takes a comma-separated list. `sweep` and `study` train N runs at a time with ``--parallel N``, or on a Ray
@@ -203,6 +203,42 @@ def _data(args: argparse.Namespace) -> int:
     return 0
 
 
+DEVICE_FORMS = "auto, cpu, cuda or cuda:N"
+
+
+def device_spec(text: str) -> str:
+    """--device: auto, cpu, cuda or cuda:N, checked without torch (whether torch sees it is checked later)."""
+    head, _, index = text.partition(":")
+    if text in ("auto", "cpu", "cuda") or (head == "cuda" and index.isdigit()):
+        return text
+    raise argparse.ArgumentTypeError(f"expected {DEVICE_FORMS}, got {text!r}")
+
+
+def _check(args: argparse.Namespace) -> int:
+    import time
+
+    if args.out is not None:
+        check_output_folder(args.out)
+    _plain_download_bars()
+    from .preflight import preflight, resolve_device, write_json
+
+    started = time.time()
+    where = resolve_device(args.device)  # a GPU asked for and not seen: one line, exit 2
+    print(f"bnet-fastai check: the training path on {where} (a few minutes on a CPU, about one on a GPU)",
+          flush=True)
+    results = preflight(args.device, args.out, report=lambda line: print(line, flush=True))
+    if args.json:
+        write_json(results, args.json, args.device, time.time() - started)
+    failed = [r.name for r in results if r.status == "fail"]
+    passed = sum(r.status == "pass" for r in results)
+    print(f"{passed} passed, {len(failed)} failed, {len(results) - passed - len(failed)} skipped in "
+          f"{time.time() - started:.0f} s" + (f"; table in {args.json}" if args.json else ""))
+    if failed:
+        print(f"bnet-fastai check: failed: {', '.join(failed)}", file=sys.stderr)
+        return EXIT_RUN_FAILED
+    return 0
+
+
 def _archs(args: argparse.Namespace) -> int:
     print("archs:", ", ".join(names.ARCHS))
     print("norms:", ", ".join(names.NORMS))
@@ -246,6 +282,14 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("data", help="download/prepare a dataset and print its path")
     p.add_argument("dataset")
     p.set_defaults(func=_data)
+    p = sub.add_parser("check", help="preflight: train, resume, reload, fuse and time BN and BNET on this "
+                       "machine, one line per check (run it first on a GPU you rent for a study)")
+    p.add_argument("--device", type=device_spec, default="auto", help=f"{DEVICE_FORMS} (default: auto, the GPU "
+                   "when torch sees one)")
+    p.add_argument("--out", default=None, help="keep the check's runs, data and cache in this folder "
+                   "(default: a temporary folder, removed)")
+    p.add_argument("--json", default=None, metavar="PATH", help="also write the table as JSON to PATH")
+    p.set_defaults(func=_check)
     sub.add_parser("archs", help="list model, norm and dataset names").set_defaults(func=_archs)
     return parser
 

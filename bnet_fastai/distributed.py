@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import datetime
+import os
 from collections.abc import Iterator
 
 import torch
@@ -55,6 +56,15 @@ def distrib_ctx(learn: Learner, sync_bn: bool = True) -> Iterator[Learner]:
         yield learn
     finally:
         learn.detach_distributed()
+
+
+def use_own_gpu() -> None:
+    """Make this rank's GPU the current one (``LOCAL_RANK``, as fastai's `setup_distrib` does) before its
+    Learner is built: fastai puts the loaders, and so the model, on the current GPU, which is otherwise GPU 0
+    for every rank. A launcher that gives each rank one visible GPU is served too (modulo the count)."""
+    if torch.cuda.is_available():
+        local = int(os.environ.get("LOCAL_RANK", os.environ.get("RANK", "0")))
+        torch.cuda.set_device(local % torch.cuda.device_count())
 
 
 def share_decision(decision: dict) -> dict:

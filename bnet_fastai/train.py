@@ -125,6 +125,10 @@ def run(config: RunConfig, out: str | Path = "results/default", force: bool = Fa
     config.validate()
     run_dir = check_output_folder(out) / config.run_id
     main_process = rank_distrib() == 0
+    if num_distrib() > 1:
+        from .distributed import use_own_gpu
+
+        use_own_gpu()
     with contextlib.ExitStack() as lock:
         decision, built, error = {}, None, None
         if main_process:
@@ -319,11 +323,12 @@ def _fused_accuracy(learn: Learner) -> dict:
     batches, not `learn.validate`, which would replay the epoch callbacks (history, TensorBoard, checkpoint)."""
     model = unwrapped(learn.model).eval()
     fp16 = any(isinstance(cb, MixedPrecision) for cb in learn.cbs)
-    return {"accuracy": _accuracy(model, learn.dls.valid, fp16),
-            "fused_accuracy": _accuracy(fuse_bnet(model), learn.dls.valid, fp16)}
+    return {"accuracy": validation_accuracy(model, learn.dls.valid, fp16),
+            "fused_accuracy": validation_accuracy(fuse_bnet(model), learn.dls.valid, fp16)}
 
 
-def _accuracy(model: torch.nn.Module, dl, fp16: bool) -> float:
+def validation_accuracy(model: torch.nn.Module, dl, fp16: bool) -> float:
+    """Share of `dl`'s images `model` classifies right, under autocast when `fp16` (as the run validated)."""
     correct = total = 0
     with torch.no_grad(), torch.autocast(dl.device.type if dl.device else "cpu", enabled=fp16):
         for xb, yb in dl:
@@ -367,8 +372,8 @@ def build_learner(config: RunConfig) -> tuple[Learner, DivergenceCallback]:
                     wd_bn_bias=config.wd_norm, cbs=[BNETWeightDecay(), divergence])
     if config.channels_last:
         learn.add_cb(ChannelsLast())
-    if config.fp16 == "on" or (config.fp16 == "auto" and torch.cuda.is_available()):
-        learn.to_fp16()
+    if config.fp16 == "on" or (config.fp16 == "auto" and torch.device(dls.device or "cpu").type == "cuda"):
+        learn.to_fp16()  # "auto": on where the run trains on a GPU (fastai's default device)
     return learn, divergence
 
 
@@ -386,5 +391,6 @@ def _write_config(learn: Learner, config: RunConfig, run_dir: Path) -> None:
                               "no decay for BN gamma/beta, BNET kernel/bias and any bias; decay for the rest"),
         "training": {"schedule": SCHEDULES[config.schedule],
                      "fp16": any(isinstance(cb, MixedPrecision) for cb in learn.cbs),
-                     "world_size": max(num_distrib(), 1)},
+                     "world_size": max(num_distrib(), 1),
+                     "device": str(dls.device or "cpu")},  # where the batches (and so the model) went
         "environment": _environment()}, indent=1))

@@ -1,0 +1,72 @@
+"""Timing side by side: one training step of each model, in interleaved rounds.
+
+`bnet-fastai check` (`bnet_fastai.preflight`) and the scripts in ``benchmarks/`` time with these, so a ratio
+the preflight prints and one a benchmark prints are measured the same way. On a GPU each step is timed with
+CUDA events (the GPU's own clock, no host-side launch latency counted) and the GPU is synchronised before
+the rounds start; on a CPU with `time.perf_counter`.
+"""
+from __future__ import annotations
+
+import statistics
+import time
+from collections.abc import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+def interleaved(steps: dict[str, Callable[[], object]], rounds: int = 5, warmup: int = 2,
+                device: torch.device | str | None = None) -> dict[str, float]:
+    """Median seconds of each step, measured in interleaved rounds (every step runs once per round) so that
+    drift of the machine (other load, clock changes) hits every contender alike: read the ratios.
+
+    `device`: where the steps run; default the GPU when there is one."""
+    device = torch.device(device if device is not None else "cuda" if torch.cuda.is_available() else "cpu")
+    cuda = device.type == "cuda"
+    for _ in range(warmup):
+        for step in steps.values():
+            step()
+    if cuda:
+        torch.cuda.synchronize(device)
+    times: dict[str, list[float]] = {name: [] for name in steps}
+    for _ in range(rounds):
+        for name, step in steps.items():
+            if cuda:
+                start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+                start.record()
+                step()
+                end.record()
+                end.synchronize()
+                times[name].append(start.elapsed_time(end) / 1e3)  # elapsed_time is in milliseconds
+            else:
+                start = time.perf_counter()
+                step()
+                times[name].append(time.perf_counter() - start)
+    return {name: statistics.median(t) for name, t in times.items()}
+
+
+def amp_dtype(device: torch.device | str) -> torch.dtype | None:
+    """The mixed-precision dtype runs train with on `device` (fastai's `to_fp16`: float16 on a GPU), None
+    on a CPU, where runs train in float32 (`RunConfig.fp16="auto"`)."""
+    return torch.float16 if torch.device(device).type == "cuda" else None
+
+
+def training_step(model: nn.Module, x: torch.Tensor, y: torch.Tensor, dtype: torch.dtype | None = None,
+                  lr: float = 1e-3) -> Callable[[], torch.Tensor]:
+    """One SGD step (forward, backward, update) of `model` on the batch `x`, `y`, as a closure returning the
+    loss. With `dtype`, the forward runs under autocast in that dtype and float16 gradients go through a
+    `GradScaler`, as fastai's `MixedPrecision` trains."""
+    opt = torch.optim.SGD(model.parameters(), lr=lr, momentum=0.9)
+    scaler = torch.amp.GradScaler(x.device.type, enabled=dtype is torch.float16)
+
+    def step() -> torch.Tensor:
+        opt.zero_grad(set_to_none=True)
+        with torch.autocast(x.device.type, dtype=dtype or torch.float32, enabled=dtype is not None):
+            loss = F.cross_entropy(model(x), y)
+        scaler.scale(loss).backward()
+        scaler.step(opt)
+        scaler.update()
+        return loss.detach()
+
+    return step
