@@ -101,6 +101,9 @@ def _environment() -> dict:
     return {"bnet_fastai": __version__, "torch": torch.__version__, "fastai": fastai.__version__,
             "timm": timm.__version__, "python": platform.python_version(), "git_commit": commit,
             "device": device, "host": platform.node(),
+            # what this process may use: a --parallel worker sees its one GPU (bnet_fastai.executors)
+            "cuda_visible_devices": os.environ.get("CUDA_VISIBLE_DEVICES"),
+            "gpus_visible": torch.cuda.device_count() if torch.cuda.is_available() else 0,
             # a CPU run's numbers depend on its thread count (reductions split differently): to match a run, match it
             "torch_threads": torch.get_num_threads(), "torch_interop_threads": torch.get_num_interop_threads()}
 
