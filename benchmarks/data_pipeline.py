@@ -22,7 +22,7 @@ import numpy as np
 from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import machine  # noqa: E402
+from _common import machine, write_json  # noqa: E402
 
 
 def write_images(root: Path, n: int, classes: int = 10) -> Path:
@@ -59,6 +59,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--workers", type=int, default=None,
                         help="loader workers for both (default: each pipeline's own default)")
     parser.add_argument("--epochs", type=int, default=3)
+    parser.add_argument("--json", default=None, metavar="PATH", help="also write the table as JSON to PATH")
     args = parser.parse_args(argv)
     root = Path(tempfile.mkdtemp(prefix="bnet-bench-"))
     os.environ["BNET_FASTAI_DATA"] = str(root)
@@ -93,6 +94,11 @@ def main(argv: list[str] | None = None) -> None:
     print(f"{'fastai ImageDataLoaders (PIL)':<34} {fastai_workers:7d} {base:9.0f} {1:9.2f}")
     print(f"{'bnet_fastai cached (uint8 tensors)':<34} {our_workers:7d} {ours:9.0f} {ours / base:9.2f}")
     print(f"# cache built once in {build_seconds:.1f} s ({args.images} images)")
+    rows = [{"pipeline": "fastai", "workers": fastai_workers, "images_per_second": base, "ratio_to_fastai": 1.0},
+            {"pipeline": "cached", "workers": our_workers, "images_per_second": ours, "ratio_to_fastai": ours / base}]
+    write_json(args.json, "data_pipeline", argv, f"training images/second, median of {args.epochs} epochs, "
+               f"{args.images} JPEGs 160x213, {args.size} px crops, batch {args.bs}", rows,
+               cache_build_seconds=build_seconds)
 
 
 if __name__ == "__main__":

@@ -1,7 +1,13 @@
-"""Inference time of `fuse_bnet(model)` against the BN and the unfused BNET model, and the peak memory of
-a training step, BN vs BNET — each measured side by side in one process.
+"""Inference time of `fuse_bnet(model)` against the BN model, deployed (`fuse_bn`: each BN folded into its
+conv) and not, and the peak memory of a training step, BN vs BNET — each measured side by side in one process.
 
-    python benchmarks/eval_and_memory.py            # xresnet18 and resnest14d, 128 px, batch 32
+    python benchmarks/eval_and_memory.py            # CPU: xresnet18 and resnest14d, 128 px, batch 32
+                                                    # GPU: xresnet50 and resnest26d, 128 px, batch 64, fp16
+
+Rows: ``bn`` (the BN model as trained), ``bn folded`` (BN's deployed form: `fuse_bn`, i.e.
+`fuse_conv_bn_eval` on every conv->BN pair), ``bnet unfused`` and ``bnet fused`` (`fuse_bnet`). The
+deploy-vs-deploy ratio is ``bnet fused`` over ``bn folded``; "vs bn" is each over the unfused BN model.
+On a GPU inference runs under float16 autocast (``--amp``), each forward timed with CUDA events.
 
 Peak memory: on a GPU, `torch.cuda.max_memory_allocated` around one step; on a CPU, the peak resident set
 size (Linux VmHWM, reset through /proc/self/clear_refs before the step) above the size before it.
@@ -17,9 +23,9 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import interleaved, machine  # noqa: E402
+from _common import device, interleaved, machine, precision, write_json  # noqa: E402
 
-from bnet_fastai import create_model, fuse_bnet  # noqa: E402
+from bnet_fastai import create_model, fuse_bn, fuse_bnet  # noqa: E402
 
 
 def _rss_kib(field: str) -> int:
@@ -27,54 +33,85 @@ def _rss_kib(field: str) -> int:
         return next(int(line.split()[1]) for line in f if line.startswith(field))
 
 
-def peak_step_mib(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor) -> float:
+def peak_step_mib(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, dtype: torch.dtype | None) -> float:
     """Memory a training step needs beyond what is held before it, in MiB."""
     model.train()
-    F.cross_entropy(model(x), y).backward()  # warm-up: allocator caches, gradients exist
+
+    def step() -> None:
+        with torch.autocast(x.device.type, dtype=dtype or torch.float32, enabled=dtype is not None):
+            loss = F.cross_entropy(model(x), y)
+        loss.backward()
+
+    step()  # warm-up: allocator caches, gradients exist
     model.zero_grad(set_to_none=True)
     gc.collect()
-    if torch.cuda.is_available():
-        torch.cuda.synchronize()
-        torch.cuda.reset_peak_memory_stats()
-        before = torch.cuda.memory_allocated()
-        F.cross_entropy(model(x), y).backward()
-        torch.cuda.synchronize()
-        return (torch.cuda.max_memory_allocated() - before) / 2**20
+    if x.device.type == "cuda":
+        torch.cuda.synchronize(x.device)
+        torch.cuda.reset_peak_memory_stats(x.device)
+        before = torch.cuda.memory_allocated(x.device)
+        step()
+        torch.cuda.synchronize(x.device)
+        return (torch.cuda.max_memory_allocated(x.device) - before) / 2**20
     with open("/proc/self/clear_refs", "w") as f:
         f.write("5")  # resets VmHWM to the current RSS
     before = _rss_kib("VmRSS:")
-    F.cross_entropy(model(x), y).backward()
+    step()
     return (_rss_kib("VmHWM:") - before) / 1024
+
+
+GPU_DEFAULTS = {"archs": "xresnet50,resnest26d", "bs": 64}
+CPU_DEFAULTS = {"archs": "xresnet18,resnest14d", "bs": 32}
 
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--archs", default="xresnet18,resnest14d")
+    parser.add_argument("--archs", default=None, help=f"default: {GPU_DEFAULTS['archs']} on a GPU, "
+                        f"{CPU_DEFAULTS['archs']} on a CPU")
     parser.add_argument("--size", type=int, default=128)
-    parser.add_argument("--bs", type=int, default=32)
+    parser.add_argument("--bs", type=int, default=None, help="default: 64 on a GPU, 32 on a CPU")
     parser.add_argument("--rounds", type=int, default=7)
+    parser.add_argument("--device", default="auto", help="auto (the GPU when there is one), cpu, cuda or cuda:N")
+    parser.add_argument("--amp", default="auto", choices=("auto", "on", "off"),
+                        help="float16 autocast: auto = on a GPU only")
+    parser.add_argument("--json", default=None, metavar="PATH", help="also write the tables as JSON to PATH")
     args = parser.parse_args(argv)
-    device = "cuda" if torch.cuda.is_available() else "cpu"
+    where = device(args.device)
+    defaults = GPU_DEFAULTS if where.type == "cuda" else CPU_DEFAULTS
+    archs, bs = args.archs or defaults["archs"], args.bs or defaults["bs"]
+    dtype = precision(args.amp, where)
+    amp = "float16 autocast" if dtype is torch.float16 else "float32"
     print(f"# {machine()}")
-    print(f"# eval forward, batch {args.bs}, {args.size} px, median of {args.rounds} interleaved rounds")
-    print(f"{'arch':<12} {'model':<14} {'ms/batch':>9} {'vs bn':>7}")
-    memory = []
-    for arch in args.archs.split(","):
+    print(f"# eval forward on {where}, {amp}, channels_last, batch {bs}, {args.size} px, median of "
+          f"{args.rounds} interleaved rounds")
+    print(f"{'arch':<12} {'model':<14} {'ms/batch':>9} {'vs bn':>7} {'vs bn folded':>13}")
+    rows, memory = [], []
+    for arch in archs.split(","):
         torch.manual_seed(0)
-        x = torch.randn(args.bs, 3, args.size, args.size, device=device)
-        y = torch.randint(0, 10, (args.bs,), device=device)
-        bn, bnet = create_model(arch, "bn").to(device), create_model(arch, "bnet").to(device)
-        memory += [(arch, name, peak_step_mib(m, x, y)) for name, m in (("bn", bn), ("bnet all", bnet))]
-        models = {"bn": bn.eval(), "bnet unfused": bnet.eval(), "bnet fused": fuse_bnet(bnet)}
-        with torch.no_grad():
-            times = interleaved({name: (lambda m=m: m(x)) for name, m in models.items()}, rounds=args.rounds)
+        x = torch.randn(bs, 3, args.size, args.size, device=where).to(memory_format=torch.channels_last)
+        y = torch.randint(0, 10, (bs,), device=where)
+        bn, bnet = (create_model(arch, norm).to(where, memory_format=torch.channels_last) for norm in ("bn", "bnet"))
+        memory += [(arch, name, peak_step_mib(m, x, y, dtype)) for name, m in (("bn", bn), ("bnet all", bnet))]
+        models = {"bn": bn.eval(), "bn folded": fuse_bn(bn), "bnet unfused": bnet.eval(),
+                  "bnet fused": fuse_bnet(bnet)}
+        with torch.no_grad(), torch.autocast(where.type, dtype=dtype or torch.float32, enabled=dtype is not None):
+            times = interleaved({name: (lambda m=m: m(x)) for name, m in models.items()}, rounds=args.rounds,
+                                device=where)
         for name, seconds in times.items():
-            print(f"{arch:<12} {name:<14} {seconds * 1e3:9.1f} {seconds / times['bn']:7.3f}", flush=True)
-    print(f"\n# peak memory of one training step (forward + backward), batch {args.bs}, {args.size} px")
+            ratio, deployed = seconds / times["bn"], seconds / times["bn folded"]
+            print(f"{arch:<12} {name:<14} {seconds * 1e3:9.2f} {ratio:7.3f} {deployed:13.3f}", flush=True)
+            rows.append({"arch": arch, "size": args.size, "bs": bs, "model": name, "ms_per_batch": seconds * 1e3,
+                         "images_per_second": bs / seconds, "ratio_to_bn": ratio, "ratio_to_bn_folded": deployed})
+    what = "max_memory_allocated" if where.type == "cuda" else "peak RSS rise"
+    print(f"\n# peak memory of one training step (forward + backward, {amp}, {what}), batch {bs}, {args.size} px")
     print(f"{'arch':<12} {'model':<14} {'MiB':>9} {'vs bn':>7}")
+    memory_rows = []
     for arch, name, mib in memory:
         base = next(m for a, n, m in memory if a == arch and n == "bn")
         print(f"{arch:<12} {name:<14} {mib:9.1f} {mib / base:7.3f}")
+        memory_rows.append({"arch": arch, "model": name, "mib": mib, "ratio_to_bn": mib / base})
+    write_json(args.json, "eval_and_memory", argv, f"median of {args.rounds} interleaved rounds of an eval "
+               f"forward on {where}, {amp}, channels_last; peak memory of one training step ({what})", rows,
+               device=str(where), precision=amp, memory=memory_rows)
 
 
 if __name__ == "__main__":

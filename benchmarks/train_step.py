@@ -1,6 +1,7 @@
 """Training-step time of BNET relative to BN, measured side by side in one process.
 
-    python benchmarks/train_step.py                 # xresnet18 and resnest14d, 128 px, batch 32
+    python benchmarks/train_step.py                 # CPU: xresnet18 and resnest14d, 128 px, batch 32
+                                                    # GPU: xresnet50 and resnest26d, 128 px, batch 64, fp16
     python benchmarks/train_step.py --archs xmininet --size 64 --rounds 3
     python benchmarks/train_step.py --archs xresnet18 --formats channels_last --compile   # eager vs compiled
     python benchmarks/train_step.py --archs xmininet --size 28 --bs 128 --formats channels_last --rounds 40 \
@@ -10,22 +11,22 @@ For each arch and memory format (NCHW, channels_last) it times one SGD step (for
 of: BN; our BNET with placement "all" and "last"; and the authors' formulation (a `BatchNorm2d(affine=False)`
 subclass calling a depthwise `nn.Conv2d` child) in the same places as our "all". Rounds are interleaved
 so machine drift hits every contender alike; the median of each is reported with its ratio to BN.
+On a GPU the step runs under float16 autocast with a GradScaler, as fastai's `to_fp16` trains (``--amp``),
+and each step is timed with CUDA events (`bnet_fastai.speed`); ``--device`` picks the device.
 With ``--json PATH`` the table is also written as JSON (`bnet-fastai report` reads it as a budget study's
 cost ratio: rows carry the arch, size, batch, memory format and the report's variant name).
 """
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import interleaved, machine  # noqa: E402
+from _common import device, interleaved, machine, precision, training_step, write_json  # noqa: E402
 
 from bnet_fastai import create_model  # noqa: E402
 from bnet_fastai.norms import select_norms  # noqa: E402
@@ -77,60 +78,57 @@ def variants(arch: str, compiled: bool, only: set[str] | None = None) -> dict[st
             if name == "bn" or only is None or REPORT_NAMES[name] in only}
 
 
-def sgd_step(model: nn.Module, x: torch.Tensor, y: torch.Tensor):
-    opt = torch.optim.SGD(model.parameters(), lr=1e-3, momentum=0.9)
-
-    def step() -> None:
-        opt.zero_grad(set_to_none=True)
-        F.cross_entropy(model(x), y).backward()
-        opt.step()
-
-    return step
+GPU_DEFAULTS = {"archs": "xresnet50,resnest26d", "bs": 64}
+CPU_DEFAULTS = {"archs": "xresnet18,resnest14d", "bs": 32}
 
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--archs", default="xresnet18,resnest14d")
+    parser.add_argument("--archs", default=None, help=f"default: {GPU_DEFAULTS['archs']} on a GPU, "
+                        f"{CPU_DEFAULTS['archs']} on a CPU")
     parser.add_argument("--size", type=int, default=128)
-    parser.add_argument("--bs", type=int, default=32)
+    parser.add_argument("--bs", type=int, default=None, help="default: 64 on a GPU, 32 on a CPU")
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--formats", default="nchw,channels_last")
+    parser.add_argument("--device", default="auto", help="auto (the GPU when there is one), cpu, cuda or cuda:N")
+    parser.add_argument("--amp", default="auto", choices=("auto", "on", "off"),
+                        help="float16 autocast + GradScaler: auto = on a GPU only (as runs train)")
     parser.add_argument("--compile", action="store_true", help="eager vs torch.compile instead of the variants")
     parser.add_argument("--variants", default=None, help="comma-separated report names to time besides bn "
                         f"(default: all of {', '.join(REPORT_NAMES.values())})")
     parser.add_argument("--json", default=None, metavar="PATH", help="also write the table as JSON to PATH")
     args = parser.parse_args(argv)
+    where = device(args.device)
+    defaults = GPU_DEFAULTS if where.type == "cuda" else CPU_DEFAULTS
+    archs, bs = args.archs or defaults["archs"], args.bs or defaults["bs"]
+    dtype = precision(args.amp, where)
     only = set(args.variants.split(",")) - {"bn"} if args.variants else None
     unknown = sorted((only or set()) - set(REPORT_NAMES.values()))
     if unknown:
         parser.error(f"unknown variant(s) {', '.join(unknown)}; valid: {', '.join(REPORT_NAMES.values())}")
+    amp = "float16 autocast + GradScaler" if dtype is torch.float16 else "float32"
     print(f"# {machine()}")
-    print(f"# one SGD training step, batch {args.bs}, {args.size} px, median of {args.rounds} interleaved rounds")
+    print(f"# one SGD training step on {where}, {amp}, batch {bs}, {args.size} px, median of {args.rounds} "
+          f"interleaved rounds")
     rows = []
     print(f"{'arch':<12} {'format':<14} {'variant':<18} {'ms/step':>9} {'vs bn':>7}")
-    for arch in args.archs.split(","):
+    for arch in archs.split(","):
         for fmt in args.formats.split(","):
             memory_format = torch.channels_last if fmt == "channels_last" else torch.contiguous_format
             torch.manual_seed(0)
-            x = torch.randn(args.bs, 3, args.size, args.size).to(memory_format=memory_format)
-            y = torch.randint(0, 10, (args.bs,))
-            steps = {name: sgd_step(m.train().to(memory_format=memory_format), x, y)
+            x = torch.randn(bs, 3, args.size, args.size, device=where).to(memory_format=memory_format)
+            y = torch.randint(0, 10, (bs,), device=where)
+            steps = {name: training_step(m.to(where, memory_format=memory_format).train(), x, y, dtype)
                      for name, m in variants(arch, args.compile, only).items()}
-            times = interleaved(steps, rounds=args.rounds)
+            times = interleaved(steps, rounds=args.rounds, device=where)
             for name, seconds in times.items():
                 print(f"{arch:<12} {fmt:<14} {name:<18} {seconds * 1e3:9.1f} {seconds / times['bn']:7.3f}",
                       flush=True)
-                rows.append({"arch": arch, "size": args.size, "bs": args.bs, "format": fmt, "label": name,
+                rows.append({"arch": arch, "size": args.size, "bs": bs, "format": fmt, "label": name,
                              "variant": REPORT_NAMES[name], "ms_per_step": seconds * 1e3,
-                             "ratio_to_bn": seconds / times["bn"]})
-    if args.json:
-        command = "python benchmarks/train_step.py " + " ".join(sys.argv[1:] if argv is None else argv)
-        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.json).write_text(json.dumps({
-            "benchmark": "train_step", "command": command, "machine": machine(),
-            "measure": f"median of {args.rounds} interleaved rounds of one SGD step (forward, backward, update)",
-            "rows": rows}, indent=1) + "\n")
-        print(f"# written to {args.json}")
+                             "images_per_second": bs / seconds, "ratio_to_bn": seconds / times["bn"]})
+    write_json(args.json, "train_step", argv, f"median of {args.rounds} interleaved rounds of one SGD step "
+               f"(forward, backward, update) on {where}, {amp}", rows, device=str(where), precision=amp)
 
 
 if __name__ == "__main__":

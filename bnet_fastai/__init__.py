@@ -9,7 +9,7 @@ import warnings
 __version__ = "0.1.0"
 
 _PUBLIC = {  # name -> the module that defines it
-    "FusedBNET": "fuse", "fuse_bnet": "fuse",
+    "FusedBNET": "fuse", "fuse_bn": "fuse", "fuse_bnet": "fuse",
     # the layers come through norm_act, whose import registers BNET with timm's norm-layer factories
     "BNET1d": "norm_act", "BNET2d": "norm_act", "BNET3d": "norm_act", "BNETAct2d": "norm_act",
     "bnet_extra_params": "layers",

@@ -19,6 +19,7 @@ import copy
 
 import torch
 from torch import nn
+from torch.nn.utils.fusion import fuse_conv_bn_eval
 
 from . import graph
 from .layers import _BNETNd, autocast_dtype
@@ -115,15 +116,29 @@ class FusedDepthwise(_Fused):
                                        groups=self.num_features))
 
 
-def _conv_bnet_pairs(model: nn.Module) -> list[tuple[str, str]]:
-    """(conv name, BNET name) for each BNET whose input is a conv's output and that conv's only use."""
+def _conv_norm_pairs(model: nn.Module, kind: type | tuple[type, ...] = _BNETNd) -> list[tuple[str, str]]:
+    """(conv name, norm name) for each norm of `kind` whose input is a conv's output and that conv's only use."""
     pairs = []
     for prefix, root, g in graph.trace(model).units:
         for conv, norm in graph.conv_norm_pairs(root, g):
-            bnet, conv_module = root.get_submodule(norm), root.get_submodule(conv)
-            if isinstance(bnet, _BNETNd) and conv_module.out_channels == bnet.num_features:
+            norm_module, conv_module = root.get_submodule(norm), root.get_submodule(conv)
+            if isinstance(norm_module, kind) and conv_module.out_channels == norm_module.num_features:
                 pairs.append((_join(prefix, conv), _join(prefix, norm)))
     return pairs
+
+
+def fuse_bn(model: nn.Module) -> nn.Module:
+    """An eval-only copy of `model` with each BatchNorm that follows a convolution folded into it
+    (`torch.nn.utils.fusion.fuse_conv_bn_eval`; the same conv->norm graph as `fuse_bnet`): BN's deployed
+    form, the fair baseline for a fused BNET model (benchmarks/eval_and_memory.py). BNETs are left alone."""
+    fused = copy.deepcopy(model).eval()
+    batchnorms = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
+    for conv_name, bn_name in _conv_norm_pairs(fused, batchnorms):
+        bn = fused.get_submodule(bn_name)
+        if type(bn) in batchnorms and bn.track_running_stats and bn.running_var is not None:
+            fused.set_submodule(conv_name, fuse_conv_bn_eval(fused.get_submodule(conv_name), bn))
+            fused.set_submodule(bn_name, nn.Identity())
+    return fused
 
 
 @torch.no_grad()
@@ -147,7 +162,7 @@ def fuse_bnet(model: nn.Module) -> nn.Module:
     if isinstance(model, _BNETNd):
         return FusedBNET(copy.deepcopy(model))  # a BNETAct2d's drop and act are the copy's, not the original's
     fused = copy.deepcopy(model).eval()
-    for conv_name, bnet_name in _conv_bnet_pairs(fused):
+    for conv_name, bnet_name in _conv_norm_pairs(fused):
         bnet = fused.get_submodule(bnet_name)
         if bnet.norm.track_running_stats and bnet.norm.running_var is not None:
             _fold_into_conv(fused.get_submodule(conv_name), bnet)

@@ -140,3 +140,18 @@ def test_fusing_a_lone_norm_act_layer_leaves_the_original_alone():
     bnet = BNETAct2d(4, drop_layer=lambda: torch.nn.Dropout(0.5)).train()
     fused = fuse_bnet(bnet)
     assert bnet.training and bnet.drop.training and fused.drop is not bnet.drop and not fused.drop.training
+
+
+@pytest.mark.parametrize("arch", ["xresnet18", "resnest14d", "mininest"])
+def test_fuse_bn_folds_every_batchnorm_after_a_conv_and_keeps_the_output(arch):
+    from bnet_fastai import fuse_bn
+
+    model = warm_running_stats(create_model(arch, "bn"), shape=(4, 3, 64, 64)).eval()
+    folded = fuse_bn(model)
+    x = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        ref, got = model(x), folded(x)
+    assert float((got - ref).abs().max() / ref.abs().max()) < 1e-5
+    assert sum(isinstance(m, torch.nn.BatchNorm2d) for m in model.modules()) in (22, 23)
+    assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in folded.modules())  # each followed a conv
+    assert any(isinstance(m, torch.nn.BatchNorm2d) for m in model.modules())  # the model is untouched

@@ -1,0 +1,96 @@
+"""The benchmark scripts and the prepared GPU script run, and write the JSON a script can read."""
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _bench(script: str, *args: str, tmp_path: Path) -> dict:
+    path = tmp_path / f"{script}.json"
+    proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / f"{script}.py"), *args, "--json", str(path)],
+                          capture_output=True, text=True, cwd=tmp_path, env={**os.environ, "CUDA_VISIBLE_DEVICES": ""})
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    saved = json.loads(path.read_text())
+    assert saved["benchmark"] == script and saved["command"].startswith(f"python benchmarks/{script}.py")
+    assert "no GPU" in saved["machine"]
+    return saved
+
+
+def test_train_step_json_rows_and_ratios(tmp_path):
+    saved = _bench("train_step", "--archs", "xmininet", "--size", "16", "--bs", "4", "--rounds", "1",
+                   "--formats", "channels_last", "--variants", "bnet-k3-all", tmp_path=tmp_path)
+    rows = {r["variant"]: r for r in saved["rows"]}
+    assert set(rows) == {"bn", "bnet-k3-all"} and saved["precision"] == "float32" and saved["device"] == "cpu"
+    assert rows["bn"]["ratio_to_bn"] == 1.0
+    assert rows["bnet-k3-all"]["ratio_to_bn"] == pytest.approx(rows["bnet-k3-all"]["ms_per_step"]
+                                                             / rows["bn"]["ms_per_step"])
+    assert rows["bn"]["images_per_second"] == pytest.approx(4 / rows["bn"]["ms_per_step"] * 1e3)
+
+
+def test_inference_json_has_the_deploy_vs_deploy_row(tmp_path):
+    saved = _bench("eval_and_memory", "--archs", "xmininet", "--size", "16", "--bs", "4", "--rounds", "1",
+                   tmp_path=tmp_path)
+    rows = {r["model"]: r for r in saved["rows"]}
+    assert list(rows) == ["bn", "bn folded", "bnet unfused", "bnet fused"]
+    fused, folded, bn = rows["bnet fused"], rows["bn folded"], rows["bn"]
+    assert fused["ratio_to_bn_folded"] == pytest.approx(fused["ms_per_batch"] / folded["ms_per_batch"])
+    assert fused["ratio_to_bn"] == pytest.approx(fused["ms_per_batch"] / bn["ms_per_batch"])
+    assert [m["model"] for m in saved["memory"]] == ["bn", "bnet all"]
+
+
+@pytest.mark.slow
+def test_data_pipeline_and_cli_latency_json(tmp_path):
+    saved = _bench("data_pipeline", "--images", "40", "--size", "32", "--bs", "8", "--epochs", "1",
+                   "--workers", "0", tmp_path=tmp_path)
+    assert [r["pipeline"] for r in saved["rows"]] == ["fastai", "cached"]
+    assert saved["rows"][1]["ratio_to_fastai"] == pytest.approx(saved["rows"][1]["images_per_second"]
+                                                               / saved["rows"][0]["images_per_second"])
+    saved = _bench("cli_latency", "--rounds", "1", tmp_path=tmp_path)
+    assert {r["command"] for r in saved["rows"]} >= {"bnet-fastai --help", "import torch + fastai"}
+
+
+@pytest.mark.slow
+def test_gpu_check_dry_run_checks_every_step_and_installs_nothing(tmp_path):
+    env = {**os.environ, "OUT": str(tmp_path / "out"), "WORK": str(tmp_path / "work"), "PYTHON": sys.executable,
+           "GPU_KIT": str(tmp_path / "no-kit")}
+    proc = subprocess.run(["bash", str(ROOT / "benchmarks" / "gpu_check.sh"), "--dry-run"], capture_output=True,
+                          text=True, env=env, cwd=tmp_path, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-2000:]
+    assert "run `python benchmarks/gpu_kit.py prepare`" in proc.stderr  # no kit here: the install is skipped
+    rows = [line.split("\t") for line in (tmp_path / "out" / "steps.tsv").read_text().splitlines()]
+    assert rows[0] == ["step", "status", "seconds", "cap"]
+    assert [r[:2] for r in rows[1:]] == [[s, "dry-run ok"] for s in
+                                         ("check", "cuda-tests", "train-step", "inference", "study", "report")]
+    assert sum(int(r[3]) for r in rows[1:]) <= 480  # the caps: at most 8 minutes
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["gpu_check.log", "steps.tsv"]
+    assert not (tmp_path / "work" / "site").exists()
+
+
+def test_gpu_check_refuses_without_its_repository_and_unknown_options(tmp_path):
+    (tmp_path / "benchmarks").mkdir()
+    script = shutil.copy(ROOT / "benchmarks" / "gpu_check.sh", tmp_path / "benchmarks")
+    env = {**os.environ, "OUT": str(tmp_path / "out"), "WORK": str(tmp_path / "work")}
+    proc = subprocess.run(["bash", script, "--dry-run"], capture_output=True, text=True, env=env)
+    assert proc.returncode == 2 and proc.stderr.strip() == f"gpu_check.sh: {tmp_path}/bnet_fastai/cli.py is missing"
+    proc = subprocess.run(["bash", str(ROOT / "benchmarks" / "gpu_check.sh"), "--fast"], capture_output=True,
+                          text=True, env=env)
+    assert proc.returncode == 2
+    assert proc.stderr.strip() == "gpu_check.sh: unknown option --fast (valid: --dry-run, --help)"
+
+
+def test_gpu_kit_lists_what_fastai_and_kornia_need_beyond_a_gpu_image():
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    try:
+        import gpu_kit
+    finally:
+        sys.path.remove(str(ROOT / "benchmarks"))
+    wanted = gpu_kit.closure()
+    assert {"fastai", "fastcore", "fastprogress", "fasttransform", "kornia", "kornia-rs"} <= set(wanted)
+    assert not set(wanted) & (gpu_kit.PRESENT | {"torch", "spacy"})  # what the GPU image has, or fastai.text
+    assert gpu_kit.wheel_distribution(Path("kornia_rs-0.2.0-cp312-cp312-manylinux2014_x86_64.whl")) == "kornia-rs"
