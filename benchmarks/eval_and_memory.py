@@ -73,6 +73,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--device", default="auto", help="auto (the GPU when there is one), cpu, cuda or cuda:N")
     parser.add_argument("--amp", default="auto", choices=("auto", "on", "off"),
                         help="float16 autocast: auto = on a GPU only")
+    parser.add_argument("--format", default=None, choices=("nchw", "channels_last"),
+                        help="memory format: default channels_last on a GPU, nchw on a CPU (faster there for eval)")
     parser.add_argument("--json", default=None, metavar="PATH", help="also write the tables as JSON to PATH")
     args = parser.parse_args(argv)
     where = device(args.device)
@@ -80,16 +82,18 @@ def main(argv: list[str] | None = None) -> None:
     archs, bs = args.archs or defaults["archs"], args.bs or defaults["bs"]
     dtype = precision(args.amp, where)
     amp = "float16 autocast" if dtype is torch.float16 else "float32"
+    fmt = args.format or ("channels_last" if where.type == "cuda" else "nchw")
+    memory_format = torch.channels_last if fmt == "channels_last" else torch.contiguous_format
     print(f"# {machine()}")
-    print(f"# eval forward on {where}, {amp}, channels_last, batch {bs}, {args.size} px, median of "
+    print(f"# eval forward on {where}, {amp}, {fmt}, batch {bs}, {args.size} px, median of "
           f"{args.rounds} interleaved rounds")
     print(f"{'arch':<12} {'model':<14} {'ms/batch':>9} {'vs bn':>7} {'vs bn folded':>13}")
     rows, memory = [], []
     for arch in archs.split(","):
         torch.manual_seed(0)
-        x = torch.randn(bs, 3, args.size, args.size, device=where).to(memory_format=torch.channels_last)
+        x = torch.randn(bs, 3, args.size, args.size, device=where).to(memory_format=memory_format)
         y = torch.randint(0, 10, (bs,), device=where)
-        bn, bnet = (create_model(arch, norm).to(where, memory_format=torch.channels_last) for norm in ("bn", "bnet"))
+        bn, bnet = (create_model(arch, norm).to(where, memory_format=memory_format) for norm in ("bn", "bnet"))
         memory += [(arch, name, peak_step_mib(m, x, y, dtype)) for name, m in (("bn", bn), ("bnet all", bnet))]
         models = {"bn": bn.eval(), "bn folded": fuse_bn(bn), "bnet unfused": bnet.eval(),
                   "bnet fused": fuse_bnet(bnet)}
@@ -110,8 +114,8 @@ def main(argv: list[str] | None = None) -> None:
         print(f"{arch:<12} {name:<14} {mib:9.1f} {mib / base:7.3f}")
         memory_rows.append({"arch": arch, "model": name, "mib": mib, "ratio_to_bn": mib / base})
     write_json(args.json, "eval_and_memory", argv, f"median of {args.rounds} interleaved rounds of an eval "
-               f"forward on {where}, {amp}, channels_last; peak memory of one training step ({what})", rows,
-               device=str(where), precision=amp, memory=memory_rows)
+               f"forward on {where}, {amp}, {fmt}; peak memory of one training step ({what})", rows,
+               device=str(where), precision=amp, format=fmt, memory=memory_rows)
 
 
 if __name__ == "__main__":
