@@ -271,7 +271,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("report", help="summary.csv and plots of one experiment folder, or of several combined")
     p.add_argument("dirs", nargs="+", metavar="DIR", help="experiment folder(s): the --out of runs or sweeps")
     p.add_argument("--out", default=None, help="where to write when several folders are combined")
-    p.add_argument("--markdown", action="store_true", help="print the tables as the README's Results show them")
+    p.add_argument("--markdown", action="store_true", help="print the tables as docs/results.md shows them")
     p.add_argument("--target", type=float, default=None,
                    help="accuracy for 'epochs to target' (default: 90%% of the best mean final accuracy)")
     p.add_argument("--cost", default=None, metavar="PATH", help="a budget study's BNET/BN step-time ratios: "

@@ -1,8 +1,8 @@
-"""The tables of `bnet_fastai.report` as Markdown, as the README's Results publish them.
+"""The tables of `bnet_fastai.report` as Markdown, as the README (the answers) and docs/results.md publish them.
 
 `results_markdown` renders one study's summary and paired tables; `budget_markdown` a budget study's
 accuracy at every budget, epochs to match and equal cost; `answers_markdown` the three answers the Results
-open with. `tests/test_published.py` checks the README holds exactly what these give for the committed runs.
+open with. `tests/test_published.py` checks that those pages hold exactly what these give for the committed runs.
 """
 from __future__ import annotations
 
