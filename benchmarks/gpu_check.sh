@@ -66,7 +66,8 @@ plan=(
     "cuda-tests|100|$python -m pytest -m cuda -q -p no:cacheprovider tests/test_cuda.py --junitxml $out/cuda-tests.xml"
     "train-step|60|$python benchmarks/train_step.py --formats channels_last --rounds 10 --json $out/train_step.json"
     "inference|40|$python benchmarks/eval_and_memory.py --rounds 20 --json $out/eval_and_memory.json"
-    "study|130|$python -m bnet_fastai.cli sweep --dataset fashion-mnist --arch xmininet --norm bn,bnet --seed 0,1,2 --size 28 --bs 128 --lr 0.01 --epochs 5 --workers 2 --keep-weights false --parallel 6 --out $study"
+    "data|40|$python -m bnet_fastai.cli data fashion-mnist"
+    "study|100|$python -m bnet_fastai.cli sweep --dataset fashion-mnist --arch xmininet --norm bn,bnet --seed 0,1,2 --size 28 --bs 128 --lr 0.01 --epochs 5 --workers 2 --keep-weights false --parallel 6 --out $study"
     "report|20|$python -m bnet_fastai.cli report $study --markdown"
 )
 

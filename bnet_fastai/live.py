@@ -5,10 +5,15 @@ every epoch. Runs reused from an earlier sweep appear from their history.csv.
 
 Both are display handles updated in place (IPython's ``display(..., display_id=True)`` / ``.update``); the
 `display` argument of `LiveMonitor` swaps them for anything with an ``update`` method (tests count updates).
+
+Below them, the run in progress shows fastai's bar and epoch table; when it ends, that output is replaced by
+the run's one-line outcome, so a finished run leaves one line (its numbers are in the figure, history.csv and
+the report) and the bar and figure stay in view however many runs the grid has.
 """
 from __future__ import annotations
 
 import dataclasses
+import html
 import io
 import time
 from collections.abc import Callable
@@ -17,6 +22,7 @@ from typing import TYPE_CHECKING, Protocol
 
 import pandas as pd
 from fastai.callback.core import Callback
+from fastai.callback.progress import ProgressCallback
 from fastai.learner import Recorder
 from fastcore.imports import IN_NOTEBOOK
 from fastprogress.fastprogress import format_time, html_progress_bar
@@ -56,11 +62,28 @@ class _AccuracyFeed(Callback):
         self.monitor.epoch_done(self.config, float(values["accuracy"]))
 
 
+class _KeepRunOutput(Callback):
+    """Keeps the display handle of fastai's notebook bar and epoch table of one run (fastai's
+    `ProgressCallback` forgets it at the end of the fit), so the monitor can replace that output with the
+    run's one-line outcome."""
+
+    order = ProgressCallback.order - 1  # its after_fit drops the bar: take the handle just before
+
+    def __init__(self, monitor: LiveMonitor, config: RunConfig):
+        self.monitor, self.config = monitor, config
+
+    def after_fit(self) -> None:
+        handle = getattr(getattr(getattr(self.learn, "progress", None), "mbar", None), "out", None)
+        if handle is not None:
+            self.monitor.run_outputs[self.config.run_id] = handle
+
+
 class LiveMonitor:
     """A sweep's grid bar and live accuracy figure; `sweep(..., live=LiveMonitor())` drives it.
 
     `display(obj)` shows a first version of an output and returns its handle (default: IPython's).
-    The sweep calls `start` once, passes `callbacks(config)` to each run and `run_done` after each.
+    The sweep calls `start` once, `run_started` as a run begins, passes `callbacks(config)` to each run and
+    `run_done` after each.
     """
 
     def __init__(self, display: Callable[[object], Handle] = ipython_display, dpi: int = 80):
@@ -71,6 +94,7 @@ class LiveMonitor:
         self.configs = {c.run_id: c for c in configs}
         self.curves: dict[str, list[float]] = {}  # run_id -> validation accuracy per epoch
         self.finished: set[str] = set()
+        self.run_outputs: dict[str, Handle] = {}  # run_id -> fastai's bar and table of a run that just ended
         self.current, self.trained_epochs, self.started = "", 0, time.time()
         variants = sorted({variant(dataclasses.asdict(c)) for c in configs})  # "bn" first when present
         others = [v for v in variants if v != "bn"]
@@ -79,7 +103,12 @@ class LiveMonitor:
 
     def callbacks(self, config: RunConfig) -> list[Callback]:
         """The fastai callbacks that feed run `config`'s epochs into this view."""
-        return [_AccuracyFeed(self, config)]
+        return [_AccuracyFeed(self, config), _KeepRunOutput(self, config)]
+
+    def run_started(self, config: RunConfig) -> None:
+        """Name the run in the bar as it begins (its data, checkpoint, first epoch)."""
+        self.current = f"{config.run_id} starting"
+        self.bar.update(self._bar())
 
     def epoch_done(self, config: RunConfig, accuracy: float) -> None:
         """Add an epoch to the running run's curve; redraw bar and figure."""
@@ -90,8 +119,9 @@ class LiveMonitor:
         self.bar.update(self._bar())
         self.figure.update(self._figure())
 
-    def run_done(self, config: RunConfig, result: dict) -> None:
-        """Count the run as done; a reused run's curve comes from its history.csv."""
+    def run_done(self, config: RunConfig, result: dict, line: str | None = None) -> bool:
+        """Count the run as done (a reused run's curve comes from its history.csv) and replace its fastai bar
+        and table with `line`; False when it showed none (reused, trained elsewhere): print `line` then."""
         self.finished.add(config.run_id)
         self.current = ""
         if result.get("reused"):
@@ -99,6 +129,13 @@ class LiveMonitor:
             self.curves[config.run_id] = pd.read_csv(history)["accuracy"].tolist() if history.exists() else []
             self.figure.update(self._figure())
         self.bar.update(self._bar())
+        output = self.run_outputs.pop(config.run_id, None)
+        if output is None or line is None:
+            return False
+        from IPython.display import HTML
+
+        output.update(HTML(f"<div>{html.escape(line)}</div>"))
+        return True
 
     def _bar(self) -> object:
         done, total = len(self.finished), len(self.configs)

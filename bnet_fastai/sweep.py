@@ -57,13 +57,19 @@ def sweep(base: RunConfig, grid: dict[str, list] | list[dict[str, list]], out: s
 
     def done(config: RunConfig, result: dict) -> None:
         results[config.run_id] = result
-        if monitor:  # a run trained elsewhere reached no callback: its curve is read from history.csv
-            monitor.run_done(config, result if executor.in_process else {**result, "reused": True})
-        print(f"{tag[config.run_id]}: {_outcome(result)}", flush=True)
+        line = f"{tag[config.run_id]}: {_outcome(result)}"
+        # a run trained elsewhere reached no callback: its curve is read from history.csv; a run the live view
+        # showed has its bar and epoch table replaced by this line
+        shown = monitor and monitor.run_done(config, result if executor.in_process else {**result, "reused": True},
+                                             line)
+        if not shown:
+            print(line, flush=True)
 
-    def started(config: RunConfig) -> None:  # on a terminal, fastai's bars follow: name the run above them
-        if not plain_output():  # (off a terminal each epoch line names the run: one line per run is enough)
-            print(tag[config.run_id], flush=True)
+    def started(config: RunConfig) -> None:
+        if monitor:  # the grid bar names the run
+            monitor.run_started(config)
+        elif not plain_output():  # on a terminal fastai's bars follow: name the run above them (off a terminal
+            print(tag[config.run_id], flush=True)  # each epoch line names the run: one line per run is enough)
 
     callbacks = monitor.callbacks if monitor else None
     with executor:

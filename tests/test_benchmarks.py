@@ -66,7 +66,7 @@ def test_gpu_check_dry_run_checks_every_step_and_installs_nothing(tmp_path):
     rows = [line.split("\t") for line in (tmp_path / "out" / "steps.tsv").read_text().splitlines()]
     assert rows[0] == ["step", "status", "seconds", "cap"]
     assert [r[:2] for r in rows[1:]] == [[s, "dry-run ok"] for s in
-                                         ("check", "cuda-tests", "train-step", "inference", "study", "report")]
+                                         ("check", "cuda-tests", "train-step", "inference", "data", "study", "report")]
     assert sum(int(r[3]) for r in rows[1:]) <= 480  # the caps: at most 8 minutes
     assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["gpu_check.log", "steps.tsv"]
     assert not (tmp_path / "work" / "site").exists()

@@ -154,3 +154,27 @@ def test_the_live_view_is_on_by_default_only_in_a_notebook(monkeypatch):
     assert isinstance(live.live_monitor(True), LiveMonitor)
     monkeypatch.setattr(live, "IN_NOTEBOOK", True)
     assert isinstance(live.live_monitor(None), LiveMonitor)
+
+
+def test_in_a_notebook_a_finished_run_leaves_one_line_below_the_grid_bar_and_the_figure(tmp_path):
+    """A real kernel (nbclient, as papermill and JupyterLab run it): after a 4-run sweep the training cell holds
+    the grid bar, the figure and one line per run, where each run showed fastai's bar and epoch table."""
+    import nbformat
+    from nbclient import NotebookClient
+
+    code = (f"import os\nos.environ['BNET_FASTAI_DATA'] = {str(tmp_path / 'data')!r}\n"
+            "from bnet_fastai.config import RunConfig\nfrom bnet_fastai.sweep import sweep\n"
+            f"results = sweep(RunConfig(**{QUICK!r}), {{'norm': ['bn', 'bnet'], 'seed': [0, 1]}}, "
+            f"{str(tmp_path / 'out')!r})")
+    nb = nbformat.v4.new_notebook(cells=[nbformat.v4.new_code_cell(code)])
+    NotebookClient(nb, kernel_name="python3", timeout=600, resources={"metadata": {"path": str(tmp_path)}}).execute()
+    outputs = [o for o in nb.cells[0].outputs if not (o.output_type == "stream" and o.name == "stderr")]
+    html = [o.get("data", {}).get("text/html", "") for o in outputs]
+    bar = next(i for i, h in enumerate(html) if "4/4 runs" in h)
+    figure = next(i for i, o in enumerate(outputs) if "image/png" in o.get("data", {}))
+    runs = [h for h in html if "finished, accuracy" in h]
+    assert bar < figure < min(html.index(h) for h in runs)  # the bar and the figure stay on top
+    assert len(runs) == 4 and all(h.count("\n") == 0 and "<table" not in h for h in runs)
+    assert [h.split("]")[0] for h in runs] == [f"<div>[{i}/4" for i in range(1, 5)]
+    assert not [o for o in outputs if o.output_type == "stream"]  # no printed lines either
+    assert not any("<table" in h for h in html)  # no epoch table is left
