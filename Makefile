@@ -22,14 +22,14 @@ test: $(STAMP)
 # copies (and their HTML), CSVs and PNGs land in results/. No GPU: the quick profile on the first dataset to be
 # had (Imagenette-160, else Fashion-MNIST from Debian's dataset-fashion-mnist, else the sample digits).
 experiments: $(STAMP)
-	$(PY) -m bnet_fastai.notebooks
+	$(PY) -m bnet_fastai.app.notebooks
 
 # Registers the environment's kernel "bnet-fastai" inside the environment (ipykernel's --sys-prefix: seen by
 # this JupyterLab, no root needed, nothing written to ~), then starts JupyterLab on notebooks/ at 127.0.0.1.
 # Extra or overriding jupyter lab options: make lab LAB_ARGS="--ip=0.0.0.0 --port=8890 --no-browser"
 LAB_ARGS ?=
 lab: $(STAMP)
-	$(PY) -m bnet_fastai.lab $(LAB_ARGS)
+	$(PY) -m bnet_fastai.app.lab $(LAB_ARGS)
 
 clean-env:
 	rm -rf $(VENV)

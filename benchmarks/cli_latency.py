@@ -1,7 +1,7 @@
 """How long the command line takes to answer or reject, beside the cost of importing torch and fastai.
 
 Each command runs as its own process (as a user would start it); medians of interleaved rounds. The
-rejections never import torch (`bnet_fastai.names`, `bnet_fastai.config`), so they cost about what starting
+rejections never import torch (`bnet_fastai.names`, `bnet_fastai.runs.config`), so they cost about what starting
 Python costs; `import torch + fastai` is what every rejection cost before.
 
     python benchmarks/cli_latency.py [--json PATH]

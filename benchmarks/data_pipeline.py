@@ -74,7 +74,7 @@ def main(argv: list[str] | None = None) -> None:
         imagenet_stats,
     )
 
-    from bnet_fastai.cache import build_cache, cached_dataloaders, default_workers
+    from bnet_fastai.data.cache import build_cache, cached_dataloaders, default_workers
 
     fastai_workers = defaults.cpus if args.workers is None else args.workers
     our_workers = default_workers() if args.workers is None else args.workers

@@ -41,7 +41,7 @@ cd "$repo" || exit 2
 failed=0
 
 # the layout the steps rely on
-for f in bnet_fastai/cli.py tests/test_cuda.py benchmarks/train_step.py benchmarks/eval_and_memory.py \
+for f in bnet_fastai/app/cli.py tests/test_cuda.py benchmarks/train_step.py benchmarks/eval_and_memory.py \
          benchmarks/gpu_kit.py; do
     if [ ! -f "$f" ]; then echo "gpu_check.sh: $repo/$f is missing" >&2; exit 2; fi
 done
@@ -62,13 +62,13 @@ fi
 study=$work/study
 # name|cap in seconds|command (run from the repository root)
 plan=(
-    "check|120|$python -m bnet_fastai.cli check --json $out/check.json"
+    "check|120|$python -m bnet_fastai check --json $out/check.json"
     "cuda-tests|100|$python -m pytest -m cuda -q -p no:cacheprovider tests/test_cuda.py --junitxml $out/cuda-tests.xml"
     "train-step|60|$python benchmarks/train_step.py --formats channels_last --rounds 10 --json $out/train_step.json"
     "inference|40|$python benchmarks/eval_and_memory.py --rounds 20 --json $out/eval_and_memory.json"
-    "data|40|$python -m bnet_fastai.cli data fashion-mnist"
-    "study|100|$python -m bnet_fastai.cli sweep --dataset fashion-mnist --arch xmininet --norm bn,bnet --seed 0,1,2 --size 28 --bs 128 --lr 0.01 --epochs 5 --workers 2 --keep-weights false --parallel 6 --out $study"
-    "report|20|$python -m bnet_fastai.cli report $study --markdown"
+    "data|40|$python -m bnet_fastai data fashion-mnist"
+    "study|100|$python -m bnet_fastai sweep --dataset fashion-mnist --arch xmininet --norm bn,bnet --seed 0,1,2 --size 28 --bs 128 --lr 0.01 --epochs 5 --workers 2 --keep-weights false --parallel 6 --out $study"
+    "report|20|$python -m bnet_fastai report $study --markdown"
 )
 
 # --dry-run: every --option of a step must be one its command offers (its --help), the CUDA tests must collect

@@ -29,7 +29,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import device, interleaved, machine, precision, training_step, write_json  # noqa: E402
 
 from bnet_fastai import create_model  # noqa: E402
-from bnet_fastai.norms import select_norms  # noqa: E402
+from bnet_fastai.nn.norms import select_norms  # noqa: E402
 
 
 class AuthorsBNET2d(nn.BatchNorm2d):
@@ -57,7 +57,7 @@ def authors_model(arch: str, k: int = 3) -> nn.Module:
     return model
 
 
-# the table's names -> the names `bnet_fastai.report.variant` gives runs (for --variants and the JSON rows)
+# the table's names -> the names `bnet_fastai.analysis.report.variant` gives runs (for --variants and the JSON rows)
 REPORT_NAMES = {"bn": "bn", "bnet all": "bnet-k3-all", "bnet last": "bnet-k3-last", "authors all": "authors-k3-all",
                 "bn compiled": "bn-compiled", "bnet all compiled": "bnet-k3-all-compiled"}
 

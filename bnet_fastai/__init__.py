@@ -1,7 +1,10 @@
 """bnet-fastai: BatchNorm vs BNET (Batch Normalization with Enhanced Linear Transformation) with fastai.
 
 The public names below are imported on first use (PEP 562), so ``bnet-fastai --help`` and the argument
-checks of the command line never load torch.
+checks of the command line never load torch. The package's parts are its subpackages: `nn` (what you lift
+into a model), `data`, `runs`, `sweeps`, `analysis` and `app` (the command line, the notebooks' helpers), each
+importing only the ones before it; `names`, `paths`, `_checks` and `_files` are torch-free helpers and `speed`
+times training steps side by side.
 """
 import importlib
 import warnings
@@ -9,14 +12,15 @@ import warnings
 __version__ = "0.1.0"
 
 _PUBLIC = {  # name -> the module that defines it
-    "FusedBNET": "fuse", "fuse_bn": "fuse", "fuse_bnet": "fuse",
+    "FusedBNET": "nn.fuse", "fuse_bn": "nn.fuse", "fuse_bnet": "nn.fuse",
     # the layers come through norm_act, whose import registers BNET with timm's norm-layer factories
-    "BNET1d": "norm_act", "BNET2d": "norm_act", "BNET3d": "norm_act", "BNETAct2d": "norm_act",
-    "bnet_extra_params": "layers",
-    "create_model": "models", "list_archs": "models",
-    "count_norms": "norms", "get_norm_layer": "norms", "list_norms": "norms", "select_norms": "norms",
-    "register_conversion": "norms", "swap_norm": "norms",
-    "BNETWeightDecay": "weight_decay", "bnet_params": "weight_decay", "no_decay_params": "weight_decay",
+    "BNET1d": "nn.norm_act", "BNET2d": "nn.norm_act", "BNET3d": "nn.norm_act", "BNETAct2d": "nn.norm_act",
+    "bnet_extra_params": "nn.layers",
+    "create_model": "nn.models", "list_archs": "nn.models",
+    "count_norms": "nn.norms", "get_norm_layer": "nn.norms", "list_norms": "nn.norms", "select_norms": "nn.norms",
+    "register_conversion": "nn.norms", "swap_norm": "nn.norms",
+    "BNETWeightDecay": "nn.weight_decay", "bnet_params": "nn.weight_decay", "no_decay_params": "nn.weight_decay",
+    "load_model": "runs.checkpoint",
 }
 __all__ = sorted(_PUBLIC)
 

@@ -8,7 +8,7 @@ import tempfile
 from collections.abc import Iterable
 from pathlib import Path
 
-from . import names
+from bnet_fastai import names
 
 
 def check_choice(what: str, value: object, choices: Iterable[str]) -> None:

@@ -2,7 +2,7 @@
 
 The command line checks its arguments against these before anything heavy is imported, so ``--help``,
 ``--version``, ``archs`` and a bad choice answer in a fraction of a second. The registries themselves
-(`models.ARCHS`, `norms.NORM_LAYERS`, `data.DATASETS`, `train.OPTIMIZERS`, `study.PROFILES`, ...) are built
+(`models.ARCHS`, `norms.NORM_LAYERS`, `data.DATASETS`, `runs.learner.OPTIMIZERS`, `study.PROFILES`, ...) are built
 from or checked against these names; ``tests/test_names.py`` asserts they are equal.
 """
 from __future__ import annotations
@@ -22,6 +22,6 @@ ACTIVATIONS = ("relu", "mish", "silu")  # models.ACTIVATIONS
 POOLS = ("avg", "max", "maxblur")  # xresnet shortcut pooling: fastai AvgPool, fastai MaxPool, kornia MaxBlurPool2D
 DATASETS = ("imagenette-160", "imagenette-320", "imagenette", "imagewoof-160", "imagewoof-320", "imagewoof",
             "mnist", "fashion-mnist", "sample")  # data.DATASETS
-OPTIMIZERS = ("adam", "ranger", "sgd")  # train.OPTIMIZERS: fastai's optimizers
-PIPELINES = ("cached", "fastai")  # train.PIPELINES
+OPTIMIZERS = ("adam", "ranger", "sgd")  # runs.learner.OPTIMIZERS: fastai's optimizers
+PIPELINES = ("cached", "fastai")  # runs.learner.PIPELINES
 PROFILES = ("full", "leaderboard", "cpu", "convergence", "quick")  # study.PROFILES

@@ -1,6 +1,6 @@
 """Timing side by side: one training step of each model, in interleaved rounds.
 
-`bnet-fastai check` (`bnet_fastai.preflight`) and the scripts in ``benchmarks/`` time with these, so a ratio
+`bnet-fastai check` (`bnet_fastai.app.preflight`) and the scripts in ``benchmarks/`` time with these, so a ratio
 the preflight prints and one a benchmark prints are measured the same way. On a GPU each step is timed with
 CUDA events (the GPU's own clock, no host-side launch latency counted) and the GPU is synchronised before
 the rounds start; on a CPU with `time.perf_counter`.

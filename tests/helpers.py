@@ -1,7 +1,7 @@
 """Helpers shared by the tests."""
 import torch
 
-from bnet_fastai.layers import _BNETNd
+from bnet_fastai.nn.layers import _BNETNd
 
 
 def perturb_bnets(model: torch.nn.Module, scale: float = 0.1) -> torch.nn.Module:

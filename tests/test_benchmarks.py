@@ -77,7 +77,7 @@ def test_gpu_check_refuses_without_its_repository_and_unknown_options(tmp_path):
     script = shutil.copy(ROOT / "benchmarks" / "gpu_check.sh", tmp_path / "benchmarks")
     env = {**os.environ, "OUT": str(tmp_path / "out"), "WORK": str(tmp_path / "work")}
     proc = subprocess.run(["bash", script, "--dry-run"], capture_output=True, text=True, env=env)
-    assert proc.returncode == 2 and proc.stderr.strip() == f"gpu_check.sh: {tmp_path}/bnet_fastai/cli.py is missing"
+    assert proc.returncode == 2 and proc.stderr.strip() == f"gpu_check.sh: {tmp_path}/bnet_fastai/app/cli.py is missing"
     proc = subprocess.run(["bash", str(ROOT / "benchmarks" / "gpu_check.sh"), "--fast"], capture_output=True,
                           text=True, env=env)
     assert proc.returncode == 2

@@ -4,9 +4,9 @@ import json
 import numpy as np
 import pytest
 
-from bnet_fastai.cli import main
-from bnet_fastai.markdown import budget_markdown
-from bnet_fastai.report import report
+from bnet_fastai.app.cli import main
+from bnet_fastai.analysis.markdown import budget_markdown
+from bnet_fastai.analysis.report import report
 
 from .test_report import _write_run
 

@@ -5,8 +5,8 @@ from collections import Counter
 import pytest
 import torch
 
-from bnet_fastai.cache import build_cache, cached_dataloaders
-from bnet_fastai.data import dataloaders
+from bnet_fastai.data.cache import build_cache, cached_dataloaders
+from bnet_fastai.data.datasets import dataloaders
 
 from .archives import WNIDS, serve, write_archive
 

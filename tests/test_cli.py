@@ -5,8 +5,9 @@ from pathlib import Path
 
 import pytest
 
-from bnet_fastai.cli import main
-from bnet_fastai.train import RunConfig, run
+from bnet_fastai.app.cli import main
+from bnet_fastai.runs.config import RunConfig
+from bnet_fastai.runs.train import run
 
 CLI = str(Path(sys.executable).with_name("bnet-fastai"))
 SAMPLE = ["--dataset", "sample", "--size", "16", "--epochs", "1", "--fraction", "0.2", "--workers", "0"]

@@ -12,8 +12,8 @@ from torch import nn
 
 from bnet_fastai import (BNET2d, BNETAct2d, count_norms, create_model, get_norm_layer, register_conversion,
                          select_norms, swap_norm)
-from bnet_fastai.layers import _BNETNd
-from bnet_fastai.norms import NORM_CONVERSIONS, RESIDUAL_BLOCKS, _registered_block_last
+from bnet_fastai.nn.layers import _BNETNd
+from bnet_fastai.nn.norms import NORM_CONVERSIONS, RESIDUAL_BLOCKS, _registered_block_last
 
 X = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(0))
 

@@ -13,12 +13,12 @@ import torch
 from fastai.callback.core import Callback
 
 from bnet_fastai import create_model, fuse_bnet
-from bnet_fastai.checkpoint import CHECKPOINT, Resume
-from bnet_fastai.config import RunConfig, expand_grid
-from bnet_fastai import executors
-from bnet_fastai.executors import ProcessPool, visible_gpus
-from bnet_fastai.preflight import FUSE_TOLERANCE, _Interrupt, _InterruptAfter, on_device
-from bnet_fastai.train import run
+from bnet_fastai.runs.checkpoint import CHECKPOINT, Resume
+from bnet_fastai.runs.config import RunConfig, expand_grid
+from bnet_fastai.sweeps import executors
+from bnet_fastai.sweeps.executors import ProcessPool, visible_gpus
+from bnet_fastai.app.preflight import FUSE_TOLERANCE, _Interrupt, _InterruptAfter, on_device
+from bnet_fastai.runs.train import run
 from tests.helpers import perturb_bnets, warm_running_stats
 
 NO_GPU = (f"needs a CUDA GPU: torch {torch.__version__} (CUDA {torch.version.cuda}) sees none; "

@@ -11,7 +11,7 @@ import pandas as pd
 import pytest
 from PIL import Image
 
-from bnet_fastai.data import EXTRACTED_FILE, VERIFIED_FILE, DatasetError, dataloaders, prepare
+from bnet_fastai.data.datasets import EXTRACTED_FILE, VERIFIED_FILE, DatasetError, dataloaders, prepare
 
 from .archives import WNIDS, serve, write_archive
 

@@ -7,9 +7,9 @@ from concurrent.futures import ThreadPoolExecutor
 import pytest
 import torch
 
-from bnet_fastai import cache
-from bnet_fastai.cache import build_cache, cached_dataloaders
-from bnet_fastai.data import DATASETS, VERIFIED_FILE, dataloaders, image_files, prepare
+from bnet_fastai.data import cache
+from bnet_fastai.data.cache import build_cache, cached_dataloaders
+from bnet_fastai.data.datasets import DATASETS, VERIFIED_FILE, dataloaders, image_files, prepare
 
 N_TRAIN, N_VALID = 1437, 360  # the sample's digits
 

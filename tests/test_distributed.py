@@ -13,8 +13,10 @@ RANK_SCRIPT = textwrap.dedent("""
     import sys, torch
     from pathlib import Path
     from bnet_fastai import BNET2d
-    from bnet_fastai.distributed import distrib_ctx
-    from bnet_fastai.train import RunConfig, build_learner, run
+    from bnet_fastai.runs.distributed import distrib_ctx
+    from bnet_fastai.runs.config import RunConfig
+    from bnet_fastai.runs.learner import build_learner
+    from bnet_fastai.runs.train import run
 
     out, rank = Path(sys.argv[1]), int(sys.argv[2])
     config = RunConfig(arch="xmininet", norm="bnet", dataset="sample", size=16, bs=32, epochs=1, fraction=0.2,
@@ -73,9 +75,10 @@ PREPARE_SCRIPT = textwrap.dedent("""
     import sys, time, torch
     from pathlib import Path
     import fastdownload.core
-    import bnet_fastai.cache
+    import bnet_fastai.data.cache
     from fastai.callback.core import Callback
-    from bnet_fastai.train import RunConfig, run
+    from bnet_fastai.runs.config import RunConfig
+    from bnet_fastai.runs.train import run
 
     out, rank, log = Path(sys.argv[1]), int(sys.argv[2]), Path(sys.argv[3])
 
@@ -87,7 +90,7 @@ PREPARE_SCRIPT = textwrap.dedent("""
         return wrapper
 
     fastdownload.core.FastDownload.extract = logged("extract", fastdownload.core.FastDownload.extract)
-    bnet_fastai.cache._write = logged("cache", bnet_fastai.cache._write)
+    bnet_fastai.data.cache._write = logged("cache", bnet_fastai.data.cache._write)
 
     class SaveWeights(Callback):
         order = 100
@@ -137,7 +140,7 @@ def test_rank_0_alone_downloads_extracts_and_caches_and_both_ranks_train_alike(t
 def test_a_run_locked_by_another_process_ends_every_rank_promptly_with_the_same_message(tmp_path):
     import fcntl
 
-    from bnet_fastai.train import RunConfig
+    from bnet_fastai.runs.config import RunConfig
 
     env = {"BNET_FASTAI_DATA": str(tmp_path / "data")}
     config = RunConfig(arch="xmininet", norm="bnet", dataset="sample", size=16, bs=4, epochs=1, workers=0)
@@ -156,8 +159,8 @@ def test_a_run_locked_by_another_process_ends_every_rank_promptly_with_the_same_
 LOCKED_SCRIPT = textwrap.dedent("""
     import sys, time
     from pathlib import Path
-    from bnet_fastai.config import RunConfig
-    from bnet_fastai.train import run
+    from bnet_fastai.runs.config import RunConfig
+    from bnet_fastai.runs.train import run
 
     start = time.time()
     try:

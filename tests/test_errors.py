@@ -3,7 +3,7 @@ import pytest
 from torch import nn
 
 from bnet_fastai import BNET2d, create_model, get_norm_layer, swap_norm
-from bnet_fastai.models import ARCHS, Arch
+from bnet_fastai.nn.models import ARCHS, Arch
 
 BAD_CREATE = [
     (dict(arch="resnet9000"), "unknown arch 'resnet9000'; valid choices: xresnet18, xresnet34"),

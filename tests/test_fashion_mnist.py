@@ -13,9 +13,11 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from bnet_fastai import fashion_mnist, study
-from bnet_fastai.basics import BASICS_DATASETS
-from bnet_fastai.data import prepare
+from bnet_fastai.data import available as availability
+from bnet_fastai.data import fashion_mnist
+from bnet_fastai.sweeps import study
+from bnet_fastai.app.basics import BASICS_DATASETS
+from bnet_fastai.data.datasets import prepare
 
 from .archives import serve, write_idx
 
@@ -172,9 +174,9 @@ def _available(names):
     (set(), "sample", "sample"),
 ])
 def test_auto_dataset_takes_the_first_that_can_be_had(monkeypatch, available, experiments, basics):
-    monkeypatch.setattr(study, "dataset_available", _available(available | {"sample"}))
-    assert study.auto_dataset(study.EXPERIMENT_DATASETS)[0] == experiments
-    assert study.auto_dataset(BASICS_DATASETS)[0] == basics
+    monkeypatch.setattr(availability, "dataset_available", _available(available | {"sample"}))
+    assert availability.auto_dataset(study.EXPERIMENT_DATASETS)[0] == experiments
+    assert availability.auto_dataset(BASICS_DATASETS)[0] == basics
     resolved = study.resolve("auto", "quick")
     assert resolved.dataset == experiments and any(experiments in r for r in resolved.reasons)
     expected = study.QUICK_ON_DATASET.get(experiments, study.QUICK_ON_IMAGES)
@@ -182,10 +184,10 @@ def test_auto_dataset_takes_the_first_that_can_be_had(monkeypatch, available, ex
 
 
 def test_fashion_mnist_is_available_offline_only_with_its_files(tmp_path, data_root, monkeypatch):
-    assert not study.dataset_available("fashion-mnist")
+    assert not availability.dataset_available("fashion-mnist")
     write_idx(tmp_path / "local")
     monkeypatch.setenv("BNET_FASTAI_FASHION_MNIST", str(tmp_path / "local"))
-    assert study.dataset_available("fashion-mnist")
+    assert availability.dataset_available("fashion-mnist")
 
 
 def test_well_formed_files_that_are_not_the_published_ones_stop_unless_said(tmp_path, data_root, monkeypatch):
@@ -204,7 +206,8 @@ def test_well_formed_files_that_are_not_the_published_ones_stop_unless_said(tmp_
     info = json.loads((path / fashion_mnist.INFO_FILE).read_text())
     assert info["published"] is False and sorted(info["not_published"]) == sorted(fashion_mnist.PUBLISHED_SHA256)
     assert fashion_mnist.provenance(path) == {"source": str(tmp_path / "local"), "published_files": False}
-    from bnet_fastai.train import RunConfig, run
+    from bnet_fastai.runs.config import RunConfig
+    from bnet_fastai.runs.train import run
     result = run(RunConfig(arch="xmininet", dataset="fashion-mnist", size=16, bs=8, epochs=1, workers=0),
                  tmp_path / "runs")
     dataset = json.loads((Path(result["run_dir"]) / "config.json").read_text())["dataset"]

@@ -4,7 +4,7 @@ import torch
 from torch.testing import assert_close
 
 from bnet_fastai import BNET1d, BNET2d, BNET3d, FusedBNET, count_norms, create_model, fuse_bnet
-from bnet_fastai.fuse import FusedDepthwise
+from bnet_fastai.nn.fuse import FusedDepthwise
 
 from .helpers import perturb_bnets, warm_running_stats
 

@@ -14,8 +14,8 @@ from pathlib import Path
 import nbformat
 import pytest
 
-from bnet_fastai.lab import KERNEL_NAME, register_kernel, with_defaults
-from bnet_fastai.notebooks import NOTEBOOKS, export_html
+from bnet_fastai.app.lab import KERNEL_NAME, register_kernel, with_defaults
+from bnet_fastai.app.notebooks import NOTEBOOKS, export_html
 
 CHROMIUM, CHROMEDRIVER = Path("/usr/bin/chromium"), Path("/usr/bin/chromedriver")
 DISPLAY_NAME = f"{KERNEL_NAME} ({Path(sys.prefix).name})"
@@ -127,13 +127,13 @@ def free_port() -> int:
 
 @pytest.fixture
 def lab_server(tmp_path, jupyter_env):
-    """`python -m bnet_fastai.lab` (what `make lab` runs) serving a temp copy of the notebooks; yields its URL."""
+    """`python -m bnet_fastai.app.lab` (what `make lab` runs) serving a temp copy of the notebooks; yields its URL."""
     root = notebook_copy(tmp_path / "notebooks", **SAMPLE).parent
     port, token = free_port(), secrets.token_hex(16)
     is_root = os.geteuid() == 0  # jupyter refuses to run as root unless told to (CI containers run as root)
     log = open(tmp_path / "lab.log", "w")
     server = subprocess.Popen(
-        [sys.executable, "-m", "bnet_fastai.lab", "--kernel-prefix", str(tmp_path / "prefix"), "--no-browser",
+        [sys.executable, "-m", "bnet_fastai.app.lab", "--kernel-prefix", str(tmp_path / "prefix"), "--no-browser",
          f"--port={port}", "--ServerApp.port_retries=0", f"--IdentityProvider.token={token}",
          f"--ServerApp.root_dir={root}", "--LabApp.news_url=None",
          "--LabApp.check_for_updates_class=jupyterlab.NeverCheckForUpdate", *(["--allow-root"] * is_root)],

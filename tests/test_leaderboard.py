@@ -10,8 +10,10 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 from torch import nn
 
 from bnet_fastai import create_model
-from bnet_fastai.study import resolve
-from bnet_fastai.train import RunConfig, build_learner, run
+from bnet_fastai.sweeps.study import resolve
+from bnet_fastai.runs.config import RunConfig
+from bnet_fastai.runs.learner import build_learner
+from bnet_fastai.runs.train import run
 
 
 def test_the_profile_is_fastais_leaderboard_recipe():

@@ -7,7 +7,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from bnet_fastai.notebooks import NOTEBOOKS, execute
+from bnet_fastai.app.notebooks import NOTEBOOKS, execute
 
 
 @pytest.fixture

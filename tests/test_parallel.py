@@ -15,8 +15,8 @@ from pathlib import Path
 
 import pytest
 
-from bnet_fastai.config import RunConfig, expand_grid
-from bnet_fastai.runstate import read_status, run_lock
+from bnet_fastai.runs.config import RunConfig, expand_grid
+from bnet_fastai.runs.runstate import read_status, run_lock
 
 CLI = str(Path(sys.executable).with_name("bnet-fastai"))
 SAMPLE = ["--dataset", "sample", "--size", "16", "--epochs", "1", "--fraction", "0.2", "--workers", "0"]
@@ -32,7 +32,7 @@ def data_root(tmp_path_factory):
     root = tmp_path_factory.mktemp("data")
     with pytest.MonkeyPatch.context() as m:
         m.setenv("BNET_FASTAI_DATA", str(root))
-        from bnet_fastai.data import prepare
+        from bnet_fastai.data.datasets import prepare
 
         prepare("sample")
     return root
@@ -103,7 +103,7 @@ def test_a_run_another_process_holds_is_waited_for_not_failed(tmp_path, env, mon
     reports the run as trained by another process."""
     out, elsewhere = tmp_path / "exp", tmp_path / "elsewhere"
     monkeypatch.setenv("BNET_FASTAI_DATA", env["BNET_FASTAI_DATA"])
-    from bnet_fastai.train import run
+    from bnet_fastai.runs.train import run
 
     held = expand_grid(BASE, {"norm": ["bn"], "seed": [0]})[0]
     run(held, elsewhere)  # what the "other process" will have trained
@@ -231,7 +231,7 @@ def test_ray_missing_exits_2_and_names_the_extra(tmp_path):
 def _probe(argv: list[str], hide_ray: bool = False) -> tuple[int, str, list[str], float]:
     """Run the CLI's main in a fresh interpreter: exit code, stderr, heavy modules imported, seconds taken."""
     code = ("import json, sys, time\nt = time.perf_counter()\n" + ("sys.modules['ray'] = None\n" if hide_ray else "")
-            + f"from bnet_fastai.cli import main\ntry:\n    code = main({argv!r})\nexcept SystemExit as e:\n"
+            + f"from bnet_fastai.app.cli import main\ntry:\n    code = main({argv!r})\nexcept SystemExit as e:\n"
             "    code = e.code\nprint('RESULT', code, time.perf_counter() - t, "
             "json.dumps([m for m in ('torch', 'fastai') if m in sys.modules]), file=sys.stderr)")
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)

@@ -4,8 +4,8 @@ import papermill
 import pytest
 
 from bnet_fastai._checks import parse_parameter
-from bnet_fastai.notebooks import execute
-from bnet_fastai.study import resolve
+from bnet_fastai.app.notebooks import execute
+from bnet_fastai.sweeps.study import resolve
 
 TINY = dict(epochs=2, size=16, fraction=0.2, workers=0)
 
@@ -57,7 +57,7 @@ def test_a_bad_notebook_parameter_stops_the_first_code_cell_before_any_run_folde
 
 
 def test_basics_parameters_as_papermill_passes_them_equal_the_written_ones():
-    from bnet_fastai import basics
+    from bnet_fastai.app import basics
 
     written = basics.resolve("sample", 400, None, 2, 1, 64, 1e-2, 3)
     assert basics.resolve("sample", "400", "None", "2", "1", "64", "1e-2", "3") == written
@@ -71,7 +71,7 @@ def test_basics_parameters_as_papermill_passes_them_equal_the_written_ones():
     (dict(max_valid="0"), "MAX_VALID must be a whole number >= 1 or None"),
 ])
 def test_bad_basics_parameters_are_one_line(bad, message):
-    from bnet_fastai import basics
+    from bnet_fastai.app import basics
 
     with pytest.raises(ValueError, match=message) as caught:
         basics.resolve(**{"dataset": "sample", **bad})

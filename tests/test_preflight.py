@@ -2,12 +2,11 @@
 import json
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 import torch
 
-from bnet_fastai import cli, preflight
+from bnet_fastai.app import cli, preflight
 from bnet_fastai.speed import amp_dtype, interleaved, training_step
 
 
@@ -57,7 +56,7 @@ def test_a_failing_check_is_named_and_exits_1_and_out_keeps_the_runs(tmp_path, m
 def test_a_gpu_asked_for_where_torch_sees_none_is_one_line_exit_2(tmp_path):
     if torch.cuda.is_available():
         pytest.skip("this machine has a GPU")
-    proc = subprocess.run([sys.executable, "-m", "bnet_fastai.cli", "check", "--device", "cuda:1"],
+    proc = subprocess.run([sys.executable, "-m", "bnet_fastai", "check", "--device", "cuda:1"],
                           capture_output=True, text=True, cwd=tmp_path)
     assert proc.returncode == 2 and proc.stdout == ""
     assert proc.stderr.count("\n") == 1 and "sees no CUDA device" in proc.stderr and "--device cpu" in proc.stderr

@@ -12,11 +12,11 @@ import pytest
 from fastai.callback.progress import ProgressCallback
 from fastai.test_utils import synth_learner
 
-from bnet_fastai import live, progress
-from bnet_fastai.live import LiveMonitor
-from bnet_fastai.progress import EpochLines, show_progress
-from bnet_fastai.sweep import expand_grid, sweep
-from bnet_fastai.train import RunConfig
+from bnet_fastai.runs import progress
+from bnet_fastai.app.live import LiveMonitor
+from bnet_fastai.runs.progress import EpochLines, show_progress
+from bnet_fastai.sweeps.sweep import expand_grid, sweep
+from bnet_fastai.runs.config import RunConfig
 
 CLI = str(Path(sys.executable).with_name("bnet-fastai"))
 QUICK = dict(dataset="sample", size=16, bs=64, epochs=2, fraction=0.3, workers=0, arch="xmininet")
@@ -109,7 +109,7 @@ def test_live_view_updates_the_figure_each_epoch_and_once_per_reused_run(cli_swe
     bar, figure = monitor.bar, monitor.figure
     assert figure.updates == 2 + 1  # one per trained epoch, one per reused run
     assert all(shown.data.startswith(b"\x89PNG") for shown in figure.shown)
-    assert bar.updates == 2 + 2  # one per trained epoch, one per finished run
+    assert bar.updates == 2 + 2 + 2  # one per trained epoch, one as each run starts, one as each ends
     assert 'max="2" value="2"' in str(bar.shown[-1]) and "2/2 runs" in str(bar.shown[-1])
     assert 'value="0"' in str(bar.shown[0]) and "0/2 runs" in str(bar.shown[0])
     for config in (bn, bnet):  # each curve is the run's validation accuracy, epoch by epoch
@@ -149,23 +149,17 @@ def test_plain_lines_replace_fastais_table_and_history_csv_is_still_written(tmp_
     assert len(pd.read_csv(tmp_path / "history.csv")) == 3
 
 
-def test_the_live_view_is_on_by_default_only_in_a_notebook(monkeypatch):
-    assert live.live_monitor(None) is None and live.live_monitor(False) is None
-    assert isinstance(live.live_monitor(True), LiveMonitor)
-    monkeypatch.setattr(live, "IN_NOTEBOOK", True)
-    assert isinstance(live.live_monitor(None), LiveMonitor)
-
-
-def test_in_a_notebook_a_finished_run_leaves_one_line_below_the_grid_bar_and_the_figure(tmp_path):
+def test_in_a_notebook_a_finished_run_leaves_one_line_below_the_grid_bar_and_the_figure(tmp_path, data_root):
     """A real kernel (nbclient, as papermill and JupyterLab run it): after a 4-run sweep the training cell holds
     the grid bar, the figure and one line per run, where each run showed fastai's bar and epoch table."""
     import nbformat
     from nbclient import NotebookClient
 
-    code = (f"import os\nos.environ['BNET_FASTAI_DATA'] = {str(tmp_path / 'data')!r}\n"
-            "from bnet_fastai.config import RunConfig\nfrom bnet_fastai.sweep import sweep\n"
+    code = (f"import os\nos.environ['BNET_FASTAI_DATA'] = {str(data_root)!r}\n"
+            "from bnet_fastai.app.live import LiveMonitor\nfrom bnet_fastai.runs.config import RunConfig\n"
+            "from bnet_fastai.sweeps.sweep import sweep\n"
             f"results = sweep(RunConfig(**{QUICK!r}), {{'norm': ['bn', 'bnet'], 'seed': [0, 1]}}, "
-            f"{str(tmp_path / 'out')!r})")
+            f"{str(tmp_path / 'out')!r}, live=LiveMonitor())")
     nb = nbformat.v4.new_notebook(cells=[nbformat.v4.new_code_cell(code)])
     NotebookClient(nb, kernel_name="python3", timeout=600, resources={"metadata": {"path": str(tmp_path)}}).execute()
     outputs = [o for o in nb.cells[0].outputs if not (o.output_type == "stream" and o.name == "stderr")]

@@ -4,8 +4,8 @@ from pathlib import Path
 
 import pytest
 
-from bnet_fastai.markdown import answers_markdown, budget_markdown
-from bnet_fastai.report import report, results_markdown
+from bnet_fastai.analysis.markdown import answers_markdown, budget_markdown, results_markdown
+from bnet_fastai.analysis.report import report
 
 ROOT = Path(__file__).resolve().parents[1]
 STUDY = ROOT / "docs" / "fashion-mnist-cpu"

@@ -9,9 +9,10 @@ from pathlib import Path
 
 import pytest
 
-from bnet_fastai.data import DATASETS, VERIFIED_FILE, prepare
+from bnet_fastai.data.datasets import DATASETS, VERIFIED_FILE, prepare
 from bnet_fastai.paths import state_folder
-from bnet_fastai.train import RunConfig, run
+from bnet_fastai.runs.config import RunConfig
+from bnet_fastai.runs.train import run
 
 CLI = str(Path(sys.executable).with_name("bnet-fastai"))
 CONFIG = dict(arch="xmininet", dataset="sample", size=16, bs=32, epochs=1, fraction=0.2, workers=0)

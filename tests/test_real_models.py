@@ -13,7 +13,7 @@ from torch.export import Dim
 from torch.nn.modules.batchnorm import _BatchNorm
 
 from bnet_fastai import BNET2d, count_norms, fuse_bnet, get_norm_layer, swap_norm
-from bnet_fastai.layers import _BNETNd
+from bnet_fastai.nn.layers import _BNETNd
 
 from .helpers import perturb_bnets
 from .model_zoo import NO_BATCHNORM, ZOO, table

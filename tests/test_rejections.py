@@ -7,19 +7,23 @@ from pathlib import Path
 import pytest
 
 from bnet_fastai import names
-from bnet_fastai.cli import main
-from bnet_fastai.train import RunConfig, run
+from bnet_fastai.app.cli import main
+from bnet_fastai.runs.config import RunConfig
+from bnet_fastai.runs.train import run
 
 SAMPLE = ["--dataset", "sample", "--size", "16", "--epochs", "1", "--fraction", "0.2", "--workers", "0"]
 UNWRITABLE = "/sys/bnet-fastai-results"  # sysfs refuses new files, even to root
 
 
 def test_the_light_names_equal_the_real_registries():
-    from bnet_fastai import config, data, models, norms, study, train
+    from bnet_fastai.runs import config, learner
+    from bnet_fastai.data import datasets as data
+    from bnet_fastai.nn import models, norms
+    from bnet_fastai.sweeps import study
 
     assert names.ARCHS == tuple(models.ARCHS) and names.NORMS == tuple(norms.NORM_LAYERS)
     assert names.ACTIVATIONS == tuple(models.ACTIVATIONS) and names.DATASETS == tuple(data.DATASETS)
-    assert names.OPTIMIZERS == tuple(train.OPTIMIZERS) and names.PIPELINES == tuple(train.PIPELINES)
+    assert names.OPTIMIZERS == tuple(learner.OPTIMIZERS) and names.PIPELINES == tuple(learner.PIPELINES)
     assert names.PROFILES == tuple(study.PROFILES) and set(config.SCHEDULES) == {"one_cycle", "flat_cos"}
     assert set(names.FASTAI_ARCHS) == {n for n, a in models.ARCHS.items() if a.library == "fastai"}
     assert set(names.RESNESTS) | {"mininest"} == {n for n, a in models.ARCHS.items() if a.library == "timm"}
@@ -33,7 +37,7 @@ LIGHT = [["--version"], ["--help"], ["run", "--help"], ["archs"], ["run", "--arc
 
 @pytest.mark.parametrize("argv", LIGHT, ids=" ".join)
 def test_arguments_help_version_and_archs_answer_without_torch(argv):
-    probe = ("import sys, time\nt = time.perf_counter()\nfrom bnet_fastai.cli import main\n"
+    probe = ("import sys, time\nt = time.perf_counter()\nfrom bnet_fastai.app.cli import main\n"
              f"try:\n    code = main({argv!r})\nexcept SystemExit as e:\n    code = e.code\n"
              "print('RESULT', code, time.perf_counter() - t, sorted(m for m in ('torch', 'fastai', 'pandas') "
              "if m in sys.modules), file=sys.stderr)")

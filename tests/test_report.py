@@ -6,9 +6,9 @@ from math import exp, log, sqrt
 import pandas as pd
 import pytest
 
-from bnet_fastai.report import report
-from bnet_fastai.runstate import write_status
-from bnet_fastai.train import RunConfig
+from bnet_fastai.analysis.report import report
+from bnet_fastai.runs.runstate import write_status
+from bnet_fastai.runs.config import RunConfig
 
 T_975_2 = 4.302652729911275  # Student's t, 97.5% quantile, 2 degrees of freedom
 T_975_1 = 12.706204736174707  # 1 degree of freedom

@@ -17,9 +17,11 @@ import torch
 
 from fastai.callback.core import Callback
 
-from bnet_fastai.checkpoint import EpochCheckpoint, load_checkpoint, load_model
-from bnet_fastai.runstate import RunFailed
-from bnet_fastai.train import RunConfig, build_learner, run
+from bnet_fastai.runs.checkpoint import EpochCheckpoint, load_checkpoint, load_model
+from bnet_fastai.runs.runstate import RunFailed
+from bnet_fastai.runs.config import RunConfig
+from bnet_fastai.runs.learner import build_learner
+from bnet_fastai.runs.train import run
 
 CONFIG = dict(arch="xmininet", norm="bnet", dataset="sample", size=16, bs=32, epochs=4, fraction=0.5, workers=0,
               lr=1e-2)
@@ -27,7 +29,8 @@ DIE = textwrap.dedent("""
     import os, signal, sys
     import torch
     from fastai.callback.core import Callback
-    from bnet_fastai.train import RunConfig, run
+    from bnet_fastai.runs.config import RunConfig
+    from bnet_fastai.runs.train import run
 
     out, mode, epoch, config = sys.argv[1], sys.argv[2], int(sys.argv[3]), eval(sys.argv[4])
 
@@ -297,7 +300,7 @@ def test_sigterm_mid_run_then_the_same_command_resumes_it(tmp_path):
 def test_sigterm_waits_until_the_checkpoint_write_is_done():
     import signal
 
-    from bnet_fastai.checkpoint import signals_held
+    from bnet_fastai.runs.checkpoint import signals_held
 
     seen = []
     old = signal.signal(signal.SIGTERM, lambda *_: seen.append("delivered"))
@@ -318,7 +321,7 @@ def test_a_loaded_optimizer_state_follows_its_parameters_to_their_device(opt):
     # in for the GPU: the CPU state loaded into an optimizer of meta parameters must move to "meta".
     from fastai.optimizer import Adam, ranger
 
-    from bnet_fastai.checkpoint import _state_to_params_device
+    from bnet_fastai.runs.checkpoint import _state_to_params_device
 
     def stepped(device: str):
         model = torch.nn.Linear(3, 2, device=device)

@@ -1,8 +1,8 @@
-"""bnet_fastai.stats on cases computed by hand."""
+"""bnet_fastai.analysis.stats on cases computed by hand."""
 import numpy as np
 import pytest
 
-from bnet_fastai.stats import binomial_se, holm, sign_flip_p, verdict
+from bnet_fastai.analysis.stats import binomial_se, holm, sign_flip_p, verdict
 
 
 class TestSignFlip:

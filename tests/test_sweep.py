@@ -9,10 +9,10 @@ from pathlib import Path
 
 import pytest
 
-from bnet_fastai import train
-from bnet_fastai.runstate import read_status
-from bnet_fastai.sweep import expand_grid, sweep
-from bnet_fastai.train import RunConfig
+from bnet_fastai.runs import learner
+from bnet_fastai.runs.runstate import read_status
+from bnet_fastai.sweeps.sweep import expand_grid, sweep
+from bnet_fastai.runs.config import RunConfig
 
 CLI = str(Path(sys.executable).with_name("bnet-fastai"))
 ARGS = ["--arch", "xmininet", "--norm", "bnet", "--seed", "0,1,2", "--dataset", "sample", "--size", "16",
@@ -64,14 +64,14 @@ def test_sweep_killed_mid_run_resumes_and_keeps_finished_runs_untouched(tmp_path
 def test_a_failing_run_is_recorded_and_the_sweep_goes_on(tmp_path, monkeypatch):
     monkeypatch.setenv("BNET_FASTAI_DATA", str(tmp_path / "data"))
     base = RunConfig(dataset="sample", size=16, epochs=1, fraction=0.2, workers=0, arch="xmininet")
-    build = train.create_model
+    build = learner.create_model
 
     def fail_for_bnet(arch, norm, **kw):  # a fault inside training, not bad input
         if norm == "bnet":
             raise RuntimeError("CUDA error: an illegal memory access was encountered")
         return build(arch, norm, **kw)
 
-    monkeypatch.setattr(train, "create_model", fail_for_bnet)
+    monkeypatch.setattr(learner, "create_model", fail_for_bnet)
     results = sweep(base, {"norm": ["bnet", "bn"]}, tmp_path / "exp")
     assert [r["status"] for r in results] == ["failed", "finished"]
     failed = json.loads((Path(results[0]["run_dir"]) / "status.json").read_text())

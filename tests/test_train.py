@@ -5,8 +5,9 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from bnet_fastai.runstate import read_status, run_lock, write_status
-from bnet_fastai.train import RunConfig, run
+from bnet_fastai.runs.runstate import read_status, run_lock, write_status
+from bnet_fastai.runs.config import RunConfig
+from bnet_fastai.runs.train import run
 
 QUICK = dict(dataset="sample", size=16, bs=64, epochs=2, fraction=0.3, workers=0, arch="xmininet")
 
@@ -51,7 +52,7 @@ def test_config_json_records_everything(tmp_path):
     assert written["weight_decay_rule"].startswith("no decay for BN gamma/beta, BNET kernel/bias")
     env = written["environment"]
     assert {"torch", "fastai", "timm", "python", "git_commit", "device"} <= set(env) and env["device"].startswith("cpu")
-    assert written["training"] == {"schedule": "fit_one_cycle", "fp16": False, "world_size": 1}
+    assert written["training"] == {"schedule": "fit_one_cycle", "fp16": False, "world_size": 1, "device": "cpu"}
 
 
 def test_a_finished_run_is_reused_byte_for_byte(tmp_path):
@@ -96,7 +97,7 @@ def test_force_keeps_the_finished_run_when_the_data_cannot_be_had(tmp_path, monk
 
 
 def test_compile_option_hands_fastai_a_compiled_model():
-    from bnet_fastai.train import build_learner
+    from bnet_fastai.runs.learner import build_learner
 
     learn, _ = build_learner(RunConfig(norm="bnet", compile=True, **QUICK))
     assert hasattr(learn.model, "_orig_mod") and learn.model._orig_mod.__class__.__name__ == "XResNet"

@@ -5,11 +5,12 @@ from pathlib import Path
 
 import pytest
 
-from bnet_fastai import cli
-from bnet_fastai.report import load_runs, report
-from bnet_fastai.runstate import check_run, file_record, raw_status, read_status, write_status
-from bnet_fastai.sweep import sweep
-from bnet_fastai.train import RunConfig, run
+from bnet_fastai.app import cli
+from bnet_fastai.analysis.report import load_runs, report
+from bnet_fastai.runs.runstate import check_run, file_record, raw_status, read_status, write_status
+from bnet_fastai.sweeps.sweep import sweep
+from bnet_fastai.runs.config import RunConfig
+from bnet_fastai.runs.train import run
 from tests.test_report import BN, BNET, _write_run
 
 REAL = RunConfig(dataset="sample", size=16, bs=64, epochs=2, fraction=0.3, workers=0, arch="xmininet", norm="bnet")
@@ -120,7 +121,7 @@ def test_a_real_finish_records_its_files_and_a_sweep_retrains_a_damaged_run(tmp_
 
     _cut(run_dir / "history.csv")
     capsys.readouterr()
-    results = sweep(REAL, {}, out, live=False)
+    results = sweep(REAL, {}, out, live=None)
     lines = capsys.readouterr().out.splitlines()
     expected = f"[1/1] {REAL.run_id}: damaged (history.csv: size {len(history) - 7}, expected {len(history)}): " \
                "training it again"
@@ -135,7 +136,7 @@ def test_a_real_finish_records_its_files_and_a_sweep_retrains_a_damaged_run(tmp_
     old = {k: v for k, v in again.items() if k not in ("files", "history_rows")}
     (run_dir / "status.json").write_text(json.dumps(old))
     assert run(REAL, out)["reused"] is True
-    assert sweep(REAL, {}, out, live=False)[0]["reused"] is True
+    assert sweep(REAL, {}, out, live=None)[0]["reused"] is True
 
 
 def test_default_out_is_under_bnet_fastai_results(tmp_path, monkeypatch):
@@ -145,7 +146,7 @@ def test_default_out_is_under_bnet_fastai_results(tmp_path, monkeypatch):
         assert cli.output_folder(parser.parse_args([command])) == str(tmp_path / "res" / "default")
         assert cli.output_folder(parser.parse_args([command, "--out", "elsewhere"])) == "elsewhere"
     seen = {}
-    monkeypatch.setattr("bnet_fastai.train.run", lambda config, out, force: seen.update(out=out) or
+    monkeypatch.setattr("bnet_fastai.runs.train.run", lambda config, out, force: seen.update(out=out) or
                         {"status": "finished", "run_dir": str(Path(out) / config.run_id)})
     assert cli.main(["run", "--arch", "xmininet"]) == 0 and seen["out"] == str(tmp_path / "res" / "default")
 

@@ -1,0 +1,148 @@
+"""Budget studies: runs of one recipe that differ only in `epochs`, each a complete schedule.
+
+With a one-cycle schedule an epoch in the middle of a run is a snapshot at a high learning rate, not a
+measure of how far training has come; the final accuracy of complete schedules of different lengths is.
+So convergence speed is read across budgets:
+- **epochs to match**: the budget a BNET variant needs to reach BN's mean final accuracy at a BN budget
+  (every BN budget is a reference; the largest is the headline), on the BNET mean accuracy-vs-budget curve
+  interpolated linearly between budgets; "at or below" the smallest budget when BNET is already there,
+  "not reached" when it never is. Its interval: 95% percentile bootstrap over seeds (`BOOT` resamples,
+  seed 0; BN and BNET resampled by the same seeds), a resample that never reaches counting as above every
+  budget;
+- **equal cost**: BNET at budget E against BN at budget r × E, where r is BNET's training-step time over
+  BN's, measured side by side by ``benchmarks/train_step.py`` (never from run times on a shared machine).
+  BN's per-seed accuracy-vs-budget curve is interpolated linearly at r × E; where r × E lies outside BN's
+  budgets the comparison is not made (it would extrapolate). Paired by seed like every comparison here.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from bnet_fastai.analysis import stats
+
+BUDGET_KEYS = ["dataset", "size", "recipe", "arch"]  # one budget study per recipe and arch
+BOOT = 2000
+COST_FILE = "cost.json"  # benchmarks/train_step.py --json, read from the experiment folder by default
+
+
+def budget_studies(per_run: pd.DataFrame) -> list[tuple[dict, pd.DataFrame]]:
+    """The (keys, runs) of every recipe × arch whose BN arm and at least one BNET arm have two or more budgets."""
+    studies = []
+    for keys, runs in per_run.groupby(BUDGET_KEYS):
+        budgets = runs.groupby("variant")["epochs"].nunique()
+        if budgets.get("bn", 0) >= 2 and (budgets.drop("bn") >= 2).any():
+            studies.append((dict(zip(BUDGET_KEYS, keys)), runs))
+    return studies
+
+
+def crossing(budgets, accuracies, target: float) -> tuple[float, str]:
+    """The budget at which the piecewise-linear curve first reaches `target`, and "reached",
+    "at or below" (already at the smallest budget) or "not reached" (NaN)."""
+    b, a = np.asarray(budgets, dtype=float), np.asarray(accuracies, dtype=float)
+    if a[0] >= target:
+        return float(b[0]), "at or below"
+    for i in range(1, len(b)):
+        if a[i] >= target:
+            return float(b[i - 1] + (target - a[i - 1]) / (a[i] - a[i - 1]) * (b[i] - b[i - 1])), "reached"
+    return float("nan"), "not reached"
+
+
+def _matrix(runs: pd.DataFrame, variant: str) -> pd.DataFrame:
+    """Final accuracy of one variant, seeds × budgets (NaN where a seed lacks a budget)."""
+    table = runs[runs["variant"] == variant].pivot(index="seed", columns="epochs", values="final_accuracy")
+    return table.sort_index(axis=1)
+
+
+def paired_arms(per_run: pd.DataFrame):
+    """For every budget study and BNET variant with two or more seeds complete in both arms: its keys, the
+    variant, the paired seeds, and BN's and BNET's budgets and seeds × budgets accuracy matrices."""
+    for keys, runs in budget_studies(per_run):
+        bn_table = _matrix(runs, "bn").dropna()
+        for variant in sorted(set(runs["variant"]) - {"bn"}):
+            table = _matrix(runs, variant).dropna()
+            seeds = sorted(set(bn_table.index) & set(table.index))
+            if len(seeds) >= 2:
+                yield (keys, variant, seeds, bn_table.columns.to_numpy(dtype=float), bn_table.loc[seeds].to_numpy(),
+                       table.columns.to_numpy(dtype=float), table.loc[seeds].to_numpy())
+
+
+def epochs_to_match(per_run: pd.DataFrame, boot: int = BOOT, seed: int = 0) -> pd.DataFrame:
+    """One row per budget study × BNET variant × BN reference budget (see the module docstring)."""
+    rows = []
+    for keys, variant, seeds, bn_budgets, bn, budgets, bnet in paired_arms(per_run):
+        draws = np.random.default_rng(seed).integers(0, len(seeds), size=(boot, len(seeds)))
+        for j, reference in enumerate(bn_budgets):
+            target = bn[:, j].mean()
+            value, how = crossing(budgets, bnet.mean(axis=0), target)
+            resampled = []
+            for pick in draws:
+                v, h = crossing(budgets, bnet[pick].mean(axis=0), bn[pick, j].mean())
+                resampled.append(np.inf if h == "not reached" else v)
+            # order statistics, no interpolation between them: "not reached" (inf) stays inf
+            low, high = np.quantile(resampled, [0.025, 0.975], method="inverted_cdf")
+            rows.append({**keys, "variant": variant, "n_pairs": len(seeds),
+                         "seeds": ",".join(map(str, seeds)), "bn_epochs": int(reference),
+                         "largest_bn_budget": reference == bn_budgets.max(), "target": target,
+                         "bnet_budgets": ",".join(str(int(b)) for b in budgets), "epochs_to_match": value,
+                         "match": how, "ratio_to_bn_epochs": value / reference,
+                         "ci_low": low, "ci_high": high,
+                         "ci_method": f"95% percentile bootstrap over seeds ({boot} resamples, seed {seed})"})
+    return pd.DataFrame(rows)
+
+
+def read_cost(path: str | Path) -> list[dict]:
+    """The rows of a ``benchmarks/train_step.py --json`` file, each with the file's command and machine;
+    ValueError in one line when it is missing or not such a file."""
+    try:
+        data = json.loads(Path(path).read_text())
+        rows = data["rows"]
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise ValueError(f"cannot read the cost ratios in {path} ({type(e).__name__}): give the JSON that "
+                         f"benchmarks/train_step.py --json writes, or --cost-ratio R") from None
+    return [{**row, "source": data.get("command", str(path)), "machine": data.get("machine", "")}
+            for row in rows]
+
+
+def cost_ratio(cost: list[dict] | float | None, keys: dict, variant: str) -> tuple[float, str]:
+    """BNET/BN step-time ratio for this arch, size, batch and memory format, and where it came from."""
+    if cost is None:
+        return float("nan"), "no cost measurement"
+    if isinstance(cost, (int, float)):
+        if not (np.isfinite(cost) and cost > 0):
+            raise ValueError(f"the cost ratio must be a number > 0, got {cost!r}")
+        return float(cost), "given as --cost-ratio"
+    settings = dict(item.split("=", 1) for item in keys["recipe"].split())
+    fmt = "channels_last" if settings.get("channels_last", "True") == "True" else "nchw"
+    for row in cost:
+        if (row["arch"], row["size"], str(row["bs"]), row["format"], row["variant"]) == (
+                keys["arch"], keys["size"], settings.get("bs"), fmt, variant):
+            return float(row["ratio_to_bn"]), f"{row['source']} ({row['machine']})"
+    return float("nan"), (f"no measurement for {keys['arch']} {variant} at {keys['size']} px, batch "
+                          f"{settings.get('bs')}, {fmt}")
+
+
+def equal_cost(per_run: pd.DataFrame, cost: list[dict] | float | None) -> pd.DataFrame:
+    """One row per budget study × BNET variant × BNET budget: BNET at E vs BN interpolated at ratio × E."""
+    rows = []
+    for keys, variant, seeds, bn_budgets, bn, budgets, bnet in paired_arms(per_run):
+        ratio, source = cost_ratio(cost, keys, variant)
+        for j, budget in enumerate(budgets):
+            at = ratio * budget
+            row = {**keys, "variant": variant, "n_pairs": len(seeds), "seeds": ",".join(map(str, seeds)),
+                   "bnet_epochs": int(budget), "cost_ratio": ratio, "cost_source": source,
+                   "bn_epochs_equal_cost": at, "bnet_accuracy_mean": bnet[:, j].mean()}
+            if not (np.isfinite(at) and bn_budgets.min() <= at <= bn_budgets.max()):
+                rows.append({**row, "note": f"not computed: BN's budgets are {int(bn_budgets.min())}-"
+                             f"{int(bn_budgets.max())} epochs" if np.isfinite(at) else source})
+                continue
+            bn_at = np.array([np.interp(at, bn_budgets, curve) for curve in bn])
+            diff = bnet[:, j] - bn_at
+            low, high = stats.bounded_t_interval(diff, -1.0, 1.0)
+            p, method = stats.sign_flip_p(diff)
+            rows.append({**row, "bn_accuracy_mean": bn_at.mean(), "diff_mean": diff.mean(),
+                         "diff_ci_low": low, "diff_ci_high": high, "p": p, "p_method": method, "note": ""})
+    return pd.DataFrame(rows)

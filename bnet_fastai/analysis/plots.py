@@ -1,0 +1,178 @@
+"""Report figures: curves with seed bands, final accuracy with intervals, and the learned BNET kernels.
+
+Every title names the dataset, image size, epochs and seeds. Figures are built with matplotlib's
+object API (no pyplot state, no backend switch): they save anywhere and display in a notebook. Layouts are
+constrained and saved with a tight bounding box, so a long title makes the figure grow rather than be cut.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+from matplotlib.axes import Axes
+from matplotlib.figure import Figure
+from matplotlib.ticker import MaxNLocator
+
+COLOURS = {"bn": "#4c72b0"}  # BN always blue; BNET variants take the next colours
+_CYCLE = ["#dd8452", "#55a868", "#c44e52", "#8172b3", "#937860"]
+
+
+def _colour(variant: str, variants: list[str]) -> str:
+    others = [v for v in variants if v != "bn"]
+    return COLOURS.get(variant) or _CYCLE[others.index(variant) % len(_CYCLE)]
+
+
+def _save(fig: Figure, path: Path) -> Figure:
+    fig.savefig(path, dpi=130, bbox_inches="tight", pad_inches=0.15)  # the canvas grows to fit every title
+    return fig
+
+
+def log_scale_if_wide(ax: Axes, values) -> None:
+    """A logarithmic y axis when the positive `values` span more than 10x (an early loss spike would
+    otherwise flatten the rest of the curve)."""
+    values = np.asarray(values, dtype=float)
+    values = values[np.isfinite(values) & (values > 0)]
+    if len(values) and values.max() > 10 * values.min():
+        ax.set_yscale("log")
+
+
+def integer_epochs(ax: Axes) -> None:
+    """Epoch ticks at whole numbers only."""
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+
+
+def plot_curves(history: pd.DataFrame, title: str, path: Path) -> Figure:
+    """Validation accuracy and loss per epoch, BN vs BNET, mean over seeds with a ±1 std band, per arch."""
+    archs, variants = sorted(history["arch"].unique()), sorted(history["variant"].unique())
+    fig = Figure(figsize=(max(4.2 * len(archs), 6.5), 6.4), layout="constrained")
+    axes = fig.subplots(2, len(archs), squeeze=False, sharex=True)
+    for col, arch in enumerate(archs):
+        for variant, group in history[history["arch"] == arch].groupby("variant"):
+            for row, metric in enumerate(("accuracy", "valid_loss")):
+                stats = group.groupby("epoch")[metric].agg(["mean", "std", "count"]).fillna(0)
+                ax, colour = axes[row, col], _colour(variant, variants)
+                ax.plot(stats.index, stats["mean"], marker="o", ms=3, color=colour,
+                        label=f"{variant} (n={int(stats['count'].max())})")
+                lower = stats["mean"] - stats["std"]
+                if metric == "valid_loss":  # on a log axis a band reaching 0 would vanish: keep it positive
+                    lower = lower.clip(lower=stats["mean"].min() / 10)
+                ax.fill_between(stats.index, lower, stats["mean"] + stats["std"], color=colour, alpha=0.2, lw=0)
+        axes[0, col].set_title(arch)
+        axes[0, col].set_ylabel("validation accuracy")
+        axes[1, col].set_ylabel("validation loss")
+        axes[1, col].set_xlabel("epoch")
+        log_scale_if_wide(axes[1, col], history.loc[history["arch"] == arch, "valid_loss"])
+        for ax in axes[:, col]:
+            ax.grid(alpha=0.3)
+            integer_epochs(ax)
+        axes[0, col].legend(fontsize=8)
+    fig.suptitle(f"BN vs BNET: mean ± 1 std over seeds — {title}", fontsize=9)
+    return _save(fig, path)
+
+
+def plot_final_accuracy(summary: pd.DataFrame, title: str, path: Path) -> Figure:
+    """Final validation accuracy per arch and variant: mean over seeds with its 95% t interval."""
+    archs, variants = sorted(summary["arch"].unique()), sorted(summary["variant"].unique())
+    width = 0.8 / len(variants)
+    fig = Figure(figsize=(max(5.5, 1.6 * len(archs) * len(variants) ** 0.5 + 2), 3.8), layout="constrained")
+    ax = fig.subplots()
+    for i, variant in enumerate(variants):
+        rows = summary[summary["variant"] == variant].set_index("arch").reindex(archs)
+        x = np.arange(len(archs)) + (i - (len(variants) - 1) / 2) * width
+        # The logit-scale interval need not be centred on the plain mean (skewed seeds): never a negative bar
+        low = (rows["final_accuracy_mean"] - rows["final_accuracy_ci_low"]).fillna(0).clip(lower=0)
+        high = (rows["final_accuracy_ci_high"] - rows["final_accuracy_mean"]).fillna(0).clip(lower=0)
+        ax.errorbar(x, rows["final_accuracy_mean"], yerr=[low, high], fmt="o", capsize=4,
+                    color=_colour(variant, variants), label=variant)
+    ax.set_xticks(np.arange(len(archs)), archs)
+    ax.set_ylabel("final validation accuracy")
+    ax.grid(alpha=0.3, axis="y")
+    ax.legend(fontsize=8)
+    method = summary["ci_method"].iloc[0] if "ci_method" in summary else "95% interval"
+    ax.set_title(f"Final accuracy, mean over seeds and interval ({method})\n{title}", fontsize=9)
+    return _save(fig, path)
+
+
+def plot_kernels(kernels: pd.DataFrame, title: str, path: Path) -> Figure | None:
+    """Mean |weight| per tap of the learned BNET kernels, per stage; one row per arch × variant, each named.
+
+    Layers that only ever see 1x1 maps (ResNeSt's split attention) are left out, and named under the title:
+    their outer taps never meet data. Each panel is averaged over layers of the stage, channels and seeds,
+    and normalised so the taps sum to 1, which makes the share of the centre tap (BN's gamma) comparable;
+    every panel uses one colour scale, 0 to 1, shown by a colour bar per row.
+    """
+    one_by_one = kernels["spatial"].map(lambda s: s is not None and max(s) <= 1) if "spatial" in kernels else False
+    left_out = kernels[one_by_one & (kernels["k"] > 1)]
+    kernels = kernels[~one_by_one & (kernels["k"] > 1)]
+    if kernels.empty:
+        return None
+    rows = sorted(kernels.groupby(["arch", "variant"]).groups)
+    stages = sorted(kernels["stage"].unique(), key=lambda s: (s != "stem", s))
+    fig = Figure(figsize=(max(2.2 * len(stages) + 1, 6.5), 2.7 * len(rows) + 1.2), layout="constrained")
+    for subfig, (arch, variant) in zip(np.atleast_1d(fig.subfigures(len(rows), 1)), rows):
+        subfig.suptitle(f"{arch} — {variant}", fontsize=9, fontweight="bold")
+        for ax, stage in zip(np.atleast_1d(subfig.subplots(1, len(stages))), stages):
+            ax.set_xticks([])
+            ax.set_yticks([])
+            layers = kernels[(kernels["arch"] == arch) & (kernels["variant"] == variant) & (kernels["stage"] == stage)]
+            if layers.empty:
+                ax.set_title(f"{stage}: no BNET", fontsize=8)
+                ax.set_axis_off()
+                continue
+            taps = np.mean([np.asarray(m) for m in layers["mean_abs"]], axis=0)
+            taps = taps / taps.sum()
+            image = ax.imshow(taps, cmap="viridis", vmin=0, vmax=1)  # one scale for every panel
+            for (i, j), v in np.ndenumerate(taps):
+                ax.text(j, i, f"{v:.2f}", ha="center", va="center", fontsize=7,
+                        color="white" if v < 0.5 else "black")
+            ax.set_title(f"{stage} ({layers['layer'].nunique()} layers)", fontsize=8)
+        subfig.colorbar(image, ax=subfig.axes, shrink=0.8, label="share of |weight|")
+    note = ""
+    if len(left_out):
+        named = ", ".join(f"{a} {v}: {n} layer(s) in {', '.join(sorted(g['stage'].unique()))}"
+                          for (a, v), g in left_out.groupby(["arch", "variant"]) for n in [g["layer"].nunique()])
+        note = f"\nleft out, they only see 1×1 maps: {named}"
+    fig.suptitle(f"Learned BNET kernels: share of mean |weight| per tap\n{title}{note}", fontsize=9)
+    return _save(fig, path)
+
+
+def plot_budgets(per_run: pd.DataFrame, equal_cost: pd.DataFrame, path: Path) -> Figure:
+    """Final accuracy against budget in epochs and against training cost in BN-epoch equivalents (BNET's
+    budgets times its measured cost ratio), per arch: mean over seeds with a 95% t band (bounded)."""
+    from bnet_fastai.analysis.budget import budget_studies
+    from bnet_fastai.analysis.stats import CI_METHOD, bounded_t_interval
+
+    studies = budget_studies(per_run)
+    fig = Figure(figsize=(10, 3.6 * len(studies) + 0.6), layout="constrained")
+    axes = fig.subplots(len(studies), 2, squeeze=False)
+    for row, (keys, runs) in enumerate(studies):
+        variants = sorted(runs["variant"].unique())
+        for variant, group in runs.groupby("variant"):
+            by_budget = group.groupby("epochs")["final_accuracy"]
+            mean = by_budget.mean()
+            bands = np.array([bounded_t_interval(v) for _, v in by_budget])
+            ratios = equal_cost[(equal_cost["arch"] == keys["arch"]) & (equal_cost["variant"] == variant)] \
+                if len(equal_cost) else equal_cost
+            ratio = 1.0 if variant == "bn" else (ratios["cost_ratio"].iloc[0] if len(ratios) else np.nan)
+            for col, scale in enumerate((1.0, ratio)):
+                if not np.isfinite(scale):
+                    continue
+                ax, colour = axes[row, col], _colour(variant, variants)
+                x = mean.index.to_numpy(dtype=float) * scale
+                label = f"{variant} (n={group['seed'].nunique()})" + ("" if col == 0 or variant == "bn"
+                                                                        else f", ×{scale:.2f}")
+                ax.plot(x, mean.to_numpy(), marker="o", ms=4, color=colour, label=label)
+                ax.fill_between(x, bands[:, 0], bands[:, 1], color=colour, alpha=0.2, lw=0)
+        axes[row, 0].set_xlabel("budget: epochs of a complete schedule")
+        axes[row, 1].set_xlabel("training cost: BN-epoch equivalents (budget × BNET/BN step-time ratio)")
+        for ax in axes[row]:
+            ax.set_ylabel("final validation accuracy")
+            ax.set_title(f"{keys['arch']} — {keys['dataset']}, {keys['size']} px", fontsize=9)
+            ax.grid(alpha=0.3)
+            ax.legend(fontsize=8)
+        integer_epochs(axes[row, 0])
+    seeds = ",".join(map(str, sorted(per_run["seed"].unique())))
+    fig.suptitle(f"Final accuracy against budget and against training cost; mean over seeds {seeds}, "
+                 f"band: {CI_METHOD} interval", fontsize=9)
+    return _save(fig, path)

@@ -1,0 +1,153 @@
+"""A model's dataflow as torch.fx traces it: residual additions and the norms on their main paths.
+
+`placement="last"` and `fuse_bnet` need to know what feeds what, which a module tree does not say
+(registration order is not call order, and a residual addition is not a module). This module traces the
+model symbolically with `torch.fx`, norms as leaves, and reads the graph:
+
+- **Residual additions**: an ``add`` of two tensors where one operand (the *shortcut*) is either a tensor
+  the other operand was computed from (an identity shortcut) or the result of module calls only applied to
+  such a tensor (a projection shortcut: ``downsample``, ``idpath``). The other operand is the *main path*;
+  its norms are the nodes computed after the branch point. Additions of two slices of one tensor
+  (Res2Net's hierarchical ``sp + spx[i]``) or of two parallel branches with equally many norms are not
+  residual additions.
+- **Conv -> norm pairs**: a norm whose only input is a convolution's output, used by nothing else.
+
+Tracing uses timm's no-trace registries (its norm+act layers and wrapped functions are leaves). A module
+that fx cannot trace is itself treated as a leaf, and its children are traced on their own, so one
+untraceable attention layer does not hide every block around it; `opaque` lists such modules so that
+callers can fall back on registries of block classes for them.
+"""
+from __future__ import annotations
+
+import operator
+from collections import Counter
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+
+import torch
+from timm.layers import get_notrace_functions, get_notrace_modules
+from torch import fx, nn
+from torch.nn.modules.batchnorm import _BatchNorm
+
+from bnet_fastai.nn.layers import _BNETNd
+
+_ADD_FUNCTIONS = (operator.add, operator.iadd, torch.add)
+_ADD_METHODS = ("add", "add_")
+_CONVS = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
+
+
+def is_norm(m: nn.Module) -> bool:
+    """A BatchNorm (any `_BatchNorm` subclass) or a BNET."""
+    return isinstance(m, (_BatchNorm, _BNETNd))
+
+
+class _Tracer(fx.Tracer):
+    def __init__(self, leaves: set[int]):
+        super().__init__(autowrap_functions=tuple(f for f in get_notrace_functions() if callable(f)))
+        self._leaves, self._notrace = leaves, tuple(get_notrace_modules())
+
+    def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
+        return (is_norm(m) or id(m) in self._leaves or isinstance(m, self._notrace)
+                or super().is_leaf_module(m, qualname))
+
+
+def _trace(module: nn.Module, leaves: set[int]) -> fx.Graph | None:
+    try:
+        return _Tracer(leaves).trace(module)
+    except Exception:  # noqa: BLE001 - fx raises many kinds for code it cannot follow; all mean "untraceable"
+        return None
+
+
+@dataclass
+class Traced:
+    """The graphs covering a model: `units` are (prefix, module, graph); `opaque` the names fx could not trace."""
+
+    units: list[tuple[str, nn.Module, fx.Graph]] = field(default_factory=list)
+    opaque: dict[str, nn.Module] = field(default_factory=dict)
+
+
+def trace(model: nn.Module) -> Traced:
+    """Trace `model` whole if fx can; else every module fx can trace, untraceable ones as leaves."""
+    graph = _trace(model, set())
+    if graph is not None:
+        return Traced([("", model, graph)])
+    named = [(n, m) for n, m in model.named_modules() if not is_norm(m)]
+    leaves: set[int] = set()
+    graphs: dict[str, fx.Graph] = {}
+    probe = _Tracer(leaves)
+    for name, m in reversed(named):  # every descendant before its ancestors
+        if isinstance(m, (nn.ModuleList, nn.ModuleDict)):  # never called: their children are traced on their own
+            leaves.add(id(m))
+            continue
+        if probe.is_leaf_module(m, name) and name:
+            continue
+        g = _trace(m, leaves)
+        if g is None:
+            leaves.add(id(m))
+        else:
+            graphs[name] = g
+    traced = Traced()
+    opaque_names = {n for n, m in named if id(m) in leaves}
+    traced.opaque = {n: m for n, m in named if n in opaque_names}
+    for name, g in graphs.items():  # the outermost traced modules: the model, or those inside an untraced one
+        if not name or name.rpartition(".")[0] in opaque_names:
+            traced.units.append((name, model.get_submodule(name), g))
+    return traced
+
+
+def _ancestors(node: fx.Node) -> set[fx.Node]:
+    seen, todo = set(), list(node.all_input_nodes)
+    while todo:
+        n = todo.pop()
+        if n not in seen:
+            seen.add(n)
+            todo.extend(n.all_input_nodes)
+    return seen
+
+
+def _is_add(node: fx.Node) -> bool:
+    return ((node.op == "call_function" and node.target in _ADD_FUNCTIONS)
+            or (node.op == "call_method" and node.target in _ADD_METHODS))
+
+
+def _norm_nodes(nodes, root: nn.Module) -> list[fx.Node]:
+    return [n for n in nodes if n.op == "call_module" and is_norm(root.get_submodule(n.target))]
+
+
+def residual_main_norms(root: nn.Module, graph: fx.Graph) -> Iterator[list[str]]:
+    """For each residual addition in `graph`, the norms of its main path (targets relative to `root`), in order."""
+    order = {n: i for i, n in enumerate(graph.nodes)}
+    for node in graph.nodes:
+        if not _is_add(node) or len(node.args) < 2:
+            continue
+        a, b = node.args[:2]
+        if not (isinstance(a, fx.Node) and isinstance(b, fx.Node)):
+            continue
+        up = {a: _ancestors(a) | {a}, b: _ancestors(b) | {b}}
+        own = {a: up[a] - up[b], b: up[b] - up[a]}
+        norms = {x: _norm_nodes(own[x], root) for x in (a, b)}
+        main, short = (a, b) if len(norms[a]) > len(norms[b]) else (b, a)
+        if len(norms[main]) == len(norms[short]):
+            continue  # parallel branches (or no norm at all): no main path to speak of
+        if any(n.op != "call_module" for n in own[short]):
+            continue  # the shortcut does more than module calls: slices, concatenations, arithmetic
+        inputs = {i for n in own[short] for i in n.all_input_nodes} - own[short] if own[short] else {short}
+        if len(inputs) != 1 or not inputs <= up[main]:
+            continue  # the shortcut does not start from a tensor the main path was computed from
+        yield [n.target for n in sorted(norms[main], key=order.__getitem__)]
+
+
+def conv_norm_pairs(root: nn.Module, graph: fx.Graph) -> Iterator[tuple[str, str]]:
+    """(conv, norm) targets in `graph` where the norm's input is the conv's output and nothing else uses it.
+
+    Both modules must be called once in the graph: a shared conv folded for one call would change the others.
+    """
+    calls = Counter(n.target for n in graph.nodes if n.op == "call_module")
+    for node in _norm_nodes(graph.nodes, root):
+        src = node.args[0] if node.args else None
+        if not (isinstance(src, fx.Node) and src.op == "call_module" and len(src.users) == 1
+                and calls[src.target] == calls[node.target] == 1):
+            continue
+        conv = root.get_submodule(src.target)
+        if isinstance(conv, _CONVS) and not conv.transposed:
+            yield src.target, node.target

@@ -1,0 +1,202 @@
+"""BNET: BatchNorm whose per-channel affine transform is replaced by a depthwise k×k conv with bias.
+
+Xu et al., "Batch Normalization with Enhanced Linear Transformation", arXiv 2011.14150 (TPAMI 2023).
+BN computes ``gamma * x_hat + beta`` per channel; BNET computes ``dwconv_k(x_hat) + bias`` so that each
+output also sees its spatial neighbourhood. With ``k=1`` BNET is exactly BN.
+
+Design: BNET *contains* an affine-free BatchNorm (`BNETNorm2d`, ...) instead of subclassing one.
+- The normaliser is a ``_BatchNorm`` but deliberately not an ``nn.BatchNorm2d``: library init loops
+  (torchvision's ResNet, MobileNet, RegNet; timm's EfficientNet, DenseNet, ...) do
+  ``if isinstance(m, nn.BatchNorm2d): nn.init.ones_(m.weight)``, which fails on an affine-free BN, so
+  ``norm_layer=BNET2d`` would not build. Its state_dict is a BatchNorm's (``norm.running_mean`` ...).
+- ``torch.nn.SyncBatchNorm.convert_sync_batchnorm`` replaces every ``_BatchNorm`` instance by a plain
+  ``SyncBatchNorm`` and never calls extra child modules; a subclass (the authors' formulation) would
+  silently lose its conv under DDP. Here only the inner normaliser becomes ``SyncBatchNorm`` and the
+  kernel stays in ``forward``.
+- The kernel and bias are BNET's own parameters (``weight``, ``bias``), used with ``F.conv*d``: library
+  init loops that re-initialise every ``nn.Conv2d`` (fastai ``init_cnn``, timm ``ResNet.init_weights``)
+  do not touch them, and timm's ``zero_init_last`` (which zeros ``norm.weight``) zeros the kernel,
+  which is ``init="zero"``.
+- fastai's ``norm_bias_params`` finds ``bias`` (it collects every ``.bias``) but not the kernel, because
+  BNET is not one of fastai's ``norm_types``; `bnet_fastai.nn.weight_decay.BNETWeightDecay` gives the
+  kernel the same treatment as BN's gamma (see that module for the rule).
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.nn.modules.batchnorm import _BatchNorm
+
+from bnet_fastai._checks import check_choice, check_kernel_size
+
+BNET_INITS = ("identity", "zero", "official")
+# What a layer's `init` may read: `copy` marks a layer that took a BatchNorm's gamma and beta (`from_bn`);
+# it resets as a BatchNorm resets (gamma 1, beta 0), which is `identity`.
+_RESET_AS = {"copy": "identity"}
+
+
+class _BNETNorm(_BatchNorm):
+    """BNET's normaliser: ``_BatchNorm(affine=False)`` checking the input rank of its dimensionality."""
+
+    _ranks: tuple[int, ...]
+
+    def _check_input_dim(self, input: torch.Tensor) -> None:
+        if input.dim() not in self._ranks:
+            raise ValueError(f"expected {' or '.join(f'{r}D' for r in self._ranks)} input (got {input.dim()}D input)")
+
+
+class BNETNorm1d(_BNETNorm):
+    """The normaliser of BNET1d: what ``nn.BatchNorm1d(affine=False)`` computes, on (N, C) or (N, C, L)."""
+
+    _ranks = (2, 3)
+
+
+class BNETNorm2d(_BNETNorm):
+    """The normaliser of BNET2d: what ``nn.BatchNorm2d(affine=False)`` computes, on (N, C, H, W)."""
+
+    _ranks = (4,)
+
+
+class BNETNorm3d(_BNETNorm):
+    """The normaliser of BNET3d: what ``nn.BatchNorm3d(affine=False)`` computes, on (N, C, D, H, W)."""
+
+    _ranks = (5,)
+
+
+class _BNETNd(nn.Module):
+    """BN(affine=False) followed by a depthwise conv with bias; subclasses fix the dimensionality."""
+
+    ndim: int
+    _norm_cls: type[_BatchNorm]
+    _conv = staticmethod(F.conv2d)
+
+    def __init__(self, num_features: int, k: int = 3, eps: float = 1e-5, momentum: float | None = 0.1,
+                 init: str = "identity", track_running_stats: bool = True, affine: bool = True,
+                 device=None, dtype=None):
+        super().__init__()
+        check_kernel_size(k)
+        check_choice("BNET init", init, BNET_INITS)
+        if not affine:  # accepted so that code calling `norm_layer(c, affine=True)` like a BatchNorm works
+            raise ValueError("BNET has no affine=False form: its kernel and bias are the layer; use a BatchNorm")
+        factory = dict(device=device, dtype=dtype)
+        self.num_features, self.k, self.init = num_features, k, init
+        self.norm = self._norm_cls(num_features, eps=eps, momentum=momentum, affine=False,
+                                   track_running_stats=track_running_stats, **factory)
+        self.weight = nn.Parameter(torch.empty(num_features, 1, *(k,) * self.ndim, **factory))
+        self.bias = nn.Parameter(torch.empty(num_features, **factory))
+        self.reset_parameters()
+
+    def reset_parameters(self, init: str | None = None) -> None:
+        """Initialise the kernel: `identity` (a fresh BN), `zero`, or `official` (the authors' code)."""
+        init = _RESET_AS.get(self.init, self.init) if init is None else init
+        check_choice("BNET init", init, BNET_INITS)
+        with torch.no_grad():
+            self.weight.zero_()
+            self.bias.zero_()
+            if init == "identity":
+                self.weight[(slice(None), 0) + (self.k // 2,) * self.ndim] = 1.0
+            elif init == "official":
+                # The released code builds torchvision's ResNet, whose init loop applies
+                # kaiming_normal_(fan_out, relu) to every nn.Conv2d, BNET's conv included.
+                nn.init.kaiming_normal_(self.weight, mode="fan_out", nonlinearity="relu")
+
+    @classmethod
+    def from_bn(cls, bn: _BatchNorm, k: int = 3, init: str = "auto") -> "_BNETNd":
+        """A BNET replacing `bn`, with its running statistics.
+
+        `init="auto"`: `zero` where `bn`'s gamma is all zeros (a library's zero-init of a residual
+        block's last BN), else `identity`. `init="copy"`: the centre tap takes gamma and the bias
+        takes beta, so the model computes exactly what it computed before (for trained models); the layer's
+        `init` then reads ``"copy"``. A `SyncBatchNorm` gives a BNET whose normaliser is a `SyncBatchNorm`
+        of the same process group, so a converted DDP model keeps synchronising its statistics.
+        """
+        check_choice("swap_norm init", init, ("auto", "copy") + BNET_INITS)
+        has_affine = bn.weight is not None
+        if init == "auto":
+            init = "zero" if has_affine and not bn.weight.detach().any() else "identity"
+        ref = bn.running_mean if bn.running_mean is not None else (bn.weight if has_affine else None)
+        factory = dict(device=ref.device, dtype=ref.dtype) if ref is not None else {}
+        new = cls(bn.num_features, k=k, eps=bn.eps, momentum=bn.momentum,
+                  init="identity" if init == "copy" else init,
+                  track_running_stats=bn.track_running_stats, **factory)
+        if isinstance(bn, nn.SyncBatchNorm):
+            new.norm = nn.SyncBatchNorm(bn.num_features, eps=bn.eps, momentum=bn.momentum, affine=False,
+                                        track_running_stats=bn.track_running_stats,
+                                        process_group=bn.process_group, **factory)
+        if init == "copy":
+            new.init = "copy"
+            if has_affine:
+                with torch.no_grad():
+                    new.weight[(slice(None), 0) + (k // 2,) * cls.ndim] = bn.weight
+                    new.bias.copy_(bn.bias)
+        if bn.track_running_stats:
+            new.norm.load_state_dict({n: b for n, b in bn.state_dict().items()
+                                      if n in ("running_mean", "running_var", "num_batches_tracked")})
+        new.train(bn.training)
+        return new
+
+    # Read-through views of the normaliser, for code that expects a BatchNorm's attributes.
+    @property
+    def eps(self) -> float: return self.norm.eps
+
+    @property
+    def momentum(self) -> float | None: return self.norm.momentum
+
+    @property
+    def running_mean(self) -> torch.Tensor | None: return self.norm.running_mean
+
+    @property
+    def running_var(self) -> torch.Tensor | None: return self.norm.running_var
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.norm(x)
+        if all(n == 1 for n in x.shape[2:]):
+            # A 1x1 map (ResNeSt's split attention) only ever meets the centre tap: the zero-padded conv
+            # reduces to a per-channel scale, same values and gradients, at the cost of one elementwise op.
+            # Under autocast it returns the autocast dtype, as the conv it stands for does.
+            centre = self.weight[(slice(None), 0) + (self.k // 2,) * self.ndim]
+            dtype = autocast_dtype(x)
+            return torch.addcmul(self.bias.view(-1, *(1,) * self.ndim).to(dtype), x.to(dtype),
+                                 centre.view(-1, *(1,) * self.ndim).to(dtype))
+        return self._conv(x, self.weight, self.bias, padding=self.k // 2, groups=self.num_features)
+
+    def extra_repr(self) -> str:
+        return f"{self.num_features}, k={self.k}, init={self.init!r}"
+
+
+def autocast_dtype(x: torch.Tensor) -> torch.dtype:
+    """The dtype a convolution of `x` returns here: the autocast dtype where autocast is on, else x's."""
+    device = x.device.type  # autocast lowers float32 only (a float64 conv stays float64)
+    lowered = torch.is_autocast_enabled(device) and x.dtype == torch.float32
+    return torch.get_autocast_dtype(device) if lowered else x.dtype
+
+
+class BNET1d(_BNETNd):
+    """BNET for (N, C, L) inputs, and for (N, C) inputs, where only the centre tap sees data."""
+
+    ndim, _norm_cls, _conv = 1, BNETNorm1d, staticmethod(F.conv1d)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.dim() == 2:
+            return super().forward(x.unsqueeze(-1)).squeeze(-1)
+        return super().forward(x)
+
+
+class BNET2d(_BNETNd):
+    """BNET for (N, C, H, W) inputs: BN without affine, then a depthwise k×k conv with bias."""
+
+    ndim, _norm_cls, _conv = 2, BNETNorm2d, staticmethod(F.conv2d)
+
+
+class BNET3d(_BNETNd):
+    """BNET for (N, C, D, H, W) inputs: BN without affine, then a depthwise k×k×k conv with bias."""
+
+    ndim, _norm_cls, _conv = 3, BNETNorm3d, staticmethod(F.conv3d)
+
+
+def bnet_extra_params(num_features: int, k: int, ndim: int = 2) -> int:
+    """Parameters a BNET adds over the BN it replaces: C·k^ndim + C (kernel, bias) − 2C (gamma, beta)."""
+    return num_features * math.prod((k,) * ndim) + num_features - 2 * num_features

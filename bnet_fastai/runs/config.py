@@ -1,0 +1,115 @@
+"""`RunConfig`: everything that defines a run, checked without importing torch (see `bnet_fastai.names`).
+
+`bnet_fastai.runs.train` trains it; the command line builds and validates it before anything heavy is imported.
+"""
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import itertools
+import json
+import math
+from dataclasses import asdict, dataclass
+
+from bnet_fastai import names
+from bnet_fastai._checks import check_block_args, check_choice, check_model_args
+
+SCHEDULES = {"one_cycle": "fit_one_cycle", "flat_cos": "fit_flat_cos"}  # fastai Learner methods
+# Fields added after runs were first published: at their default they stay out of the run_id hash, so
+# run folders written before them keep their names and are reused.
+ADDED_LATER = {"schedule": "one_cycle", "sa": False, "pool": "avg"}
+MAX_SEED = 2 ** 32 - 1  # numpy's seeding takes 0 .. 2**32 - 1 (fastai's set_seed seeds numpy, torch, random)
+
+
+@dataclass
+class RunConfig:
+    """Everything that defines a run. Written to config.json; its hash names the run folder."""
+
+    arch: str = "xresnet18"  # a name from list_archs()
+    norm: str = "bn"  # "bn" or "bnet"
+    dataset: str = "imagenette-160"  # a name from list_datasets()
+    size: int = 128  # training image size (RandomResizedCrop), pixels
+    bs: int = 64  # batch size
+    epochs: int = 5  # training epochs
+    lr: float = 3e-3  # peak learning rate of the schedule
+    schedule: str = "one_cycle"  # "one_cycle" (fit_one_cycle) or "flat_cos" (fit_flat_cos: the leaderboard's)
+    wd: float = 1e-2  # decoupled weight decay (AdamW-style, fastai's default true_wd)
+    wd_norm: bool = False  # decay norm affine params too (BN gamma/beta, BNET kernel/bias); fastai: False
+    opt: str = "adam"  # "adam", "ranger" or "sgd" (fastai's optimizers)
+    label_smoothing: float = 0.1  # 0 gives plain cross-entropy; 0.1 as fastai's Imagenette example
+    seed: int = 0  # set_seed(seed, reproducible=True): weights, data order, augmentation
+    k: int = 3  # BNET kernel size (odd)
+    placement: str = "all"  # "all" or "last" (BNET only in each residual block's last norm)
+    bnet_init: str = "auto"  # zero where the library zero-inits gamma, identity elsewhere
+    act: str = "relu"  # activation: "relu", "mish" or "silu"
+    sa: bool = False  # fastai's simple self-attention (xresnet family only), as in the leaderboard recipe
+    pool: str = "avg"  # shortcut downsampling pool of the xresnet family: "avg" (fastai's), "max", "maxblur"
+    fraction: float = 1.0  # share of each training class used (quick runs); validation stays whole
+    channels_last: bool = True  # channels_last memory format: faster for BN and BNET (benchmarks/README.md)
+    fp16: str = "auto"  # mixed precision: "auto" (on when a GPU is used), "on" or "off"
+    pipeline: str = "cached"  # "cached": decoded once, augmented as tensors (bnet_fastai.data.cache); "fastai": PIL
+    compile: bool = False  # torch.compile the model; off by default, see benchmarks/README.md
+    workers: int | None = None  # DataLoader worker processes; None: up to 8 (does not change results)
+    keep_weights: bool = True  # keep model.pth when the run finishes; false saves disk (does not change results)
+
+    def validate(self) -> None:
+        """Raise ValueError naming the valid choices for any bad field, before anything is written."""
+        check_model_args(self.arch, self.norm, self.placement, self.k, self.act, self.bnet_init)
+        check_choice("schedule", self.schedule, SCHEDULES)
+        check_block_args(self.arch, sa=self.sa, pool=self.pool, size=self.size)
+        check_choice("dataset", self.dataset, names.DATASETS)
+        check_choice("opt", self.opt, names.OPTIMIZERS)
+        check_choice("fp16", self.fp16, ("auto", "on", "off"))
+        check_choice("pipeline", self.pipeline, names.PIPELINES)
+        if isinstance(self.seed, bool) or not isinstance(self.seed, int) or not 0 <= self.seed <= MAX_SEED:
+            raise ValueError(f"seed must be a whole number in 0 .. {MAX_SEED} (what numpy's and torch's "
+                             f"seeding take), got {self.seed!r}")
+        for name, low in (("size", 1), ("bs", 2), ("epochs", 1)):  # BatchNorm needs 2 samples a batch
+            if getattr(self, name) < low:
+                raise ValueError(f"{name} must be an integer >= {low}, got {getattr(self, name)!r}")
+        if not (math.isfinite(self.lr) and self.lr > 0):
+            raise ValueError(f"lr must be a finite number > 0, got {self.lr!r}")
+        if not (math.isfinite(self.wd) and self.wd >= 0):
+            raise ValueError(f"wd must be a finite number >= 0, got {self.wd!r}")
+        if not 0 <= self.label_smoothing < 1:
+            raise ValueError(f"label_smoothing must be in [0, 1), got {self.label_smoothing!r}")
+        if self.workers is not None and self.workers < 0:
+            raise ValueError(f"workers must be >= 0 (or None for automatic), got {self.workers!r}")
+        if not 0 < self.fraction <= 1:
+            raise ValueError(f"fraction must be in (0, 1], got {self.fraction!r}")
+
+    @property
+    def run_id(self) -> str:
+        """Readable name plus a hash of every field that changes results.
+
+        `workers` and `keep_weights` do not change results; nor do `k`, `placement` and `bnet_init` when norm is "bn", so
+        a grid over k trains its BN baseline once.
+        """
+        ignored = {"workers", "keep_weights"} | ({"k", "placement", "bnet_init"} if self.norm == "bn" else set())
+        ignored |= {k for k, default in ADDED_LATER.items() if getattr(self, k) == default}
+        fields = {k: v for k, v in asdict(self).items() if k not in ignored}
+        digest = hashlib.sha1(json.dumps(fields, sort_keys=True).encode()).hexdigest()[:8]
+        variant = f"{self.norm}-k{self.k}-{self.placement}" if self.norm == "bnet" else self.norm
+        return f"{self.arch}_{variant}_s{self.seed}_{digest}"
+
+
+def expand_grid(base: RunConfig, grid: dict[str, list] | list[dict[str, list]]) -> list[RunConfig]:
+    """Every combination of `grid` values applied to `base`, validated before anything runs.
+
+    A list of grids is the union of their products (e.g. a budget study's extra budget for BN alone), ordered
+    by seed so that a study cut short leaves complete seeds.
+    """
+    grids = grid if isinstance(grid, (list, tuple)) else [grid]
+    names = {f.name for f in dataclasses.fields(RunConfig)}
+    unknown = sorted(set().union(*grids) - names)
+    if unknown:
+        raise ValueError(f"unknown RunConfig field(s) {', '.join(unknown)}; valid fields: {', '.join(sorted(names))}")
+    configs = [dataclasses.replace(base, **dict(zip(g, values)))
+               for g in grids for values in itertools.product(*(g[k] for k in g))]
+    if len(grids) > 1:
+        seeds = list(dict.fromkeys(c.seed for c in configs))
+        configs.sort(key=lambda c: seeds.index(c.seed))  # stable: each grid's own order within a seed
+    for config in configs:
+        config.validate()
+    # the same run twice in one grid (k varied for norm="bn": same run_id) is trained once
+    return list({c.run_id: c for c in configs}.values())
