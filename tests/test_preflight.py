@@ -63,7 +63,7 @@ def test_a_gpu_asked_for_where_torch_sees_none_is_one_line_exit_2(tmp_path):
 
 
 def test_a_malformed_device_is_rejected_before_torch(tmp_path):
-    code = ("import sys\nfrom bnet_fastai import cli\ntry:\n    cli.main(['check', '--device', 'gpu0'])\n"
+    code = ("import sys\nfrom bnet_fastai.app import cli\ntry:\n    cli.main(['check', '--device', 'gpu0'])\n"
             "except SystemExit as e:\n    print(e.code, 'torch' in sys.modules)")
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=tmp_path)
     assert proc.stdout.split() == ["2", "False"]
