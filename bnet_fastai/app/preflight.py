@@ -161,7 +161,7 @@ def check_run(norm: str, out: Path) -> Result:
     run_dir = Path(result["run_dir"])
     history, saved = _history(run_dir), json.loads((run_dir / "config.json").read_text())
     finite = bool(np.isfinite(history[["train_loss", "valid_loss", "accuracy"]].to_numpy(float)).all())
-    accuracy, training = float(history["accuracy"].iloc[-1]), saved["training"]
+    accuracy, training, workers = float(history["accuracy"].iloc[-1]), saved["training"], _workers()
     problems = [what for what, bad in (
         (f"status {result['status']}", result["status"] != "finished"),
         (f"{len(history)} history rows for {config.epochs} epochs", len(history) != config.epochs),
@@ -169,10 +169,10 @@ def check_run(norm: str, out: Path) -> Result:
         (f"accuracy {accuracy:.3f} < {MIN_ACCURACY}", accuracy < MIN_ACCURACY)) if bad]
     measured = (f"{config.epochs} epochs in {result['seconds']:.1f} s on {training['device']}, accuracy "
                 f"{accuracy:.3f}, fp16 {'on' if training['fp16'] else 'off'}, channels_last, "
-                f"{saved['config']['pipeline']} pipeline, {_workers()} workers")
+                f"{saved['config']['pipeline']} pipeline, {workers} workers")
     return Result(f"run-{norm}", "fail" if problems else "pass", "; ".join(problems) or measured,
                   {"run_dir": str(run_dir), "seconds": result["seconds"], "accuracy": accuracy,
-                   "fp16": training["fp16"], "device": training["device"], "workers": _workers()})
+                   "fp16": training["fp16"], "device": training["device"], "workers": workers})
 
 
 def _workers() -> int:
@@ -326,9 +326,8 @@ def _attempt(name: str, func: Callable, *args) -> list[Result]:
     started = time.time()
     try:
         found = func(*args)
-    except _Interrupt:
-        raise
-    except Exception as e:  # noqa: BLE001  (a check that raises has failed; the next ones still run)
+    except Exception as e:  # noqa: BLE001  (a check that raises has failed; the next ones still run; Ctrl-C,
+        # a KeyboardInterrupt, is not caught)
         found = Result(name, "fail", f"{type(e).__name__}: {one_line(e)}")
     found = found if isinstance(found, list) else [found]
     for result in found:
