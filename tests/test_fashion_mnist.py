@@ -198,7 +198,7 @@ def test_well_formed_files_that_are_not_the_published_ones_stop_unless_said(tmp_
                str(tmp_path / "out"), env={"BNET_FASTAI_DATA": str(data_root)})
     assert bad.returncode == 2 and len(bad.stderr.strip().splitlines()) == 1, bad.stderr
     assert f"{tmp_path / 'local' / TRAIN_IMAGES} is not the published Fashion-MNIST file" in bad.stderr
-    assert f"4 of 4 files differ" in bad.stderr and f"{fashion_mnist.UNPUBLISHED_ENV}=1" in bad.stderr
+    assert "4 of 4 files differ" in bad.stderr and f"{fashion_mnist.UNPUBLISHED_ENV}=1" in bad.stderr
     assert not (data_root / "fashion-mnist").exists() and not (tmp_path / "out").exists()
 
     monkeypatch.setenv(fashion_mnist.UNPUBLISHED_ENV, "1")  # said: used as given, and recorded

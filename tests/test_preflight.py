@@ -1,5 +1,6 @@
 """`bnet-fastai check`, the preflight: every check on this machine's CPU, a failing check named, DDP over gloo."""
 import json
+import re
 import subprocess
 import sys
 
@@ -86,6 +87,37 @@ def test_a_2_process_run_through_torch_distributed_run_on_gloo(tmp_path, monkeyp
     assert result.numbers == {"status": "finished", "world_size": 2}
     run_dir = next((tmp_path / "ddp").glob("xmininet_*"))
     assert len((run_dir / "history.csv").read_text().splitlines()) == 2  # header + 1 epoch, written once
+
+
+ABORTING_RANKS = """
+import os, sys
+if os.environ["RANK"] == "1":
+    os.abort()  # a rank killed by a signal, as a gloo group left to the interpreter's shutdown can end one
+"""
+FAILING_RANKS = """
+import sys
+print("bnet-fastai run: error: norm: expected bn or bnet, got 'gn'", file=sys.stderr)
+sys.exit(2)
+"""
+
+
+@pytest.mark.parametrize("script, cause", [
+    (ABORTING_RANKS, r"rank 1 \(local_rank: 1\): Signal 6 \(SIGABRT\) received by PID \d+"),
+    (FAILING_RANKS, r"bnet-fastai run: error: norm: expected bn or bnet, got 'gn'"),
+])
+def test_a_failed_launch_is_named_by_its_cause_not_by_torch_elastics_rule(tmp_path, script, cause):
+    (tmp_path / "ranks.py").write_text(script)
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nnodes", "1", "--nproc_per_node",
+                           "2", "--master_addr", "127.0.0.1", "--master_port", str(preflight._free_port()),
+                           str(tmp_path / "ranks.py")], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 1
+    assert proc.stderr.strip().splitlines()[-1].strip("=") == ""  # the line the check used to report
+    assert re.fullmatch(cause, preflight.launch_failure(proc.stderr))
+
+
+def test_launch_failure_without_torch_elastics_summary():
+    assert preflight.launch_failure("one\ntwo\n=====\n") == "two"
+    assert preflight.launch_failure("") == "no output"
 
 
 def test_training_step_and_interleaved_timing():

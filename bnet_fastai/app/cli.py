@@ -320,6 +320,19 @@ def main(argv: list[str] | None = None) -> int:
     except Exception as e:  # noqa: BLE001  (a failed run: its status.json holds the details)
         print(f"bnet-fastai {args.command}: failed: {type(e).__name__}: {e}", file=sys.stderr)
         return EXIT_RUN_FAILED
+    finally:
+        _end_process_group()
+
+
+def _end_process_group() -> None:
+    """End torch's default process group if this command started one (a run under ``torchrun`` or
+    ``accelerate launch`` starts it in `share_decision`), before the interpreter shuts down: torch asks for
+    it, and a gloo group left to the shutdown can abort a process whose run has finished ("terminate called
+    without an active exception", exit -6), which the launcher reports as a failed run. Here, not in `run`:
+    accelerate's state keeps the group for any later run in the same process; the command is the last."""
+    torch = sys.modules.get("torch")  # a command that never imported torch started no group
+    if torch is not None and torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()
 
 
 if __name__ == "__main__":

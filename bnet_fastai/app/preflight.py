@@ -290,6 +290,27 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+def launch_failure(stderr: str) -> str:
+    """The cause of a failed ``torch.distributed.run`` launch, in one line, from its stderr: a rank's own
+    ``bnet-fastai ...`` error line, else the root cause torch elastic reports (the rank, and its traceback
+    or exit code: a rank killed by a signal has no traceback), else the last line that is not a rule."""
+    lines = [line.strip() for line in stderr.splitlines() if line.strip()]
+    ours = [line for line in lines if line.startswith("bnet-fastai ")]
+    if ours:
+        return ours[0]
+    fields = {}
+    if "Root Cause (first observed failure):" in lines:
+        for line in lines[lines.index("Root Cause (first observed failure):") + 1:]:
+            key, colon, value = line.partition(":")
+            if colon and key.strip() in ("rank", "exitcode", "traceback"):
+                fields.setdefault(key.strip(), value.strip())
+    if "rank" in fields:
+        cause = fields.get("traceback", "<N/A>")
+        cause = cause if cause != "<N/A>" else f"exit code {fields.get('exitcode', '?')}"
+        return f"rank {fields['rank']}: {cause}"
+    return next((line for line in reversed(lines) if line.strip("=-*")), "no output")
+
+
 def ddp_run(out: Path, gpus: bool = True, timeout: float = 600) -> Result:
     """A 2-process BNET run (``python -m torch.distributed.run``, loopback rendezvous) into `out`: NCCL on
     two GPUs, or gloo on the CPU with ``gpus=False`` (the path the tests take)."""
@@ -303,8 +324,7 @@ def ddp_run(out: Path, gpus: bool = True, timeout: float = 600) -> Result:
     proc = subprocess.run(argv, capture_output=True, text=True, timeout=timeout, env=env)
     run_dir = out / config.run_id
     if proc.returncode != 0 or not (run_dir / "config.json").is_file():
-        tail = (proc.stderr.strip().splitlines() or ["no output"])[-1]
-        return Result("ddp", "fail", f"2-process run exited {proc.returncode}: {tail}")
+        return Result("ddp", "fail", f"2-process run exited {proc.returncode}: {launch_failure(proc.stderr)}")
     saved = json.loads((run_dir / "config.json").read_text())
     status = json.loads((run_dir / "status.json").read_text())["status"]
     world = saved["training"]["world_size"]

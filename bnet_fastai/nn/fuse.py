@@ -22,7 +22,7 @@ from torch import nn
 from torch.nn.utils.fusion import fuse_conv_bn_eval
 
 from bnet_fastai.nn import graph
-from bnet_fastai.nn.layers import _BNETNd, autocast_dtype
+from bnet_fastai.nn.layers import _BNETNd
 from bnet_fastai.nn.norms import _join, _norms
 
 
