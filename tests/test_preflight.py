@@ -115,6 +115,12 @@ def test_a_failed_launch_is_named_by_its_cause_not_by_torch_elastics_rule(tmp_pa
     assert re.fullmatch(cause, preflight.launch_failure(proc.stderr))
 
 
+def test_two_ranks_error_lines_run_together_in_one_stderr_line_give_the_first():
+    stderr = ("bnet-fastai run: error: bad `bnet-fastai data x`bnet-fastai run: error: bad `bnet-fastai data x`\n"
+              "====\n")
+    assert preflight.launch_failure(stderr) == "bnet-fastai run: error: bad `bnet-fastai data x`"
+
+
 def test_launch_failure_without_torch_elastics_summary():
     assert preflight.launch_failure("one\ntwo\n=====\n") == "two"
     assert preflight.launch_failure("") == "no output"

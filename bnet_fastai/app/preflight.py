@@ -31,6 +31,7 @@ import contextlib
 import json
 import os
 import platform
+import re
 import shutil
 import socket
 import subprocess
@@ -290,14 +291,19 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+# how a `bnet-fastai` command starts its one-line errors: "bnet-fastai run: error: ..."
+OUR_LINE = r"bnet-fastai [a-z]+: "
+
+
 def launch_failure(stderr: str) -> str:
     """The cause of a failed ``torch.distributed.run`` launch, in one line, from its stderr: a rank's own
     ``bnet-fastai ...`` error line, else the root cause torch elastic reports (the rank, and its traceback
     or exit code: a rank killed by a signal has no traceback), else the last line that is not a rule."""
-    lines = [line.strip() for line in stderr.splitlines() if line.strip()]
-    ours = [line for line in lines if line.startswith("bnet-fastai ")]
+    # the ranks share one stderr: two ranks' lines can run together, so a line ends at the next one's start
+    ours = re.search(rf"{OUR_LINE}.*?(?={OUR_LINE}|$)", stderr, re.MULTILINE)
     if ours:
-        return ours[0]
+        return ours.group().strip()
+    lines = [line.strip() for line in stderr.splitlines() if line.strip()]
     fields = {}
     if "Root Cause (first observed failure):" in lines:
         for line in lines[lines.index("Root Cause (first observed failure):") + 1:]:
