@@ -21,7 +21,8 @@ temporary folder, and prints one line per check: its name, pass / fail / skip, a
   the runs' settings: xresnet50 at 128 px, batch 64, mixed precision on a GPU; xmininet at 64 px, batch 32,
   float32 on a CPU.
 - ``ddp``: with two GPUs or more, a 2-process run launched by ``torch.distributed.run`` (NCCL): finished,
-  world size 2 in its config.json. Skipped with fewer.
+  world size 2 in its config.json; a failed launch is named by its cause (`launch_failure`). Skipped with
+  fewer.
 
 `preflight` returns the results; the command exits 0 when none failed, 1 naming the failed ones.
 """
