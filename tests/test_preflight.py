@@ -94,6 +94,15 @@ import os, sys
 if os.environ["RANK"] == "1":
     os.abort()  # a rank killed by a signal, as a gloo group left to the interpreter's shutdown can end one
 """
+RAISING_RANKS = """
+import os
+if os.environ["RANK"] == "1":
+    raise FileNotFoundError("no such file: /data/imagenette2-160")
+"""
+EXITING_RANKS = """
+import os, sys
+sys.exit(3 if os.environ["RANK"] == "1" else 0)
+"""
 FAILING_RANKS = """
 import sys
 print("bnet-fastai run: error: norm: expected bn or bnet, got 'gn'", file=sys.stderr)
@@ -104,6 +113,8 @@ sys.exit(2)
 @pytest.mark.parametrize("script, cause", [
     (ABORTING_RANKS, r"rank 1 \(local_rank: 1\): Signal 6 \(SIGABRT\) received by PID \d+"),
     (FAILING_RANKS, r"bnet-fastai run: error: norm: expected bn or bnet, got 'gn'"),
+    (RAISING_RANKS, r"FileNotFoundError: no such file: /data/imagenette2-160"),
+    (EXITING_RANKS, r"rank 1 \(local_rank: 1\): exit code 3 \(pid: \d+\)"),
 ])
 def test_a_failed_launch_is_named_by_its_cause_not_by_torch_elastics_rule(tmp_path, script, cause):
     (tmp_path / "ranks.py").write_text(script)

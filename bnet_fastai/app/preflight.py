@@ -298,12 +298,17 @@ OUR_LINE = r"bnet-fastai [a-z]+: "
 
 def launch_failure(stderr: str) -> str:
     """The cause of a failed ``torch.distributed.run`` launch, in one line, from its stderr: a rank's own
-    ``bnet-fastai ...`` error line, else the root cause torch elastic reports (the rank, and its traceback
-    or exit code: a rank killed by a signal has no traceback), else the last line that is not a rule."""
+    ``bnet-fastai ...`` error line; else the exception a rank raised (its traceback passes through, while
+    torch elastic's summary only says "To enable traceback see ..."); else the rank the summary names as the
+    root cause, with the signal that killed it or its exit code; else the last line that is not a rule."""
     # the ranks share one stderr: two ranks' lines can run together, so a line ends at the next one's start
     ours = re.search(rf"{OUR_LINE}.*?(?={OUR_LINE}|$)", stderr, re.MULTILINE)
     if ours:
         return ours.group().strip()
+    raised = re.search(r"^(?!torch\.distributed\.elastic\.)[A-Za-z_][\w.]*(?:Error|Exception): .+$", stderr,
+                       re.MULTILINE)
+    if raised:
+        return raised.group().strip()
     lines = [line.strip() for line in stderr.splitlines() if line.strip()]
     fields = {}
     if "Root Cause (first observed failure):" in lines:
@@ -312,8 +317,8 @@ def launch_failure(stderr: str) -> str:
             if colon and key.strip() in ("rank", "exitcode", "traceback"):
                 fields.setdefault(key.strip(), value.strip())
     if "rank" in fields:
-        cause = fields.get("traceback", "<N/A>")
-        cause = cause if cause != "<N/A>" else f"exit code {fields.get('exitcode', '?')}"
+        signal = fields.get("traceback", "").startswith("Signal ")
+        cause = fields["traceback"] if signal else f"exit code {fields.get('exitcode', '?')}"
         return f"rank {fields['rank']}: {cause}"
     return next((line for line in reversed(lines) if line.strip("=-*")), "no output")
 
