@@ -1,11 +1,16 @@
 """Notebook parameters are checked where they enter: papermill's `-p` strings run the same study as the
 values written in the cell, and a bad value stops the notebook at its first code cell with one line."""
+from pathlib import Path
+
 import papermill
 import pytest
 
 from bnet_fastai._checks import parse_parameter
 from bnet_fastai.app.notebooks import execute
 from bnet_fastai.sweeps.study import resolve
+
+ROOT = Path(__file__).resolve().parents[1]
+
 
 TINY = dict(epochs=2, size=16, fraction=0.2, workers=0)
 
@@ -90,12 +95,18 @@ def test_a_bad_basics_parameter_stops_its_first_code_cell_before_anything_is_wri
 def test_the_convergence_profile_is_a_budget_study_with_bn_alone_at_the_extra_budgets():
     study = resolve(profile="convergence")
     configs = study.configs()
-    assert study.dataset == "fashion-mnist" and len(configs) == 12 * (2 * 3 + 2)
-    budgets = {norm: sorted({c.epochs for c in configs if c.norm == norm}) for norm in ("bn", "bnet")}
-    assert budgets == {"bn": [2, 3, 4, 5, 6], "bnet": [2, 3, 4]}
-    assert [c.seed for c in configs[:8]] == [0] * 8  # seed by seed: a study cut short leaves whole seeds
+    variants = ["bnet-k3-all", "bnet-k3-last", "bnet-k5-last", "bnet-k1-all"]
+    assert study.dataset == "fashion-mnist" and study.norms == ["bn", *variants]
+    assert len(configs) == 12 * (5 + 4 * 3)
+    budgets = {name: sorted({c.epochs for c in configs if c.run_id.split("_")[1] == name}) for name in ("bn", *variants)}
+    assert budgets == {"bn": [2, 3, 4, 5, 6], **{name: [2, 3, 4] for name in variants}}
+    assert {(c.k, c.placement) for c in configs if c.norm == "bnet"} == {(3, "all"), (3, "last"), (5, "last"),
+                                                                         (1, "all")}
+    assert [c.seed for c in configs[:17]] == [0] * 17  # seed by seed: a study cut short leaves whole seeds
     cpu = resolve(profile="cpu", archs=["xmininet"], seeds=[0])  # the same recipe as the published study
     bn5 = next(c for c in configs if c.norm == "bn" and c.epochs == 5 and c.seed == 0)
     assert bn5.run_id in {c.run_id for c in cpu.configs()}
-    # budgets given as a list replace the profile's, and with them BN's extra ones
+    # the variants added later train beside the published runs: every committed run is one of the study's
+    published = {p.name for p in (ROOT / "docs" / "fashion-mnist-convergence").glob("xmininet_*")}
+    assert len(published) >= 96 and published <= {c.run_id for c in configs}
     assert {c.epochs for c in resolve(profile="convergence", epochs="3,4", seeds=[0]).configs()} == {3, 4}

@@ -9,6 +9,7 @@ import hashlib
 import itertools
 import json
 import math
+import re
 from dataclasses import asdict, dataclass
 
 from bnet_fastai import names
@@ -93,19 +94,45 @@ class RunConfig:
         return f"{self.arch}_{variant}_s{self.seed}_{digest}"
 
 
+# A BNET variant named as the report names it (`bnet_fastai.analysis.report.variant`): norm, k and placement.
+_VARIANT = re.compile(r"bnet-k(\d+)-([a-z]+)")
+VARIANT_FORM = "bn, bnet, or a BNET variant bnet-k<odd k>-<all|last> (bnet-k5-last, bnet-k1-all, ...)"
+
+
+def variant_fields(norm: str) -> dict:
+    """The `RunConfig` fields a grid's `norm` value stands for.
+
+    ``"bn"`` and ``"bnet"`` are norms (a ``"bnet"`` takes k and placement from the grid's other axes); a
+    variant name such as ``"bnet-k5-last"`` fixes k and placement as well, so a grid can list the BNET
+    variants it compares (``["bn", "bnet-k3-all", "bnet-k5-last", "bnet-k1-all"]``) instead of a product of
+    k × placement. Anything else raises ValueError naming the valid forms.
+    """
+    if norm in names.NORMS:
+        return {"norm": norm}
+    match = _VARIANT.fullmatch(norm) if isinstance(norm, str) else None
+    if match is None:
+        raise ValueError(f"unknown norm {norm!r}; valid: {VARIANT_FORM}")
+    return {"norm": "bnet", "k": int(match[1]), "placement": match[2]}
+
+
 def expand_grid(base: RunConfig, grid: dict[str, list] | list[dict[str, list]]) -> list[RunConfig]:
     """Every combination of `grid` values applied to `base`, validated before anything runs.
 
     A list of grids is the union of their products (e.g. a budget study's extra budget for BN alone), ordered
-    by seed so that a study cut short leaves complete seeds.
+    by seed so that a study cut short leaves complete seeds. A `norm` value may name a BNET variant
+    (`variant_fields`): its k and placement override the grid's.
     """
     grids = grid if isinstance(grid, (list, tuple)) else [grid]
     names = {f.name for f in dataclasses.fields(RunConfig)}
     unknown = sorted(set().union(*grids) - names)
     if unknown:
         raise ValueError(f"unknown RunConfig field(s) {', '.join(unknown)}; valid fields: {', '.join(sorted(names))}")
-    configs = [dataclasses.replace(base, **dict(zip(g, values)))
-               for g in grids for values in itertools.product(*(g[k] for k in g))]
+    configs = []
+    for g in grids:
+        for values in itertools.product(*(g[k] for k in g)):
+            fields = dict(zip(g, values))
+            fields.update(variant_fields(fields["norm"]) if "norm" in fields else {})
+            configs.append(dataclasses.replace(base, **fields))
     if len(grids) > 1:
         seeds = list(dict.fromkeys(c.seed for c in configs))
         configs.sort(key=lambda c: seeds.index(c.seed))  # stable: each grid's own order within a seed

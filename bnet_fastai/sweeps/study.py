@@ -2,9 +2,10 @@
 
 Profiles (``PROFILES``): ``quick`` (CPU, minutes), ``cpu`` (Fashion-MNIST, about an hour on 2 cores: the
 README's published result), ``convergence`` (Fashion-MNIST, a budget study: the same recipe trained as
-complete schedules of 2, 3 and 4 epochs, BN also at 5 and 6, 12 seeds: the README's convergence and equal-cost
-answer), ``full`` (GPU, Imagenette: 4 archs × 2 norms × 3 seeds) and ``leaderboard`` (fastai's Imagenette 128
-px / 5 epoch leaderboard recipe, for BN and BNET). ``PROFILE="auto"`` is ``full`` on a GPU and ``quick`` on a
+complete schedules of 2, 3 and 4 epochs, BN also at 5 and 6, 12 seeds, BNET in every norm, in the last
+norm of each block with k=3 and k=5, and a k=1 placebo: the README's answers (a)-(d)), ``full`` (GPU,
+Imagenette: 4 archs × 2 norms × 3 seeds) and ``leaderboard`` (fastai's Imagenette 128 px / 5 epoch
+leaderboard recipe, for BN and BNET). ``PROFILE="auto"`` is ``full`` on a GPU and ``quick`` on a
 CPU. ``DATASET="auto"`` takes the first of ``EXPERIMENT_DATASETS`` that can be had: Imagenette-160 when on
 disk or reachable, else Fashion-MNIST when it can be had without a network, else the embedded `sample` digits.
 """
@@ -38,16 +39,22 @@ PROFILES: dict[str, dict] = {
     # 10,000-image test set is every run's validation set. xsemininet would add ~25 min: left out.
     "cpu": dict(archs=["xmininet", "mininest"], dataset="fashion-mnist", size=28, epochs=5,
                 seeds=[0, 1, 2, 3, 4], bs=128, lr=1e-2, fraction=0.25, placement=["all", "last"]),
-    # CPU, about 90 minutes on 2 cores (100 here, partly shared with tests): the budget study behind the README's (b)
-    # and (c). The cpu profile's recipe for xmininet, BN vs BNET k=3 in every norm, each budget its own complete
-    # one-cycle schedule (with one-cycle, mid-schedule points are snapshots at a high learning rate, not a convergence
-    # measure). BN is also trained at 5 and 6 epochs (`bn_only`) so that BNET at E epochs can be set against BN at the
-    # budget that costs the same, E x the BNET/BN training-step ratio measured by benchmarks/train_step.py
-    # (docs/fashion-mnist-convergence/cost.json: 1.32 on 2 cores), interpolated and never extrapolated up to a ratio
-    # of 6/4. Budgets 2-4 rather than 3-5 keep 12 seeds x 8 runs near the time; 12 seeds let the sign-flip test reach
-    # p = 2/4096, so a Holm adjustment over a few budgets can still decide.
+    # CPU, on 2 cores about 90 minutes for BN and bnet-k3-all and about as long again for the three variants added
+    # later (see docs/results.md for the measured times): the budget study behind the README's (a)-(d). The cpu
+    # profile's recipe for xmininet, each budget its own complete one-cycle schedule (with one-cycle, mid-schedule
+    # points are snapshots at a high learning rate, not a convergence measure). The BNET arms are a list of
+    # variants, not a product of k x placement: BNET in every norm (k=3); the paper's placement, the last norm of
+    # each residual block (k=3 and k=5, the kernel sizes of its COCO table); and a placebo, k=1 in every norm,
+    # which *is* BN (same init, same weight-decay rule) computed through BNET's code: its differences from BN
+    # are the pipeline's own noise. BN is also trained at 5 and 6 epochs (`bn_only`) so that BNET at E epochs can
+    # be set against BN at the budget that costs the same, E x the variant's BNET/BN training-step ratio measured
+    # by benchmarks/train_step.py (docs/fashion-mnist-convergence/cost.json), interpolated and never
+    # extrapolated, and so that the break-even ratio can reach 6/E. Budgets 2-4 rather than 3-5 keep the runs near
+    # the time; 12 seeds let the sign-flip test reach p = 2/4096, so a Holm adjustment over every variant x
+    # budget can still decide.
     "convergence": dict(archs=["xmininet"], dataset="fashion-mnist", size=28, epochs=[2, 3, 4],
-                        seeds=list(range(12)), bs=128, lr=1e-2, fraction=0.25, placement="all",
+                        seeds=list(range(12)), bs=128, lr=1e-2, fraction=0.25,
+                        norms=["bn", "bnet-k3-all", "bnet-k3-last", "bnet-k5-last", "bnet-k1-all"],
                         bn_only=dict(epochs=[5, 6])),
     # CPU, minutes: the machinery on whatever dataset DATASET gives (see QUICK_ON_DATASET).
     "quick": dict(archs=["xmininet", "mininest"], size=32, epochs=5, seeds=[0, 1, 2], bs=64, lr=1e-2,
@@ -63,7 +70,9 @@ EXPERIMENT_DATASETS = ("imagenette-160", "fashion-mnist", "sample")  # DATASET="
 class Study:
     """A resolved study: every setting the sweep will use, and why the automatic ones were chosen.
 
-    `axes` holds the settings given as lists besides arch, norm and seed (e.g. ``k=[3, 5]``,
+    `norms` are ``"bn"``, ``"bnet"`` (k and placement from `axes` or `base`) or BNET variant names such as
+    ``"bnet-k5-last"`` (`bnet_fastai.runs.config.variant_fields`). `axes` holds the settings given as lists
+    besides arch, norm and seed (e.g. ``k=[3, 5]``,
     ``placement=["all", "last"]``, ``epochs=[3, 4, 5]``): the grid is the product of all of them, BN trained
     once per seed. `bn_only` holds values trained for BN alone (a budget study's extra budget).
     """
@@ -136,13 +145,14 @@ def resolve(dataset: str = "auto", profile: str = "auto", archs: list[str] | Non
     if profile == "quick":
         settings.update(QUICK_ON_DATASET.get(dataset, QUICK_ON_IMAGES))
     archs, seeds = archs or settings.pop("archs"), seeds if seeds is not None else settings.pop("seeds")
-    settings.pop("archs", None), settings.pop("seeds", None)
+    norms = norms or settings.pop("norms", ["bn", "bnet"])
+    settings.pop("archs", None), settings.pop("seeds", None), settings.pop("norms", None)
     bn_only = settings.pop("bn_only", {})
     settings.update({k: v for k, v in overrides.items() if v is not None})
     bn_only = {k: v for k, v in bn_only.items() if k not in overrides or overrides[k] is None}  # overridden: gone
     axes = {k: list(v) for k, v in settings.items() if isinstance(v, (list, tuple))}
     base = RunConfig(dataset=dataset, **{k: v for k, v in settings.items() if k not in axes})
-    study = Study(dataset, profile, list(archs), list(norms or ["bn", "bnet"]), list(seeds), base, reasons, axes,
+    study = Study(dataset, profile, list(archs), list(norms), list(seeds), base, reasons, axes,
                   bn_only)
     study.configs()  # validates every run
     return study
