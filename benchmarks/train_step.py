@@ -4,11 +4,13 @@
                                                     # GPU: xresnet50 and resnest26d, 128 px, batch 64, fp16
     python benchmarks/train_step.py --archs xmininet --size 64 --rounds 3
     python benchmarks/train_step.py --archs xresnet18 --formats channels_last --compile   # eager vs compiled
-    python benchmarks/train_step.py --archs xmininet --size 28 --bs 128 --formats channels_last --rounds 40 \
-        --variants bn,bnet-k3-all --json docs/fashion-mnist-convergence/cost.json   # a budget study's cost ratio
+    python benchmarks/train_step.py --archs xmininet --size 28 --bs 128 --formats channels_last --rounds 100 \
+        --opt adam --variants bnet-k3-all,bnet-k3-last,bnet-k5-last,bnet-k1-all \
+        --json docs/fashion-mnist-convergence/cost.json   # a budget study's cost ratios, one per variant
 
-For each arch and memory format (NCHW, channels_last) it times one SGD step (forward, backward, update)
-of: BN; our BNET with placement "all" and "last"; and the authors' formulation (a `BatchNorm2d(affine=False)`
+For each arch and memory format (NCHW, channels_last) it times one training step (forward, backward, update;
+torch's SGD, or fastai's Adam as runs train with ``--opt adam``) of: BN; our BNET with placement "all" and
+"last" (or the variants named by ``--variants``); and the authors' formulation (a `BatchNorm2d(affine=False)`
 subclass calling a depthwise `nn.Conv2d` child) in the same places as our "all". Rounds are interleaved
 so machine drift hits every contender alike; the median of each is reported with its ratio to BN.
 On a GPU the step runs under float16 autocast with a GradScaler, as fastai's `to_fp16` trains (``--amp``),
@@ -26,10 +28,12 @@ import torch
 from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import device, interleaved, machine, precision, training_step, write_json  # noqa: E402
+from _common import OPTIMIZERS, device, interleaved, machine, precision, training_step, write_json  # noqa: E402
 
 from bnet_fastai import create_model  # noqa: E402
 from bnet_fastai.nn.norms import select_norms  # noqa: E402
+from bnet_fastai.nn.weight_decay import no_decay_params  # noqa: E402
+from bnet_fastai.runs.config import variant_fields  # noqa: E402
 
 
 class AuthorsBNET2d(nn.BatchNorm2d):
@@ -57,25 +61,45 @@ def authors_model(arch: str, k: int = 3) -> nn.Module:
     return model
 
 
-# the table's names -> the names `bnet_fastai.analysis.report.variant` gives runs (for --variants and the JSON rows)
+# the table's labels of the default contenders -> the names `bnet_fastai.analysis.report.variant` gives runs; any
+# other BNET variant (--variants bnet-k5-last,bnet-k1-all) is labelled by its report name
 REPORT_NAMES = {"bn": "bn", "bnet all": "bnet-k3-all", "bnet last": "bnet-k3-last", "authors all": "authors-k3-all",
                 "bn compiled": "bn-compiled", "bnet all compiled": "bnet-k3-all-compiled"}
+LABELS = {name: label for label, name in REPORT_NAMES.items()}
+DEFAULT_VARIANTS = ("bnet-k3-all", "bnet-k3-last", "authors-k3-all")
 
 
-def variants(arch: str, compiled: bool, only: set[str] | None = None) -> dict[str, nn.Module]:
-    """The models timed for `arch` (BN first: the ratios' denominator); `only`: report names to keep."""
+def variants(arch: str, compiled: bool, only: list[str] | None = None) -> dict[str, nn.Module]:
+    """The models timed for `arch`, by label (BN first: the ratios' denominator); `only`: the report names to
+    time besides BN (`bnet-k5-last`, ...: any BNET variant `variant_fields` reads, or `authors-k3-all`)."""
     if compiled:  # eager against torch.compile (default inductor backend), BN and BNET
         builders = {"bn": lambda: create_model(arch, "bn"),
-                    "bnet all": lambda: create_model(arch, "bnet", placement="all"),
-                    "bn compiled": lambda: torch.compile(create_model(arch, "bn")),
-                    "bnet all compiled": lambda: torch.compile(create_model(arch, "bnet", placement="all"))}
+                    "bnet-k3-all": lambda: create_model(arch, "bnet", placement="all"),
+                    "bn-compiled": lambda: torch.compile(create_model(arch, "bn")),
+                    "bnet-k3-all-compiled": lambda: torch.compile(create_model(arch, "bnet", placement="all"))}
+        names = [n for n in builders if n == "bn" or only is None or n in only]
     else:
-        builders = {"bn": lambda: create_model(arch, "bn"),
-                    "bnet all": lambda: create_model(arch, "bnet", placement="all"),
-                    "bnet last": lambda: create_model(arch, "bnet", placement="last"),
-                    "authors all": lambda: authors_model(arch)}
-    return {name: build() for name, build in builders.items()
-            if name == "bn" or only is None or REPORT_NAMES[name] in only}
+        builders = {"authors-k3-all": lambda: authors_model(arch)}
+        names = ["bn", *[n for n in (only if only is not None else DEFAULT_VARIANTS) if n != "bn"]]
+        for name in names:
+            if name not in builders:
+                fields = variant_fields(name)
+                builders[name] = lambda f=fields: create_model(arch, **f)
+    return {LABELS.get(name, name): builders[name]() for name in names}
+
+
+def check_variants(text: str | None, compiled: bool) -> list[str] | None:
+    """--variants as a list of report names; ValueError naming the valid forms."""
+    if not text:
+        return None
+    names = [n for n in text.split(",") if n != "bn"]
+    fixed = ("bn-compiled", "bnet-k3-all-compiled") if compiled else ("authors-k3-all",)
+    for name in names:
+        if compiled and name not in ("bnet-k3-all", *fixed):
+            raise ValueError(f"with --compile the variants are bnet-k3-all, {', '.join(fixed)}; got {name!r}")
+        if name not in fixed:
+            variant_fields(name)  # bnet-k<odd>-<all|last>, or a one-line ValueError naming the forms
+    return names
 
 
 GPU_DEFAULTS = {"archs": "xresnet50,resnest26d", "bs": 64}
@@ -94,21 +118,24 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--amp", default="auto", choices=("auto", "on", "off"),
                         help="float16 autocast + GradScaler: auto = on a GPU only (as runs train)")
     parser.add_argument("--compile", action="store_true", help="eager vs torch.compile instead of the variants")
-    parser.add_argument("--variants", default=None, help="comma-separated report names to time besides bn "
-                        f"(default: all of {', '.join(REPORT_NAMES.values())})")
+    parser.add_argument("--variants", default=None, help="comma-separated report names to time besides bn: "
+                        "bnet-k<odd k>-<all|last> (bnet-k5-last, bnet-k1-all, ...) or authors-k3-all (default: "
+                        f"{', '.join(DEFAULT_VARIANTS)}; with --compile bn-compiled, bnet-k3-all, bnet-k3-all-compiled)")
+    parser.add_argument("--opt", default="sgd", choices=OPTIMIZERS, help="the step's optimizer: sgd (torch's, "
+                        "momentum 0.9) or adam (fastai's, as runs train; a budget study's cost ratio)")
     parser.add_argument("--json", default=None, metavar="PATH", help="also write the table as JSON to PATH")
     args = parser.parse_args(argv)
     where = device(args.device)
     defaults = GPU_DEFAULTS if where.type == "cuda" else CPU_DEFAULTS
     archs, bs = args.archs or defaults["archs"], args.bs or defaults["bs"]
     dtype = precision(args.amp, where)
-    only = set(args.variants.split(",")) - {"bn"} if args.variants else None
-    unknown = sorted((only or set()) - set(REPORT_NAMES.values()))
-    if unknown:
-        parser.error(f"unknown variant(s) {', '.join(unknown)}; valid: {', '.join(REPORT_NAMES.values())}")
+    try:
+        only = check_variants(args.variants, args.compile)
+    except ValueError as e:
+        parser.error(str(e))
     amp = "float16 autocast + GradScaler" if dtype is torch.float16 else "float32"
     print(f"# {machine()}")
-    print(f"# one SGD training step on {where}, {amp}, batch {bs}, {args.size} px, median of {args.rounds} "
+    print(f"# one {args.opt.upper() if args.opt == 'sgd' else 'Adam (fastai)'} training step on {where}, {amp}, batch {bs}, {args.size} px, median of {args.rounds} "
           f"interleaved rounds")
     rows = []
     print(f"{'arch':<12} {'format':<14} {'variant':<18} {'ms/step':>9} {'vs bn':>7}")
@@ -118,17 +145,20 @@ def main(argv: list[str] | None = None) -> None:
             torch.manual_seed(0)
             x = torch.randn(bs, 3, args.size, args.size, device=where).to(memory_format=memory_format)
             y = torch.randint(0, 10, (bs,), device=where)
-            steps = {name: training_step(m.to(where, memory_format=memory_format).train(), x, y, dtype)
+            steps = {name: training_step(m.to(where, memory_format=memory_format).train(), x, y, dtype,
+                                         opt=args.opt, no_decay=no_decay_params(m))
                      for name, m in variants(arch, args.compile, only).items()}
             times = interleaved(steps, rounds=args.rounds, device=where)
             for name, seconds in times.items():
                 print(f"{arch:<12} {fmt:<14} {name:<18} {seconds * 1e3:9.1f} {seconds / times['bn']:7.3f}",
                       flush=True)
                 rows.append({"arch": arch, "size": args.size, "bs": bs, "format": fmt, "label": name,
-                             "variant": REPORT_NAMES[name], "ms_per_step": seconds * 1e3,
+                             "variant": REPORT_NAMES.get(name, name), "ms_per_step": seconds * 1e3,
                              "images_per_second": bs / seconds, "ratio_to_bn": seconds / times["bn"]})
-    write_json(args.json, "train_step", argv, f"median of {args.rounds} interleaved rounds of one SGD step "
-               f"(forward, backward, update) on {where}, {amp}", rows, device=str(where), precision=amp)
+    optimizer = "SGD" if args.opt == "sgd" else "fastai Adam"
+    write_json(args.json, "train_step", argv, f"median of {args.rounds} interleaved rounds of one {optimizer} "
+               f"step (forward, backward, update) on {where}, {amp}", rows, device=str(where), precision=amp,
+               optimizer=args.opt)
 
 
 if __name__ == "__main__":

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import statistics
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 
 import torch
 import torch.nn.functional as F
@@ -52,20 +52,35 @@ def amp_dtype(device: torch.device | str) -> torch.dtype | None:
     return torch.float16 if torch.device(device).type == "cuda" else None
 
 
+OPTIMIZERS = ("sgd", "adam")  # `training_step`'s: torch's SGD with momentum, or fastai's Adam as runs train
+
+
 def training_step(model: nn.Module, x: torch.Tensor, y: torch.Tensor, dtype: torch.dtype | None = None,
-                  lr: float = 1e-3) -> Callable[[], torch.Tensor]:
-    """One SGD step (forward, backward, update) of `model` on the batch `x`, `y`, as a closure returning the
-    loss. With `dtype`, the forward runs under autocast in that dtype and float16 gradients go through a
-    `GradScaler`, as fastai's `MixedPrecision` trains."""
-    opt = torch.optim.SGD(model.parameters(), lr=lr, momentum=0.9)
+                  lr: float = 1e-3, opt: str = "sgd", no_decay: Iterable[nn.Parameter] = ()
+                  ) -> Callable[[], torch.Tensor]:
+    """One training step (forward, backward, update) of `model` on the batch `x`, `y`, as a closure returning
+    the loss. `opt`: ``"sgd"`` (torch's SGD, momentum 0.9) or ``"adam"`` (fastai's `Adam` with weight decay
+    0.01 except on `no_decay`, as `bnet_fastai.nn.weight_decay.no_decay_params` gives the runs: the optimizer
+    a run's step pays for, its Python loop over parameters included). With `dtype`, the forward runs under autocast in that dtype and float16
+    gradients go through a `GradScaler`, as fastai's `MixedPrecision` trains."""
+    if opt not in OPTIMIZERS:
+        raise ValueError(f"unknown optimizer {opt!r}; valid choices: {', '.join(OPTIMIZERS)}")
+    if opt == "adam":
+        from fastai.optimizer import Adam
+
+        optimizer = Adam(list(model.parameters()), lr=lr, wd=1e-2)
+        for p in no_decay:
+            optimizer.state[p]["do_wd"] = False
+    else:
+        optimizer = torch.optim.SGD(model.parameters(), lr=lr, momentum=0.9)
     scaler = torch.amp.GradScaler(x.device.type, enabled=dtype is torch.float16)
 
     def step() -> torch.Tensor:
-        opt.zero_grad(set_to_none=True)
+        optimizer.zero_grad()
         with torch.autocast(x.device.type, dtype=dtype or torch.float32, enabled=dtype is not None):
             loss = F.cross_entropy(model(x), y)
         scaler.scale(loss).backward()
-        scaler.step(opt)
+        scaler.step(optimizer)
         scaler.update()
         return loss.detach()
 

@@ -33,6 +33,42 @@ def test_train_step_json_rows_and_ratios(tmp_path):
     assert rows["bn"]["images_per_second"] == pytest.approx(4 / rows["bn"]["ms_per_step"] * 1e3)
 
 
+def test_train_step_times_any_named_variant_with_the_runs_adam(tmp_path):
+    saved = _bench("train_step", "--archs", "xmininet", "--size", "16", "--bs", "4", "--rounds", "1",
+                   "--formats", "channels_last", "--opt", "adam", "--variants", "bnet-k5-last,bnet-k1-all",
+                   tmp_path=tmp_path)
+    assert [r["variant"] for r in saved["rows"]] == ["bn", "bnet-k5-last", "bnet-k1-all"]
+    assert saved["optimizer"] == "adam" and "fastai Adam step" in saved["measure"]
+    assert all(r["ratio_to_bn"] > 0 and r["format"] == "channels_last" for r in saved["rows"])
+
+
+def test_training_step_adam_is_fastais_adam_with_the_runs_no_decay_rule():
+    import torch
+
+    from bnet_fastai import create_model
+    from bnet_fastai.nn.weight_decay import no_decay_params
+    from bnet_fastai.speed import training_step
+
+    model = create_model("xmininet", "bnet", k=1)
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    no_decay = {id(p) for p in no_decay_params(model)}
+    x, y = torch.randn(4, 3, 16, 16), torch.randint(0, 10, (4,))
+    step = training_step(model, x, y, opt="adam", no_decay=no_decay_params(model))
+    assert torch.isfinite(step())
+    # a zero-initialised last kernel cuts its block's gradient: there a decayed conv only shrinks by 1 - lr x wd
+    # (lr 1e-3, wd 1e-2) and an undecayed norm parameter stays as it was
+    still = [(n, p) for n, p in model.named_parameters() if not p.grad.any()]
+    assert still and len(still) < len(before)
+    for name, p in still:
+        expected = before[name] if id(p) in no_decay else before[name] * (1 - 1e-3 * 1e-2)
+        torch.testing.assert_close(p.detach(), expected, rtol=0, atol=1e-9)
+    assert {id(p) for _, p in still} & no_decay and {id(p) for _, p in still} - no_decay
+    # every parameter with a gradient moved
+    assert all(not torch.equal(p, before[n]) for n, p in model.named_parameters() if p.grad.any())
+    with pytest.raises(ValueError, match="unknown optimizer 'lamb'; valid choices: sgd, adam"):
+        training_step(model, x, y, opt="lamb")
+
+
 def test_inference_json_has_the_deploy_vs_deploy_row(tmp_path):
     saved = _bench("eval_and_memory", "--archs", "xmininet", "--size", "16", "--bs", "4", "--rounds", "1",
                    tmp_path=tmp_path)

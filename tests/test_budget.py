@@ -100,3 +100,81 @@ def test_cli_reads_a_named_cost_file_and_rejects_a_bad_one(study, tmp_path, caps
     assert err.startswith("bnet-fastai report: error: cannot read the cost ratios in") and "\n" not in err
     assert main(["report", str(study), "--cost-ratio", "-1"]) == 2
     assert "the cost ratio must be a number > 0" in capsys.readouterr().err
+
+
+# three more variants of the same recipe: above BN's largest budget, below its smallest (the placebo's name)
+LAST5 = {2: [0.81, 0.83, 0.79], 3: [0.83, 0.85, 0.81]}
+PLACEBO = {2: [0.69, 0.71, 0.67], 3: [0.70, 0.72, 0.68]}
+
+
+@pytest.fixture
+def variants(study):
+    _runs(study, LAST5, "bnet", k=5, placement="last")
+    _runs(study, PLACEBO, "bnet", k=1, placement="all")
+    rows = [{"arch": "xmininet", "size": 32, "bs": 64, "format": "channels_last", "variant": v, "ratio_to_bn": r}
+            for v, r in (("bn", 1.0), ("bnet-k3-all", 1.3), ("bnet-k5-last", 1.05), ("bnet-k1-all", 1.1))]
+    (study / "cost.json").write_text(json.dumps({"command": "python benchmarks/train_step.py --opt adam",
+                                                 "machine": "test", "rows": rows}))
+    return study
+
+
+def test_break_even_ratio_is_the_bn_budget_that_matches_bnet_over_bnets_budget(variants):
+    even = report(variants, target=0.7)["break_even"].set_index(["variant", "bnet_epochs"])
+    # BN 0.70, 0.76, 0.80 at 2, 3, 4 epochs. BNET k3 all at 2: 0.75 = BN at 2 + 0.05 / 0.06 -> 2.8333 / 2
+    row = even.loc[("bnet-k3-all", 2)]
+    assert row["match"] == "reached" and row["bound"] == ""
+    assert row["bn_epochs_to_match"] == pytest.approx(2 + 5 / 6) and row["break_even"] == pytest.approx((2 + 5 / 6) / 2)
+    # every resample moves both arms alike: the interval is the point
+    assert (row["ci_low"], row["ci_high"]) == pytest.approx((row["break_even"],) * 2)
+    # at 3 epochs: 0.79 = BN at 3 + 0.03 / 0.04 -> 3.75 / 3 = 1.25
+    assert even.loc[("bnet-k3-all", 3), "break_even"] == pytest.approx(1.25)
+    # 0.81 and 0.83 lie above BN's largest budget (0.80 at 4): bounds >= 4/2 and >= 4/3, never extrapolated
+    above = even.loc["bnet-k5-last"]
+    assert list(above["match"]) == ["not reached"] * 2 and list(above["bound"]) == [">=", ">="]
+    assert list(above["break_even"]) == pytest.approx([2.0, 4 / 3]) and list(above["ci_high_bound"]) == [">=", ">="]
+    # 0.69 and 0.70 are at or below BN's smallest budget (0.70 at 2): bounds <= 2/2 and <= 2/3
+    below = even.loc["bnet-k1-all"]
+    assert list(below["bound"]) == ["<=", "<="] and list(below["break_even"]) == pytest.approx([1.0, 2 / 3])
+    assert below["is_placebo"].all() and not even.loc["bnet-k3-all", "is_placebo"].any()
+
+
+def test_each_variant_is_costed_at_its_own_measured_ratio(variants):
+    tables = report(variants, target=0.7)
+    ratios = tables["equal_cost"].groupby("variant")["cost_ratio"].unique()
+    assert {v: list(r) for v, r in ratios.items()} == {"bnet-k1-all": [1.1], "bnet-k3-all": [1.3],
+                                                       "bnet-k5-last": [1.05]}
+    even = tables["break_even"].groupby("variant")["cost_ratio"].first()
+    assert even.to_dict() == {"bnet-k1-all": 1.1, "bnet-k3-all": 1.3, "bnet-k5-last": 1.05}
+    # BNET k5 last at 2 epochs against BN at 2.1: 0.70 + 0.1 x 0.06 = 0.706 per seed mean
+    cost = tables["equal_cost"].set_index(["variant", "bnet_epochs"])
+    assert cost.loc[("bnet-k5-last", 2), "bn_accuracy_mean"] == pytest.approx(0.706)
+    assert (cost["note"] == "").all()  # k3 all at 3 epochs needs BN at 3.9: inside BN's budgets
+    # Holm runs over every variant x budget of the report
+    assert (tables["paired"]["family"] == "equal epochs").all() and len(tables["paired"]) == 6
+
+
+def test_a_variant_with_no_measured_ratio_is_named_not_guessed(variants):
+    rows = json.loads((variants / "cost.json").read_text())
+    rows["rows"] = [r for r in rows["rows"] if r["variant"] != "bnet-k5-last"]
+    (variants / "cost.json").write_text(json.dumps(rows))
+    cost = report(variants, target=0.7)["equal_cost"].set_index("variant").loc["bnet-k5-last"]
+    assert cost["cost_ratio"].isna().all()
+    assert (cost["note"] == "no measurement for xmininet bnet-k5-last at 32 px, batch 64, channels_last").all()
+
+
+def test_answers_name_every_variant_the_placebo_and_the_break_even_ratio(variants):
+    from bnet_fastai.analysis.markdown import answers_markdown
+
+    text = answers_markdown(report(variants, target=0.7), "bnet-fastai report DIR --markdown")
+    lines = text.splitlines()
+    assert lines[0].startswith("At 3 epochs, the largest budget every arm trained, 3 paired seeds")
+    a = next(line for line in lines if line.startswith("- **(a)"))
+    assert "bnet-k3-all +3.00 pt (cannot tell)" in a and "bnet-k5-last +7.00 pt (cannot tell)" in a
+    assert "bnet-k1-all" not in a  # the placebo has its own line
+    d = next(line for line in lines if line.startswith("- **(d)"))
+    assert "bnet-k3-all 1.25×; bnet-k5-last ≥ 1.33×." in d
+    placebo = next(line for line in lines if line.startswith("- **Placebo**"))
+    assert placebo.startswith("- **Placebo** (bnet-k1-all: BN computed through BNET's code): -6.00 pt")
+    assert "| bnet-k3-all | +3.00 pt [" in text and "| 1.25 [1.25, 1.25] | 1.30 |" in text
+    # with 3 seeds no verdict is possible: the advice says so instead of a price
+    assert "No gain shown at equal epochs" in text

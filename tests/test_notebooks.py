@@ -27,24 +27,34 @@ def test_committed_notebooks_are_thin_and_clean(name):
     assert not definitions  # logic lives in the package
 
 
-def test_experiments_notebook_runs_a_tiny_study_and_reports_it(roots):
+def test_experiments_notebook_runs_a_tiny_budget_study_of_variants_and_reports_it(roots):
     executed = execute("experiments", dict(DATASET="sample", PROFILE="quick", ARCHS=["xmininet"], SEEDS=[0, 1],
-                                           EPOCHS=2, SIZE=16, FRACTION=0.2, WORKERS=0, EXPERIMENT="tiny", K=[3, 5]),
+                                           EPOCHS=[1, 2], SIZE=16, FRACTION=0.2, WORKERS=0, EXPERIMENT="tiny",
+                                           NORMS=["bn", "bnet-k3-all", "bnet-k5-last"]),
                        roots)
-    text = "".join(o.get("text", "") for c in nbformat.read(executed, 4).cells for o in c.get("outputs", []))
-    assert "dataset: sample | profile: quick | archs: xmininet" in text and "| 6 runs" in text
+    cells = nbformat.read(executed, 4).cells
+    text = "".join(o.get("text", "") for c in cells for o in c.get("outputs", []))
+    shown = "".join(o.get("data", {}).get("text/markdown", "") for c in cells for o in c.get("outputs", []))
+    assert "dataset: sample | profile: quick | archs: xmininet" in text and "| 12 runs" in text
     summary = pd.read_csv(roots / "tiny" / "summary.csv")
-    assert list(summary["variant"]) == ["bn", "bnet-k3-all", "bnet-k5-all"] and (summary["n_seeds"] == 2).all()
+    assert list(summary["variant"]) == ["bn", "bnet-k3-all", "bnet-k5-last"] * 2 and (summary["n_seeds"] == 2).all()
+    assert list(summary["epochs"]) == [1, 1, 1, 2, 2, 2]
     assert (roots / "experiments.html").read_text().lower().startswith("<!doctype html>")
     assert np.isfinite(summary[["final_accuracy_mean", "final_accuracy_ci_low", "auc_mean"]].to_numpy()).all()
     assert (summary["final_accuracy_mean"].between(0, 1)).all()
     paired = pd.read_csv(roots / "tiny" / "paired.csv")
-    assert list(paired["variant"]) == ["bnet-k3-all", "bnet-k5-all"] and (paired["n_pairs"] == 2).all()
+    assert list(paired["variant"]) == ["bnet-k3-all", "bnet-k5-last"] * 2 and (paired["n_pairs"] == 2).all()
     assert np.isfinite(paired["final_accuracy_diff_mean"]).all()
-    for png in ("curves.png", "final_accuracy.png", "kernels.png"):
+    for png in ("curves.png", "final_accuracy.png", "kernels.png", "budget.png"):
         assert (roots / "tiny" / png).stat().st_size > 10_000
     kernels = json.loads(next((roots / "tiny").glob("xmininet_bnet-k3*_s0_*/kernels.json")).read_text())
     assert len(kernels) == 15 and all(np.isfinite(k["mean_abs"]).all() for k in kernels)
+    # the budget cell shows (a)-(d) and the table of variants, each variant's break-even ratio from break_even.csv
+    even = pd.read_csv(roots / "tiny" / "break_even.csv")
+    assert sorted(set(even["variant"])) == ["bnet-k3-all", "bnet-k5-last"] and len(even) == 4
+    assert "**(d) Which BNET, and at what price does it pay off?**" in shown
+    assert "| variant | gain at 2 epochs [95% interval] | break-even ratio [95% interval] |" in shown
+    assert shown.count("| bnet-k3-all | ") >= 1 and shown.count("| bnet-k5-last | ") >= 1
 
 
 def test_basics_notebook_runs_and_its_numbers_are_finite(roots):

@@ -10,7 +10,8 @@ from bnet_fastai.analysis.report import report
 ROOT = Path(__file__).resolve().parents[1]
 STUDY = ROOT / "docs" / "fashion-mnist-cpu"
 CONVERGENCE = ROOT / "docs" / "fashion-mnist-convergence"
-COMMANDS = ("bnet-fastai study convergence", "bnet-fastai study cpu")
+REPORT = "bnet-fastai report docs/fashion-mnist-convergence --markdown"  # prints the README's answers
+VARIANTS = {"bnet-k3-all", "bnet-k3-last", "bnet-k5-last", "bnet-k1-all"}
 
 
 RESULTS = ROOT / "docs" / "results.md"  # the full results page; the README front page holds the answers
@@ -46,22 +47,33 @@ def test_readme_budget_study_equals_the_report_of_the_committed_runs(budget_tabl
     tables = budget_tables
     assert len(tables["skipped"]) == 0
     paired = tables["paired"]
-    assert len(paired) >= 3 and (paired["n_pairs"] >= 8).all()  # >= 3 budgets, >= 8 paired seeds each
-    assert (tables["equal_cost"]["cost_ratio"] > 1).all() and (tables["equal_cost"]["note"] == "").all()
+    assert set(paired["variant"]) == VARIANTS and len(paired) == 4 * 3  # every variant at 3 budgets
+    assert (paired["n_pairs"] == 12).all()  # 12 paired seeds each
+    # every variant costed at its own measured ratio, every equal-cost comparison inside BN's budgets
+    cost = tables["equal_cost"]
+    assert cost.groupby("variant")["cost_ratio"].nunique().eq(1).all() and cost["cost_ratio"].nunique() == 4
+    assert (cost["note"] == "").all() and set(tables["break_even"]["variant"]) == VARIANTS
     assert budget_markdown(tables).strip() == _between("convergence")
     assert (CONVERGENCE / "budget.png").read_bytes()[:4] == b"\x89PNG"
     assert "](docs/fashion-mnist-convergence/budget.png)" in (ROOT / "README.md").read_text()
     assert "](fashion-mnist-convergence/budget.png)" in RESULTS.read_text()
 
 
-def test_readme_answers_equal_the_reports(budget_tables, accuracy_tables):
-    assert answers_markdown(budget_tables, accuracy_tables, COMMANDS).strip() == _between("answers", ROOT / "README.md")
+def test_readme_answers_equal_the_reports(budget_tables):
+    assert answers_markdown(budget_tables, REPORT).strip() == _between("answers", ROOT / "README.md")
 
 
-def test_every_committed_run_records_its_thread_count_and_one_commit():
+def test_every_committed_run_records_its_thread_count_and_each_arm_one_commit():
     import json
 
+    from bnet_fastai.analysis.report import variant
+
     configs = [json.loads(p.read_text()) for p in CONVERGENCE.glob("*/config.json")]
-    assert len(configs) >= 8 * 8
+    assert len(configs) == 12 * (5 + 4 * 3)
     assert {c["environment"]["torch_threads"] for c in configs} == {2}
-    assert len({c["environment"]["git_commit"] for c in configs}) == 1
+    # the first 96 runs at one commit, the variants added later at another
+    commits = {}
+    for c in configs:
+        commits.setdefault(variant(c["config"]), set()).add(c["environment"]["git_commit"])
+    assert all(len(found) == 1 for found in commits.values())
+    assert len(set().union(*commits.values())) == 2

@@ -72,6 +72,10 @@ REJECTED = [
     (["run", "--seed", "-1"], "seed must be a whole number in 0 .. 4294967295"),
     (["sweep", "--seed", "0,4294967296"], "seed must be a whole number in 0 .. 4294967295"),
     (["sweep", "--arch", "xmininet,mininest", "--pool", "max"], "sa and pool apply to fastai's xresnet family"),
+    (["sweep", "--norm", "bn,bnet-k4-last"], "k must be a positive odd integer (1, 3, 5, 7, ...), got 4"),
+    (["sweep", "--norm", "bn,batchnorm"], "unknown norm 'batchnorm'; valid: bn, bnet, or a BNET variant "
+                                          "bnet-k<odd k>-<all|last>"),
+    (["sweep", "--norm", "bnet-k3-first"], "unknown placement 'first'; valid choices: all, last"),
 ]
 
 

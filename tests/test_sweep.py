@@ -19,6 +19,24 @@ ARGS = ["--arch", "xmininet", "--norm", "bnet", "--seed", "0,1,2", "--dataset", 
         "--epochs", "4", "--fraction", "0.3", "--workers", "0"]
 
 
+def test_a_grid_may_list_bnet_variants_instead_of_a_product_of_k_and_placement():
+    base = RunConfig(arch="xmininet", dataset="sample")
+    grid = {"seed": [0, 1], "norm": ["bn", "bnet-k3-all", "bnet-k5-last", "bnet-k1-all", "bnet"], "k": [3, 7]}
+    configs = expand_grid(base, grid)
+    # a variant fixes k and placement (the k axis cannot change it: one run each); plain "bnet" takes the axis
+    arms = [(c.seed, c.norm, c.k if c.norm == "bnet" else None, c.placement if c.norm == "bnet" else None)
+            for c in configs]
+    assert arms == [(s, n, k, p) for s in (0, 1) for n, k, p in (("bn", None, None), ("bnet", 3, "all"),
+                                                                 ("bnet", 5, "last"), ("bnet", 1, "all"),
+                                                                 ("bnet", 7, "all"))]
+    assert [c.run_id.split("_")[1] for c in configs[:5]] == ["bn", "bnet-k3-all", "bnet-k5-last", "bnet-k1-all",
+                                                             "bnet-k7-all"]
+    # a variant's run is the run its fields name: "bnet-k3-all" and norm="bnet", k=3 are one run_id
+    assert configs[1].run_id == RunConfig(arch="xmininet", dataset="sample", norm="bnet", k=3).run_id
+    with pytest.raises(ValueError, match="k must be a positive odd integer"):
+        expand_grid(base, {"norm": ["bnet-k2-all"]})
+
+
 def _snapshot(run_dir: Path) -> dict:
     return {p.name: p.read_bytes() for p in sorted(run_dir.iterdir())}
 

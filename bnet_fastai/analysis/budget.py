@@ -12,7 +12,17 @@ So convergence speed is read across budgets:
 - **equal cost**: BNET at budget E against BN at budget r × E, where r is BNET's training-step time over
   BN's, measured side by side by ``benchmarks/train_step.py`` (never from run times on a shared machine).
   BN's per-seed accuracy-vs-budget curve is interpolated linearly at r × E; where r × E lies outside BN's
-  budgets the comparison is not made (it would extrapolate). Paired by seed like every comparison here.
+  budgets the comparison is not made (it would extrapolate). Paired by seed like every comparison here;
+- **break-even ratio**: the step-cost ratio r below which BNET at E epochs beats BN given the same training
+  time. BN's mean accuracy-vs-budget curve reaches BNET's mean accuracy at E at some BN budget B (linear
+  between BN's budgets): BN needs B epochs for what BNET does in E, so BNET pays off while r × E < B, i.e.
+  r < B / E. Never extrapolated: when BN's largest budget does not reach BNET's accuracy the ratio is a bound,
+  "≥ largest / E"; when BN's smallest budget already does, "≤ smallest / E". Its interval: the same seed
+  bootstrap as epochs to match, a resample beyond BN's budgets counting as its bound. A GPU user measures their
+  own r (``benchmarks/train_step.py --opt adam``) and reads the answer off;
+- **placebo**: a k=1 BNET with the default init *is* BN (its 1×1 depthwise kernel is gamma, its bias beta,
+  both initialised and weight-decayed as BN's): trained through BNET's code it is an A/A test, whose
+  differences from BN measure what the pipeline alone produces. Its rows are marked (`is_placebo`).
 """
 from __future__ import annotations
 
@@ -68,6 +78,47 @@ def paired_arms(per_run: pd.DataFrame):
             if len(seeds) >= 2:
                 yield (keys, variant, seeds, bn_table.columns.to_numpy(dtype=float), bn_table.loc[seeds].to_numpy(),
                        table.columns.to_numpy(dtype=float), table.loc[seeds].to_numpy())
+
+
+def is_placebo(variant: str) -> bool:
+    """A k=1 BNET with the default init (`bnet-k1-all`, `bnet-k1-last`): BN computed through BNET's code."""
+    return variant.startswith("bnet-k1-") and variant.count("-") == 2
+
+
+def break_even(per_run: pd.DataFrame, cost: list[dict] | float | None = None, boot: int = BOOT,
+               seed: int = 0) -> pd.DataFrame:
+    """One row per budget study × BNET variant × BNET budget: the break-even step-cost ratio (see the module
+    docstring), its bootstrap interval, and this machine's measured ratio (`cost`) beside it."""
+    rows = []
+    for keys, variant, seeds, bn_budgets, bn, budgets, bnet in paired_arms(per_run):
+        ratio, source = cost_ratio(cost, keys, variant)
+        draws = np.random.default_rng(seed).integers(0, len(seeds), size=(boot, len(seeds)))
+        low_bound, high_bound = bn_budgets.min(), bn_budgets.max()
+        for j, budget in enumerate(budgets):
+            value, how = crossing(bn_budgets, bn.mean(axis=0), bnet[:, j].mean())
+            resampled = []
+            for pick in draws:
+                v, h = crossing(bn_budgets, bn[pick].mean(axis=0), bnet[pick, j].mean())
+                resampled.append(high_bound if h == "not reached" else v)  # a bound stays a bound
+            low, high = np.quantile(resampled, [0.025, 0.975], method="inverted_cdf")
+            bn_match = high_bound if how == "not reached" else value
+            rows.append({**keys, "variant": variant, "is_placebo": is_placebo(variant), "n_pairs": len(seeds),
+                         "seeds": ",".join(map(str, seeds)), "bnet_epochs": int(budget),
+                         "bnet_accuracy_mean": bnet[:, j].mean(), "bn_budgets": ",".join(str(int(b)) for b in bn_budgets),
+                         "bn_epochs_to_match": bn_match, "match": how,
+                         "bound": {"reached": "", "at or below": "<=", "not reached": ">="}[how],
+                         "break_even": bn_match / budget, "ci_low": low / budget, "ci_high": high / budget,
+                         "ci_low_bound": _bound(low, low_bound, high_bound),
+                         "ci_high_bound": _bound(high, low_bound, high_bound),
+                         "cost_ratio": ratio, "cost_source": source,
+                         "ci_method": f"95% percentile bootstrap over seeds ({boot} resamples, seed {seed}); a "
+                                      f"resample beyond BN's budgets counts as the bound"})
+    return pd.DataFrame(rows)
+
+
+def _bound(value: float, smallest: float, largest: float) -> str:
+    """"<=" at BN's smallest budget (BN is there already), ">=" at its largest (BN does not get there), else ""."""
+    return "<=" if value <= smallest else ">=" if value >= largest else ""
 
 
 def epochs_to_match(per_run: pd.DataFrame, boot: int = BOOT, seed: int = 0) -> pd.DataFrame:

@@ -1,12 +1,15 @@
 """The tables of `bnet_fastai.analysis.report` as Markdown, as the README (the answers) and docs/results.md publish them.
 
 `results_markdown` renders one study's summary and paired tables; `budget_markdown` a budget study's
-accuracy at every budget, epochs to match and equal cost; `answers_markdown` the three answers the Results
-open with. `tests/test_published.py` checks that those pages hold exactly what these give for the committed runs.
+accuracy at every budget, epochs to match, equal cost and the break-even ratio; `answers_markdown` the README's
+answers (a)-(d) and the placebo's line. `tests/test_published.py` checks that those pages hold exactly what these give for the committed runs.
 """
 from __future__ import annotations
 
+import numpy as np
 import pandas as pd
+
+from bnet_fastai.analysis.budget import is_placebo
 
 
 def _number(value: float) -> str:
@@ -119,6 +122,8 @@ def budget_markdown(tables: dict[str, pd.DataFrame]) -> str:
                          f"{r.bn_epochs_equal_cost:.2f} | {r.bnet_accuracy_mean:.4f} | {r.bn_accuracy_mean:.4f} | "
                          f"{_mean_interval(r.diff_mean, r.diff_ci_low, r.diff_ci_high, True)} | {_p(r.p)} | "
                          f"{_p(r.p_holm)} | {r.verdict} |")
+    if len(tables.get("break_even", [])):
+        lines += ["", break_even_markdown(tables["break_even"])]
     return "\n".join(lines)
 
 
@@ -134,40 +139,104 @@ def _match(r) -> str:
     return f"{value} [{one(r.ci_low)}, {one(r.ci_high)}]"
 
 
-def answers_markdown(budget_tables: dict[str, pd.DataFrame], accuracy_tables: dict[str, pd.DataFrame],
-                     commands: tuple[str, str]) -> str:
-    """The Results' three opening lines: (a) more accurate at equal epochs, (b) the same accuracy in fewer
-    epochs, (c) better at equal training time; each with its number, interval, adjusted p and command.
-    `budget_tables` is the report of the budget study, `accuracy_tables` of the published accuracy study (its
-    rows for the budget study's arch and variant are quoted too); `commands` the two commands behind them."""
-    budget_cmd, accuracy_cmd = commands
-    p, match, cost = budget_tables["paired"], budget_tables["epochs_to_match"], budget_tables["equal_cost"]
-    a = [f"{r.arch} {r.variant} at {r.epochs} epochs (the largest budget both arms trained, {r.n_pairs} seeds): "
-         f"{_difference(r)}, Holm p {_p(r.p_holm)} over {len(p)} budgets — **{r.verdict}**"
-         for r in p[p["epochs"] == p["epochs"].max()].itertuples()]
-    shown = set(zip(p["arch"], p["variant"]))
-    accuracy = accuracy_tables["paired"]
-    a += [f"the published {r.epochs}-epoch study ({r.n_pairs} seeds): {_difference(r)}, Holm p {_p(r.p_holm)} over "
-          f"{len(accuracy)} comparisons — **{r.verdict}** (`{accuracy_cmd}`)"
-          for r in accuracy.itertuples() if (r.arch, r.variant) in shown]
+def _ratio(value: float, bound: str) -> str:
+    """A break-even ratio: "1.21", "≥ 1.50" (BN's largest budget does not get there), "≤ 0.50"."""
+    return {"": "", "<=": "≤ ", ">=": "≥ "}[bound] + f"{value:.2f}"
+
+
+def _break_even(r) -> str:
+    """A break-even row's ratio with its interval: "1.21 [1.16, 1.26]", "≥ 1.50 [1.38, ≥ 1.50]"."""
+    return f"{_ratio(r.break_even, r.bound)} [{_ratio(r.ci_low, r.ci_low_bound)}, {_ratio(r.ci_high, r.ci_high_bound)}]"
+
+
+def _variant(name: str) -> str:
+    return f"{name} (placebo)" if is_placebo(name) else name
+
+
+def break_even_markdown(even: pd.DataFrame) -> str:
+    """The break-even table of a budget study: per variant and BNET budget, the ratio below which it pays off."""
+    if even.empty:
+        return ""
+    lines = [f"**Break-even step-cost ratio**: BNET at E epochs beats BN given the same training time when one "
+             f"BNET step costs less than this many BN steps: the BN budget whose mean accuracy equals BNET's at E "
+             f"(BN's budgets {even['bn_budgets'].iloc[0]}, linear between them, never extrapolated: ≥ and ≤ are "
+             f"bounds at BN's largest and smallest budget), divided by E. Interval: {even['ci_method'].iloc[0]}. "
+             f"Beside it, the ratio measured on this machine (`cost.json`):", "",
+             "| arch | variant | BNET epochs | BNET accuracy | BN epochs to match it | break-even ratio [95% interval] "
+             "| measured ratio here |", "|---|---|---|---|---|---|---|"]
+    for r in even.itertuples():
+        lines.append(f"| {r.arch} | {_variant(r.variant)} | {r.bnet_epochs} | {r.bnet_accuracy_mean:.4f} | "
+                     f"{_ratio(r.bn_epochs_to_match, r.bound)} | {_break_even(r)} | {_number(r.cost_ratio)} |")
+    return "\n".join(lines)
+
+
+def _points(mean: float, low: float, high: float) -> str:
+    """An accuracy difference in percentage points with its interval: "+0.76 pt [+0.53, +0.98]"."""
+    return f"{100 * mean:+.2f} pt [{100 * low:+.2f}, {100 * high:+.2f}]"
+
+
+def _advice(gain, even) -> str:
+    """One sentence a GPU user can act on, from the equal-epoch verdict and the break-even ratio."""
+    if gain.verdict == "BN higher":
+        return "BN is more accurate even at equal epochs: keep BN."
+    if gain.verdict != "BNET higher":
+        return "No gain shown at equal epochs: it cannot pay for any extra cost; keep BN."
+    if even.bound == "<=":
+        return f"Pays off only where its step costs at most {even.break_even:.2f}× BN's: keep BN."
+    at_least = "at least " if even.bound == ">=" else ""
+    return (f"Worth it where its training step costs less than {at_least}{even.break_even:.2f}× BN's "
+            f"({even.ci_low:.2f} to be safe): measure yours with `benchmarks/train_step.py --opt adam`.")
+
+
+def answers_markdown(tables: dict[str, pd.DataFrame], command: str) -> str:
+    """The README's answers to (a) more accurate at equal epochs, (b) the same accuracy in fewer epochs, (c)
+    better at equal training time here, (d) which BNET pays off at what price, and the placebo's result: one
+    short line each at the largest budget every arm trained, then the (d) table. `tables` is a budget study's
+    report; `command` the command that prints it (``bnet-fastai report DIR --markdown``)."""
+    p, match, cost, even = tables["paired"], tables["epochs_to_match"], tables["equal_cost"], tables["break_even"]
+    budget = int(p["epochs"].max())
+    n_pairs = int(p["n_pairs"].min())
+    at = p[p["epochs"] == budget]
+    real = [r for r in at.itertuples() if not is_placebo(r.variant)]
+    placebos = [r for r in at.itertuples() if is_placebo(r.variant)]
+
+    def one(table: pd.DataFrame, variant: str, **where):
+        rows = table[(table["variant"] == variant) & np.logical_and.reduce(
+            [table[k] == v for k, v in where.items()] or [np.ones(len(table), bool)])]
+        return next(rows.itertuples(), None)
+
+    a = [f"{r.variant} {100 * r.final_accuracy_diff_mean:+.2f} pt ({r.verdict})" for r in real]
     b = []
-    for r in match.itertuples():
-        largest_bnet = int(r.bnet_budgets.split(",")[-1])
-        if not (r.largest_bn_budget or r.bn_epochs == largest_bnet):
-            continue
-        goal = f"BN's {r.bn_epochs}-epoch accuracy ({r.target:.4f})"
-        if r.match == "not reached":
-            b.append(f"{r.arch} {r.variant} does not reach {goal} within its {largest_bnet} epochs "
-                     f"(95% interval {_match(r).split(' [', 1)[1].rstrip(']')})")
-        else:
-            b.append(f"{r.arch} {r.variant} reaches {goal} in {_match(r)} epochs, {r.ratio_to_bn_epochs:.2f}× BN's")
-    done = cost[cost["note"] == ""]
-    c = [f"{r.arch} {r.variant} at {r.bnet_epochs} epochs against BN at {r.bn_epochs_equal_cost:.2f} epochs (the "
-         f"same training time at the measured step-time ratio {r.cost_ratio:.2f}): {r.diff_mean:+.4f} "
-         f"[{r.diff_ci_low:+.4f}, {r.diff_ci_high:+.4f}], Holm p {_p(r.p_holm)} over {len(done)} budgets — "
-         f"**{r.verdict}**" for r in done[done["bnet_epochs"] == done["bnet_epochs"].max()].itertuples()]
-    return "\n".join([
-        f"- **(a) More accurate at the same number of epochs?** {'; '.join(a)}. (`{budget_cmd}`)",
-        f"- **(b) The same accuracy in fewer epochs?** {'; '.join(b)}. (`{budget_cmd}`)",
-        f"- **(c) Better at equal training time?** {'; '.join(c) or 'no equal-cost comparison could be made'}. "
-        f"(`{budget_cmd}`)"])
+    for r in real:
+        m = one(match, r.variant, bn_epochs=budget)
+        b.append(f"{r.variant} not within {budget}" if m is None or m.match == "not reached"
+                 else f"{r.variant} in {m.ratio_to_bn_epochs:.2f}× the epochs")
+    c = []
+    for r in real:
+        e = one(cost, r.variant, bnet_epochs=budget)
+        c.append(f"{r.variant} " + ("not compared" if e is None or e.note else
+                                    f"{100 * e.diff_mean:+.2f} pt at ratio {e.cost_ratio:.2f} ({e.verdict})"))
+    d = [f"{r.variant} {_ratio(x.break_even, x.bound)}×" for r in real
+         if (x := one(even, r.variant, bnet_epochs=budget)) is not None]
+    families = f"Holm over all {len(p)} equal-epoch and {int((cost['note'] == '').sum())} equal-cost comparisons"
+    lines = [f"At {budget} epochs, the largest budget every arm trained, {n_pairs} paired seeds, BNET − BN in "
+             f"accuracy points, verdicts from the Holm-adjusted exact sign-flip p ({families}):", "",
+             f"- **(a) More accurate at the same number of epochs?** {'; '.join(a)}.",
+             f"- **(b) The same accuracy in fewer epochs?** BN's {budget}-epoch accuracy reached by {'; '.join(b)}.",
+             f"- **(c) Better at equal training time, on this CPU?** {'; '.join(c)}.",
+             f"- **(d) Which BNET, and at what price does it pay off?** It beats BN in the same time where one "
+             f"of its steps costs less than this many BN steps (its break-even ratio): {'; '.join(d)} (table "
+             f"below)."]
+    for r in placebos:
+        verdicts = sorted(set(p[p["variant"] == r.variant]["verdict"]))
+        lines.append(f"- **Placebo** ({r.variant}: BN computed through BNET's code): {_points(r.final_accuracy_diff_mean, r.final_accuracy_diff_ci_low, r.final_accuracy_diff_ci_high)} at {budget} epochs; "
+                     f"verdict at every budget: {', '.join(verdicts)}.")
+    lines += ["", f"| variant | gain at {budget} epochs [95% interval] | break-even ratio [95% interval] | "
+                  f"measured ratio on this CPU | at equal time here | for your GPU |", "|---|---|---|---|---|---|"]
+    for r in real:
+        x, e = one(even, r.variant, bnet_epochs=budget), one(cost, r.variant, bnet_epochs=budget)
+        here = "—" if e is None or e.note else e.verdict
+        lines.append(f"| {r.variant} | {_points(r.final_accuracy_diff_mean, r.final_accuracy_diff_ci_low, r.final_accuracy_diff_ci_high)} {r.verdict} | "
+                     f"{_break_even(x)} | {_number(x.cost_ratio)} | {here} | {_advice(r, x)} |")
+    lines += ["", f"(`{command}`)"]
+    return "\n".join(lines)

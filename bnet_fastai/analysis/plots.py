@@ -140,7 +140,7 @@ def plot_kernels(kernels: pd.DataFrame, title: str, path: Path) -> Figure | None
 def plot_budgets(per_run: pd.DataFrame, equal_cost: pd.DataFrame, path: Path) -> Figure:
     """Final accuracy against budget in epochs and against training cost in BN-epoch equivalents (BNET's
     budgets times its measured cost ratio), per arch: mean over seeds with a 95% t band (bounded)."""
-    from bnet_fastai.analysis.budget import budget_studies
+    from bnet_fastai.analysis.budget import budget_studies, is_placebo
     from bnet_fastai.analysis.stats import CI_METHOD, bounded_t_interval
 
     studies = budget_studies(per_run)
@@ -160,9 +160,10 @@ def plot_budgets(per_run: pd.DataFrame, equal_cost: pd.DataFrame, path: Path) ->
                     continue
                 ax, colour = axes[row, col], _colour(variant, variants)
                 x = mean.index.to_numpy(dtype=float) * scale
-                label = f"{variant} (n={group['seed'].nunique()})" + ("" if col == 0 or variant == "bn"
-                                                                        else f", ×{scale:.2f}")
-                ax.plot(x, mean.to_numpy(), marker="o", ms=4, color=colour, label=label)
+                label = f"{variant}{' (placebo)' if is_placebo(variant) else ''} (n={group['seed'].nunique()})" + (
+                    "" if col == 0 or variant == "bn" else f", ×{scale:.2f}")
+                ax.plot(x, mean.to_numpy(), marker="o", ms=4, color=colour, label=label,
+                        ls=":" if is_placebo(variant) else "-")
                 ax.fill_between(x, bands[:, 0], bands[:, 1], color=colour, alpha=0.2, lw=0)
         axes[row, 0].set_xlabel("budget: epochs of a complete schedule")
         axes[row, 1].set_xlabel("training cost: BN-epoch equivalents (budget × BNET/BN step-time ratio)")

@@ -21,7 +21,8 @@ Definitions (each per run, then summarised across seeds of one dataset × size �
   of equal_cost.csv). AUC differences carry an unadjusted p, as a secondary measure.
 
 Runs of one recipe that differ only in `epochs` form a budget study (`bnet_fastai.analysis.budget`): each budget keeps
-its rows in summary.csv and paired.csv, and epochs_to_match.csv, equal_cost.csv and budget.png compare them.
+its rows in summary.csv and paired.csv, and epochs_to_match.csv, equal_cost.csv, break_even.csv and budget.png
+compare them. Holm's families then run over every BNET variant × budget of the report, the placebo included.
 """
 from __future__ import annotations
 
@@ -239,7 +240,7 @@ def report(experiments: str | Path | list, target: float | None = None,
            out: str | Path | None = None, cost: str | Path | float | None = None) -> dict[str, pd.DataFrame]:
     """Write ``summary.csv``, ``paired.csv`` and PNG plots of one experiment folder (into it) or of several
     combined (into `out`); returns the tables. For budget studies also ``epochs_to_match.csv``,
-    ``equal_cost.csv`` and ``budget.png``.
+    ``equal_cost.csv``, ``break_even.csv`` and ``budget.png``.
 
     `target` is the accuracy for "epochs to target" (None: `auto_target`). `cost` is the BNET/BN step-time
     ratio for equal-cost comparisons: a ``benchmarks/train_step.py --json`` file, a number, or None for the
@@ -279,8 +280,9 @@ def report(experiments: str | Path | list, target: float | None = None,
     if budget.budget_studies(one_per_run):
         tables["epochs_to_match"] = budget.epochs_to_match(one_per_run)
         tables["equal_cost"] = adjust(budget.equal_cost(one_per_run, cost), "p", "diff_mean", "equal cost")
-        atomic_write(experiment / "epochs_to_match.csv", tables["epochs_to_match"].to_csv(index=False))
-        atomic_write(experiment / "equal_cost.csv", tables["equal_cost"].to_csv(index=False))
+        tables["break_even"] = budget.break_even(one_per_run, cost)
+        for name in ("epochs_to_match", "equal_cost", "break_even"):
+            atomic_write(experiment / f"{name}.csv", tables[name].to_csv(index=False))
         plot_budgets(one_per_run, tables["equal_cost"], experiment / "budget.png")
     studies = list(runs.history.groupby(STUDY_KEYS))
     for number, (keys, history) in enumerate(studies, 1):

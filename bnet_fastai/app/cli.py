@@ -168,7 +168,7 @@ def _left_out(row) -> str:
 
 
 def _report(args: argparse.Namespace) -> int:
-    from bnet_fastai.analysis.markdown import budget_markdown, results_markdown
+    from bnet_fastai.analysis.markdown import answers_markdown, budget_markdown, results_markdown
     from bnet_fastai.analysis.report import NoFinishedRun, report
 
     try:
@@ -180,8 +180,12 @@ def _report(args: argparse.Namespace) -> int:
         for row in e.skipped.itertuples():
             print(f"  {_left_out(row)}", file=sys.stderr)
         return EXIT_BAD_INPUT
-    if args.markdown:
-        print(budget_markdown(tables) if "equal_cost" in tables else results_markdown(tables))
+    if args.markdown:  # a budget study: the README's answers (a)-(d), then docs/results.md's tables
+        if "equal_cost" in tables:
+            command = " ".join(["bnet-fastai report", *args.dirs, "--markdown"])
+            print(f"{answers_markdown(tables, command)}\n\n{budget_markdown(tables)}")
+        else:
+            print(results_markdown(tables))
         return 0
     for row in tables["skipped"].itertuples():
         print(f"left out {_left_out(row)}")
@@ -190,7 +194,7 @@ def _report(args: argparse.Namespace) -> int:
     print(tables["summary"][columns].to_string(index=False, float_format="%.4f"))
     print(f"intervals: {tables['summary']['ci_method'].iloc[0]}")
     if "equal_cost" in tables:
-        print("budget study: epochs_to_match.csv, equal_cost.csv and budget.png")
+        print("budget study: epochs_to_match.csv, equal_cost.csv, break_even.csv and budget.png")
     print(f"wrote summary.csv, paired.csv and PNG plots in {args.out or args.dirs[0]}")
     return 0
 
@@ -272,7 +276,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("report", help="summary.csv and plots of one experiment folder, or of several combined")
     p.add_argument("dirs", nargs="+", metavar="DIR", help="experiment folder(s): the --out of runs or sweeps")
     p.add_argument("--out", default=None, help="where to write when several folders are combined")
-    p.add_argument("--markdown", action="store_true", help="print the tables as docs/results.md shows them")
+    p.add_argument("--markdown", action="store_true", help="print the tables as docs/results.md shows them (for a budget study, the "
+                   "README's answers first)")
     p.add_argument("--target", type=float, default=None,
                    help="accuracy for 'epochs to target' (default: 90%% of the best mean final accuracy)")
     p.add_argument("--cost", default=None, metavar="PATH", help="a budget study's BNET/BN step-time ratios: "

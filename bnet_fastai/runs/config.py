@@ -13,7 +13,7 @@ import re
 from dataclasses import asdict, dataclass
 
 from bnet_fastai import names
-from bnet_fastai._checks import check_block_args, check_choice, check_model_args
+from bnet_fastai._checks import check_block_args, check_choice, check_kernel_size, check_model_args
 
 SCHEDULES = {"one_cycle": "fit_one_cycle", "flat_cos": "fit_flat_cos"}  # fastai Learner methods
 # Fields added after runs were first published: at their default they stay out of the run_id hash, so
@@ -112,7 +112,10 @@ def variant_fields(norm: str) -> dict:
     match = _VARIANT.fullmatch(norm) if isinstance(norm, str) else None
     if match is None:
         raise ValueError(f"unknown norm {norm!r}; valid: {VARIANT_FORM}")
-    return {"norm": "bnet", "k": int(match[1]), "placement": match[2]}
+    k, placement = int(match[1]), match[2]
+    check_kernel_size(k)
+    check_choice("placement", placement, names.PLACEMENTS)
+    return {"norm": "bnet", "k": k, "placement": placement}
 
 
 def expand_grid(base: RunConfig, grid: dict[str, list] | list[dict[str, list]]) -> list[RunConfig]:
