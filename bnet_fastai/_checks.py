@@ -54,10 +54,14 @@ def check_output_folder(out: str | os.PathLike) -> Path:
     Nothing is created: the nearest existing folder on the way is tested with a temporary file that is
     removed at once, so a rejected `out` leaves the disk as it was.
     """
-    path = Path(out).expanduser().resolve()
-    existing = path
-    while not existing.exists() and existing != existing.parent:
-        existing = existing.parent
+    try:
+        path = Path(out).expanduser().resolve()
+        existing = path
+        while not existing.exists() and existing != existing.parent:
+            existing = existing.parent
+    except OSError as e:  # a folder name longer than the file system allows (ENAMETOOLONG), ...
+        raise ValueError(f"output folder {str(out)!r} cannot be used ({e.strerror or e}); give another folder "
+                         f"path (--out)") from None
     if not existing.is_dir():
         where = "is a file" if existing == path else f"cannot be made: {existing} is a file"
         raise ValueError(f"output folder {str(out)!r} {where}; give a folder path (--out)")

@@ -54,6 +54,23 @@ def test_a_prepared_dataset_trains_from_a_read_only_root(read_only_root, tmp_pat
     assert run(RunConfig(**{**CONFIG, "seed": 1}), tmp_path / "out")["status"] == "finished"  # and reuses them
 
 
+def test_fraction_picks_the_same_images_whatever_the_cache_location(read_only_root, tmp_path, monkeypatch):
+    import pandas as pd
+
+    monkeypatch.setenv("BNET_FASTAI_CACHE", str(tmp_path / "cache"))
+    config = RunConfig(**{**CONFIG, "fraction": 0.1})
+    read_only = run(config, tmp_path / "from-read-only")  # the decode cache in BNET_FASTAI_CACHE
+    monkeypatch.setenv("BNET_FASTAI_DATA", str(tmp_path / "data"))  # the same folder, writable: cache beside it
+    writable = run(config, tmp_path / "from-writable")
+    assert any(p.name.startswith(".bnet_fastai_cache_s16") for p in (tmp_path / "data" / "sample").iterdir())
+    counts = [json.loads((Path(r["run_dir"]) / "config.json").read_text())["dataset"]["n_train"]
+              for r in (read_only, writable)]
+    train = tmp_path / "data" / "sample" / "train"
+    assert counts == [sum(max(1, round(len(list(d.iterdir())) * 0.1)) for d in train.iterdir())] * 2  # 142 of 1437
+    histories = [pd.read_csv(Path(r["run_dir"]) / "history.csv") for r in (read_only, writable)]
+    pd.testing.assert_frame_equal(histories[0].drop(columns="time"), histories[1].drop(columns="time"))
+
+
 def test_a_read_only_root_with_no_writable_cache_stops_in_one_line_naming_the_setting(read_only_root, tmp_path):
     blocked = tmp_path / "file-not-folder"
     blocked.write_text("")

@@ -357,3 +357,41 @@ def test_a_checkpoint_of_another_norm_is_not_this_runs(tmp_path):
     torch.save(state, tmp_path / "checkpoint.pth")
     assert load_checkpoint(tmp_path, bn.run_id) == (None, "it records no run (written before checkpoints named "
                                                           "their run)")
+
+
+def test_load_model_loads_only_the_weights_its_run_wrote(uninterrupted, tmp_path):
+    import shutil
+
+    from bnet_fastai.runs.runstate import read_status, write_status
+
+    root, whole = uninterrupted
+    reference = load_model(whole)
+    run_dir = tmp_path / whole.name
+    shutil.copytree(whole, run_dir)
+    torch.testing.assert_close(load_model(run_dir).state_dict(), reference.state_dict())
+    # another run's weights copied in (same architecture, other values): the recorded sha256 refuses them
+    other = {k: v + 1 if v.is_floating_point() else v for k, v in reference.state_dict().items()}
+    torch.save(other, run_dir / "model.pth")
+    with pytest.raises(ValueError, match=rf"^{run_dir.name}: model.pth: (size \d+, expected \d+|sha256 differs from "
+                                         r"the one recorded when the run finished): it is not the file this run "
+                                         r"wrote; put the run's own back or train it again with --force$"):
+        load_model(run_dir)
+    # cut short: the size differs (before torch's "failed finding central directory")
+    (run_dir / "model.pth").write_bytes((whole / "model.pth").read_bytes()[:1000])
+    with pytest.raises(ValueError, match=r"model.pth: size 1000, expected \d+"):
+        load_model(run_dir)
+    # no record to check (a run written before the record): an unreadable file is still named in one line
+    status = read_status(run_dir)
+    write_status(run_dir, "finished", **{k: v for k, v in status.items()
+                                         if k not in ("status", "files", "pid", "host", "time")})
+    with pytest.raises(ValueError, match=rf"^{run_dir.name}: model.pth cannot be read \(.+\); train the run again "
+                                         r"with --force$"):
+        load_model(run_dir)
+    (run_dir / "model.pth").unlink()
+    with pytest.raises(ValueError, match=rf"^{run_dir.name} finished without model.pth \(trained with "
+                                         r"keep_weights=False, or the file was removed\)"):
+        load_model(run_dir)
+    write_status(run_dir, "diverged", error="loss became NaN at epoch 2")
+    with pytest.raises(ValueError, match=rf"^{run_dir.name} is diverged \(loss became NaN at epoch 2\): it has no "
+                                         r"trained weights to load; run it again"):
+        load_model(run_dir)

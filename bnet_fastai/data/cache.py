@@ -171,13 +171,16 @@ def _write(tmp: Path, path: Path, spec: DatasetSpec, size: int, cache_side: int,
 class CachedTrain(torch.utils.data.Dataset):
     """Training items from the cache: fastai's RandomResizedCrop and flip, on uint8 tensors."""
 
-    def __init__(self, folder: Path, keep: list[int] | None = None, flip: bool = True):
+    def __init__(self, folder: Path, dataset: Path, keep: list[int] | None = None, flip: bool = True):
         index = json.loads((folder / "index.json").read_text())
         self.folder, self.size, self.flip, self.vocab = folder, index["size"], flip, index["vocab"]
+        self.dataset = dataset
         keep = range(len(index["train"])) if keep is None else keep
         self.shapes = [index["train_shapes"][i] for i in keep]
         self.labels = [index["train_labels"][i] for i in keep]
-        self.items = [folder.parent / index["train"][i] for i in keep]
+        # the image files under the dataset's folder, wherever the cache lives (beside it, or in
+        # BNET_FASTAI_CACHE for a read-only root): `subsample_train` picks a fraction by these paths
+        self.items = [dataset / index["train"][i] for i in keep]
         self._data = None  # mapped lazily, in each loader worker
 
     def __len__(self) -> int:
@@ -199,12 +202,12 @@ class CachedTrain(torch.utils.data.Dataset):
 class CachedValid(torch.utils.data.Dataset):
     """Validation items from the cache, already in their final (squished, centre-cropped) form."""
 
-    def __init__(self, folder: Path):
+    def __init__(self, folder: Path, dataset: Path):
         index = json.loads((folder / "index.json").read_text())
         size = index["size"]
         self.pixels = torch.from_numpy(np.fromfile(folder / "valid.bin", dtype=np.uint8).reshape(-1, 3, size, size))
         self.labels, self.vocab = index["valid_labels"], index["vocab"]
-        self.items = [folder.parent / p for p in index["valid"]]
+        self.items = [dataset / p for p in index["valid"]]
 
     def __len__(self) -> int:
         return len(self.labels)
@@ -228,10 +231,11 @@ def cached_dataloaders(name: str, size: int = 128, bs: int = 64, workers: int | 
                        seed: int = 0, device=None) -> DataLoaders:
     """Like `data.dataloaders` (same items, labels, split, augmentation), from the decoded cache."""
     folder, dataset = build_cache(name, size), prepare(name)  # the cache may live apart from the dataset
-    train, valid = CachedTrain(folder, flip=DATASETS[name].flip), CachedValid(folder)
+    train, valid = CachedTrain(folder, dataset, flip=DATASETS[name].flip), CachedValid(folder, dataset)
     if fraction < 1:
         kept = set(subsample_train(train.items, dataset / DATASETS[name].train, fraction, seed))
-        train = CachedTrain(folder, keep=[i for i, p in enumerate(train.items) if p in kept], flip=train.flip)
+        train = CachedTrain(folder, dataset, keep=[i for i, p in enumerate(train.items) if p in kept],
+                            flip=train.flip)
     workers = default_workers() if workers is None else workers
     # fastai's DataBlock puts its loaders on default_device(); from_dsets leaves them (and so the model, which
     # fastai moves to the loaders' device) on the CPU unless told: on a GPU machine runs would train on the CPU

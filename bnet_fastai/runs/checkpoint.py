@@ -254,10 +254,15 @@ def save_weights(learn: Learner, run_dir: Path) -> None:
 
 
 def load_model(run_dir: str | Path) -> torch.nn.Module:
-    """A finished run's model, rebuilt from its config.json with `create_model` and loaded from model.pth."""
+    """A finished run's model, rebuilt from its config.json with `create_model` and loaded from model.pth.
+
+    Only the weights the run wrote are loaded: a run that did not finish, a missing or unreadable model.pth, or
+    one whose size or sha256 differs from the record in status.json (another run's file copied in) raises
+    ValueError in one line naming the run, its status and what to do."""
     import json
 
     from bnet_fastai.nn.models import create_model
+    from bnet_fastai.runs.runstate import file_differs, read_status
 
     run_dir = Path(run_dir)
     if not (run_dir / "config.json").is_file():
@@ -266,10 +271,28 @@ def load_model(run_dir: str | Path) -> torch.nn.Module:
             raise ValueError(f"{run_dir} is an experiment folder ({len(runs)} runs), not a run: pass one run "
                              f"folder, e.g. load_model({str(runs[0])!r})")
         raise ValueError(f"{run_dir} is not a run folder (it has no config.json): pass <out>/<run_id>")
+    status = read_status(run_dir)
+    if status["status"] != "finished":
+        why = status.get("error") or status.get("reason")
+        raise ValueError(f"{run_dir.name} is {status['status']}{f' ({why})' if why else ''}: it has no trained "
+                         f"weights to load; run it again (the same command resumes it)")
+    weights = run_dir / WEIGHTS
+    if not weights.is_file():
+        raise ValueError(f"{run_dir.name} finished without {WEIGHTS} (trained with keep_weights=False, or the file "
+                         f"was removed): train it again with --force to get its weights")
+    differs = file_differs(run_dir, WEIGHTS, status)
+    if differs:
+        raise ValueError(f"{run_dir.name}: {differs}: it is not the file this run wrote; put the run's own back "
+                         f"or train it again with --force")
     saved = json.loads((run_dir / "config.json").read_text())
     c = saved["config"]
     model = create_model(c["arch"], c["norm"], n_out=len(saved["dataset"]["classes"]), placement=c["placement"],
                          k=c["k"], act=c["act"], bnet_init=c["bnet_init"], sa=c.get("sa", False),
                          pool=c.get("pool", "avg"))
-    model.load_state_dict(torch.load(run_dir / WEIGHTS, map_location="cpu"))
+    try:
+        state = torch.load(weights, map_location="cpu")
+    except Exception as e:  # torch's zip reader: "failed finding central directory", "unexpected EOF", ...
+        raise ValueError(f"{run_dir.name}: {WEIGHTS} cannot be read ({one_line(e)}); train the run again with "
+                         f"--force") from None
+    model.load_state_dict(state)
     return model.eval()

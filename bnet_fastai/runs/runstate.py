@@ -176,18 +176,31 @@ def check_run(run_dir: Path, status: dict | None = None) -> str | None:
         return status["reason"]
     recorded = status.get("files")
     if isinstance(recorded, dict) and "history.csv" in recorded and all(isinstance(v, dict) for v in recorded.values()):
-        for name, expected in recorded.items():
-            path = run_dir / name
-            if not path.is_file() and name in OPTIONAL:
+        for name in recorded:
+            if not (run_dir / name).is_file() and name in OPTIONAL:
                 continue
-            if not path.is_file():
-                return f"{name}: missing"
-            if path.stat().st_size != expected.get("size"):
-                return f"{name}: size {path.stat().st_size}, expected {expected.get('size')}"
-            if _sha256(path) != expected.get("sha256"):
-                return f"{name}: sha256 differs from the one recorded when the run finished"
+            differs = file_differs(run_dir, name, status)
+            if differs:
+                return differs
         return None
     return _check_by_parsing(run_dir, status)
+
+
+def file_differs(run_dir: Path, name: str, status: dict) -> str | None:
+    """How the run's file `name` differs from the size and sha256 its status recorded when the run finished
+    (``model.pth: size 120, expected 363``, ``...: missing``); None when it matches or nothing was recorded."""
+    files = status.get("files")
+    expected = files.get(name) if isinstance(files, dict) else None
+    if not isinstance(expected, dict):
+        return None
+    path = Path(run_dir) / name
+    if not path.is_file():
+        return f"{name}: missing"
+    if path.stat().st_size != expected.get("size"):
+        return f"{name}: size {path.stat().st_size}, expected {expected.get('size')}"
+    if _sha256(path) != expected.get("sha256"):
+        return f"{name}: sha256 differs from the one recorded when the run finished"
+    return None
 
 
 def _check_by_parsing(run_dir: Path, status: dict) -> str | None:
