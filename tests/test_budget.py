@@ -172,7 +172,7 @@ def test_answers_name_every_variant_the_placebo_and_the_break_even_ratio(variant
     assert "bnet-k3-all +3.00 pt (cannot tell)" in a and "bnet-k5-last +7.00 pt (cannot tell)" in a
     assert "bnet-k1-all" not in a  # the placebo has its own line
     d = next(line for line in lines if line.startswith("- **(d)"))
-    assert "bnet-k3-all 1.25×; bnet-k5-last ≥ 1.33×." in d
+    assert "bnet-k3-all 1.25×; bnet-k5-last ≥ 1.33× (table below)." in d
     placebo = next(line for line in lines if line.startswith("- **Placebo**"))
     assert placebo.startswith("- **Placebo** (bnet-k1-all: BN computed through BNET's code): -6.00 pt")
     assert "| bnet-k3-all | +3.00 pt [" in text and "| 1.25 [1.25, 1.25] | 1.30 |" in text

@@ -1,5 +1,6 @@
 """report on a hand-made results folder: known histories give known statistics, exactly."""
 import json
+import os
 from dataclasses import asdict
 from math import exp, log, sqrt
 
@@ -135,3 +136,104 @@ def test_failed_diverged_and_interrupted_runs_are_left_out_and_named(experiment)
 def test_report_of_an_empty_folder_says_so(tmp_path):
     with pytest.raises(ValueError, match="no finished run in"):
         report(tmp_path)
+
+
+@pytest.mark.parametrize("field,value", [("keep_weights", False), ("workers", 3)])
+def test_a_setting_that_changes_no_result_never_splits_a_recipe(field, value, tmp_path):
+    from bnet_fastai.runs.config import NO_RESULT_CHANGE
+
+    assert field in NO_RESULT_CHANGE
+    for seed in range(3):  # BN with the setting changed, BNET at its default: the same recipe, paired by seed
+        _write_run(tmp_path, BN[seed], seed=seed, norm="bn", **{field: value})
+        _write_run(tmp_path, BNET[seed], seed=seed, norm="bnet")
+    tables = report(tmp_path, target=0.8)
+    assert tables["summary"]["recipe"].nunique() == 1 and field not in tables["summary"]["recipe"].iloc[0]
+    paired = tables["paired"].iloc[0]
+    assert paired["n_pairs"] == 3
+    # BNET - BN by seed: 0.1, 0.05, 0.15
+    assert paired["final_accuracy_diff_mean"] == pytest.approx(0.1)
+
+
+def _recording_run_id(run_dir):
+    """What `run` writes: config.json names the run_id (the helper above writes only the config)."""
+    written = json.loads((run_dir / "config.json").read_text())
+    (run_dir / "config.json").write_text(json.dumps({"run_id": run_dir.name, **written}))
+    return run_dir
+
+
+def test_a_renamed_copy_of_a_run_is_named_and_never_counted(tmp_path, capsys):
+    import shutil
+
+    from bnet_fastai.app.cli import main
+
+    runs = [_recording_run_id(_write_run(tmp_path, BN[seed], seed=seed, norm="bn")) for seed in range(3)]
+    for seed in range(3):
+        _write_run(tmp_path, BNET[seed], seed=seed, norm="bnet")
+    backup = tmp_path / f"{runs[0].name}.old"  # a backup with other content: accuracy 0.1, not 0.8
+    shutil.copytree(runs[0], backup)
+    pd.DataFrame({"epoch": [0], "train_loss": [1.0], "valid_loss": [1.0], "accuracy": [0.1],
+                  "time": ["00:10"]}).to_csv(backup / "history.csv", index=False)
+    tables = report(tmp_path, target=0.8)
+    bn = tables["summary"].set_index("variant").loc["bn"]
+    assert bn["n_seeds"] == 3 and bn["final_accuracy_mean"] == pytest.approx((0.8 + 0.9 + 0.7) / 3)
+    assert tables["paired"]["final_accuracy_diff_mean"].iloc[0] == pytest.approx(0.1)
+    skipped = tables["skipped"].set_index("run_id")
+    assert list(skipped.index) == [backup.name] and skipped.loc[backup.name, "status"] == "copy"
+    assert skipped.loc[backup.name, "reason"] == f"{backup} is a copy of {runs[0]} (run_id {runs[0].name}), counted once"
+    assert main(["report", str(tmp_path), "--target", "0.8"]) == 0
+    assert f"left out {backup.name}: copy: {backup} is a copy of {runs[0]}" in capsys.readouterr().out
+    # the renamed folder alone holding its run is that run
+    shutil.rmtree(runs[0])
+    shutil.rmtree(backup)
+    shutil.copytree(runs[1], tmp_path / "seed1-renamed")
+    shutil.rmtree(runs[1])
+    tables = report(tmp_path, target=0.8)
+    assert tables["skipped"].empty and tables["summary"].set_index("variant").loc["bn", "n_seeds"] == 2
+
+
+@pytest.mark.parametrize("target", ["5", "nan", "0", "x"])
+def test_report_refuses_a_target_that_is_no_accuracy(target, experiment, capsys):
+    from bnet_fastai.app.cli import main
+
+    with pytest.raises(SystemExit) as stopped:
+        main(["report", str(experiment), "--target", target])
+    err = capsys.readouterr().err.strip()
+    assert stopped.value.code == 2 and len(err.splitlines()) == 1
+    assert err.endswith(f"argument --target: must be an accuracy in (0, 1], e.g. 0.8, got {target!r}")
+
+
+def test_report_names_an_output_folder_it_cannot_write_before_computing(experiment, tmp_path, capsys):
+    from bnet_fastai.app.cli import main
+
+    (tmp_path / "a-file").write_text("mine")
+    for out, why in ((tmp_path / "a-file", "is a file; give a folder path (--out)"),
+                     ("/sys/bnet-fastai-report", "cannot be written"),
+                     (tmp_path / ("x" * 300), "cannot be used (File name too long); give another folder path (--out)")):
+        assert main(["report", str(experiment), "--out", str(out)]) == 2
+        err = capsys.readouterr().err.strip()
+        assert len(err.splitlines()) == 1 and why in err and err.startswith("bnet-fastai report: error: output folder")
+    assert (tmp_path / "a-file").read_text() == "mine" and "x" * 300 not in os.listdir(tmp_path)
+
+
+def test_report_whose_reader_went_away_exits_quietly(experiment):
+    import subprocess
+    import sys
+
+    proc = subprocess.Popen([sys.executable, "-m", "bnet_fastai", "report", str(experiment), "--target", "0.8"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    proc.stdout.close()  # `| head` that has read what it wanted, before the report prints its first line
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 141 and err.decode().strip() == ""
+    assert (experiment / "summary.csv").is_file()  # the report was written before its table was printed
+
+
+def test_a_report_of_bn_alone_writes_a_readable_empty_paired_table(tmp_path):
+    from bnet_fastai.analysis.markdown import results_markdown
+
+    for seed in range(3):
+        _write_run(tmp_path, BN[seed], seed=seed, norm="bn")
+    tables = report(tmp_path, target=0.8)
+    paired = pd.read_csv(tmp_path / "paired.csv")
+    assert paired.empty and {"variant", "n_pairs", "final_accuracy_diff_mean", "p_holm", "verdict"} <= set(paired)
+    text = results_markdown(tables)
+    assert text.endswith("No BNET arm paired with BN by seed: no paired comparison.") and "Holm p (" not in text

@@ -55,6 +55,19 @@ def test_config_json_records_everything(tmp_path):
     assert written["training"] == {"schedule": "fit_one_cycle", "fp16": False, "world_size": 1, "device": "cpu"}
 
 
+def test_the_commit_recorded_is_the_one_the_process_imported_not_a_later_head(monkeypatch):
+    import subprocess
+
+    from bnet_fastai.runs import train
+
+    head = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True,
+                          cwd=Path(train.__file__).parent).stdout.strip()
+    assert train._COMMIT == (head or None)
+    # a sweep's checkout moving on under it (a commit made while it trains) is not asked again
+    monkeypatch.setattr(train, "_git_commit", lambda: "a later HEAD")
+    assert train._environment()["git_commit"] == train._COMMIT
+
+
 def test_a_finished_run_is_reused_byte_for_byte(tmp_path):
     config = RunConfig(norm="bn", **QUICK)
     first = run(config, tmp_path)

@@ -62,7 +62,9 @@ def results_markdown(tables: dict[str, pd.DataFrame]) -> str:
                      f"{_se(r.test_se)} | "
                      f"{_number(r.epochs_to_target_mean)} ({r.n_reached}/{r.n_seeds}) | {r.auc_mean:.4f} | "
                      f"{r.valid_loss_spread:.4f} |")
-    family = p["family"].iloc[0] if len(p) else ""
+    if p.empty:
+        return "\n".join(lines + ["", "No BNET arm paired with BN by seed: no paired comparison."])
+    family = p["family"].iloc[0]
     lines += ["", f"| arch | variant − bn | pairs | final accuracy difference [95% interval] | p | Holm p "
                   f"({family}, {len(p)} comparisons) | AUC difference [95% interval] | AUC p | verdict |",
               "|---|---|---|---|---|---|---|---|---|"]

@@ -35,7 +35,7 @@ import pandas as pd
 
 from bnet_fastai.analysis import budget, stats
 from bnet_fastai._files import atomic_write
-from bnet_fastai.runs.config import ADDED_LATER
+from bnet_fastai.runs.config import ADDED_LATER, NO_RESULT_CHANGE
 from bnet_fastai.runs.runstate import CONFIG_KEYS, check_run, read_status
 from bnet_fastai.analysis.stats import CI_METHOD, bounded_t_interval
 
@@ -43,7 +43,7 @@ STUDY_KEYS = ["dataset", "size", "epochs", "recipe"]
 GROUP_KEYS = STUDY_KEYS + ["arch", "variant"]
 # Settings that are neither the study's keys nor the compared arm: runs that differ in any of them are
 # different experiments, told apart by `recipe` (e.g. "lr=0.003 bs=64 ..."), never averaged together.
-_NOT_RECIPE = {"arch", "norm", "k", "placement", "bnet_init", "seed", "workers", "dataset", "size", "epochs"}
+_NOT_RECIPE = {"arch", "norm", "k", "placement", "bnet_init", "seed", "dataset", "size", "epochs", *NO_RESULT_CHANGE}
 
 
 @dataclass
@@ -84,24 +84,45 @@ def _usable(run_dir: Path) -> bool:
     return status["status"] == "finished" and check_run(run_dir, status) is None
 
 
-def _run_dirs(experiments: list[Path]) -> list[Path]:
-    """The run folders of `experiments`; a run found in several folders (same run_id) counts once, the
-    first finished, intact copy if there is one."""
-    seen: dict[str, Path] = {}
+def _recorded_run_id(run_dir: Path) -> str | None:
+    """The run_id a run folder's config.json records; None when it cannot be read."""
+    try:
+        recorded = json.loads((run_dir / "config.json").read_text()).get("run_id")
+    except (OSError, ValueError, AttributeError):
+        return None
+    return recorded if isinstance(recorded, str) else None
+
+
+def _run_dirs(experiments: list[Path]) -> tuple[list[Path], list[dict]]:
+    """The run folders of `experiments`, one per run (the run_id its config.json records, else the folder's
+    name), and the copies left out.
+
+    Of the folders holding one run, the one named after its run_id wins over a renamed copy (a backup
+    ``<run_id>.old`` counts nowhere, whatever it holds), then a finished, intact one over an unfinished or damaged
+    one, then the first folder given; a renamed folder that is the only one holding its run is the run. A renamed
+    copy that loses is named in `skipped`; the same run in two experiment folders counts once."""
+    groups: dict[str, list[Path]] = {}
     for experiment in experiments:
         for run_dir in sorted(p for p in experiment.iterdir() if p.is_dir() and not p.name.startswith(".")):
-            if run_dir.name not in seen or not _usable(seen[run_dir.name]):
-                seen[run_dir.name] = run_dir  # a finished, intact copy wins over an unfinished or damaged one
-    return list(seen.values())
+            groups.setdefault(_recorded_run_id(run_dir) or run_dir.name, []).append(run_dir)
+    chosen, copies = [], []
+    for run_id, dirs in groups.items():
+        best = dirs[0] if len(dirs) == 1 else min(dirs, key=lambda d: (d.name != run_id, not _usable(d)))
+        chosen.append(best)
+        copies += [{"run_id": d.name, "status": "copy", "folder": str(d.parent),
+                    "reason": f"{d} is a copy of {best} (run_id {run_id}), counted once"}
+                   for d in dirs if d is not best and d.name != run_id]
+    return chosen, copies
 
 
 def load_runs(experiments: str | Path | list) -> Runs:
     """Every run folder of one experiment folder or several; runs that are not `finished`, or whose files
-    were damaged since they finished (`check_run`: status ``damaged``, the reason names the file), are left
-    out, with the reason."""
+    were damaged since they finished (`check_run`: status ``damaged``, the reason names the file), and renamed
+    copies of a run (`_run_dirs`: status ``copy``) are left out, with the reason."""
     experiments = [Path(e) for e in (experiments if isinstance(experiments, (list, tuple)) else [experiments])]
-    histories, kernels, skipped = [], [], []
-    for run_dir in _run_dirs(experiments):
+    histories, kernels = [], []
+    run_dirs, skipped = _run_dirs(experiments)
+    for run_dir in run_dirs:
         status = read_status(run_dir)
         damage = check_run(run_dir, status) if status["status"] == "finished" else None
         if damage:  # never computed from: a damaged file would give wrong statistics or a parser error
@@ -183,6 +204,11 @@ def _recipe_last(table: pd.DataFrame) -> pd.DataFrame:
     return table[[c for c in table.columns if c != "recipe"] + ["recipe"]] if len(table) else table
 
 
+PAIRED_COLUMNS = [*GROUP_KEYS, "n_pairs", "seeds",
+                  *[f"{metric}_{what}" for metric in ("final_accuracy", "auc")
+                    for what in ("diff_mean", "diff_ci_low", "diff_ci_high", "p")], "ci_method", "p_method"]
+
+
 def paired_differences(history: pd.DataFrame, target: float = 0.8) -> pd.DataFrame:
     """BNET − BN per seed, for each BNET variant of each arch: mean difference, its 95% t interval and its
     sign-flip p-value (adjusted over the report's family by `report`)."""
@@ -200,7 +226,7 @@ def paired_differences(history: pd.DataFrame, target: float = 0.8) -> pd.DataFra
             row.update({f"{metric}_diff_mean": diff.mean(), f"{metric}_diff_ci_low": low,
                         f"{metric}_diff_ci_high": high, f"{metric}_p": p})
         rows.append({**row, "ci_method": CI_METHOD, "p_method": f"{stats.P_METHOD} ({method})"})
-    return _recipe_last(pd.DataFrame(rows))
+    return _recipe_last(pd.DataFrame(rows, columns=PAIRED_COLUMNS))  # no BNET arm: the header alone
 
 
 def study_title(history: pd.DataFrame) -> str:
@@ -227,8 +253,10 @@ def auto_target(history: pd.DataFrame) -> float:
 
 def adjust(table: pd.DataFrame, p_column: str, mean_column: str, family: str) -> pd.DataFrame:
     """`table` with Holm-adjusted p over all its rows (one family, named), and the verdict from it."""
-    if table.empty or p_column not in table:
+    if p_column not in table:
         return table
+    if table.empty:  # the header alone, with the columns a family adds
+        return table.assign(family=pd.Series(dtype=str), p_holm=pd.Series(dtype=float), verdict=pd.Series(dtype=str))
     table = table.copy()
     table["family"] = family
     table["p_holm"] = stats.holm(table[p_column])

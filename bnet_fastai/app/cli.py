@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import math
+import os
 import signal
 import sys
 
@@ -20,6 +22,7 @@ from bnet_fastai.runs.config import RunConfig, expand_grid
 from bnet_fastai.runs.runstate import DONE, RunFailed, RunLocked
 
 EXIT_BAD_INPUT, EXIT_RUN_FAILED, EXIT_INTERRUPTED = 2, 1, 130
+EXIT_BROKEN_PIPE = 141  # 128 + SIGPIPE: what a shell reports for a command whose reader went away
 
 
 class _Parser(argparse.ArgumentParser):
@@ -35,6 +38,17 @@ def true_or_false(text: str) -> bool:
     if text.lower() in ("0", "false", "no", "off"):
         return False
     raise argparse.ArgumentTypeError(f"expected true or false, got {text!r}")
+
+
+def accuracy(text: str) -> float:
+    """--target: an accuracy in (0, 1] (argparse turns the error into one line, exit 2)."""
+    try:
+        value = float(text)
+    except ValueError:
+        value = math.nan
+    if not 0 < value <= 1:
+        raise argparse.ArgumentTypeError(f"must be an accuracy in (0, 1], e.g. 0.8, got {text!r}")
+    return value
 
 
 def int_or_none(text: str) -> int | None:
@@ -168,6 +182,7 @@ def _left_out(row) -> str:
 
 
 def _report(args: argparse.Namespace) -> int:
+    check_output_folder(args.out or args.dirs[0])  # a read-only experiment folder: one line naming --out
     from bnet_fastai.analysis.markdown import answers_markdown, budget_markdown, results_markdown
     from bnet_fastai.analysis.report import NoFinishedRun, report
 
@@ -278,7 +293,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default=None, help="where to write when several folders are combined")
     p.add_argument("--markdown", action="store_true", help="print the tables as docs/results.md shows them (for a budget study, the "
                    "README's answers first)")
-    p.add_argument("--target", type=float, default=None,
+    p.add_argument("--target", type=accuracy, default=None,
                    help="accuracy for 'epochs to target' (default: 90%% of the best mean final accuracy)")
     p.add_argument("--cost", default=None, metavar="PATH", help="a budget study's BNET/BN step-time ratios: "
                    "the JSON of benchmarks/train_step.py --json (default: DIR/cost.json when it exists)")
@@ -318,6 +333,9 @@ def main(argv: list[str] | None = None) -> int:
     except ValueError as e:  # bad input, raised where the value entered (DatasetError included)
         print(f"bnet-fastai {args.command}: error: {e}", file=sys.stderr)
         return EXIT_BAD_INPUT
+    except BrokenPipeError:  # `bnet-fastai report DIR | head`: the reader has what it wanted
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # no second error at interpreter exit
+        return EXIT_BROKEN_PIPE
     except KeyboardInterrupt:
         again = "; run the same command again to resume" if args.command in ("run", "sweep", "study") else ""
         print(f"bnet-fastai {args.command}: interrupted{again}", file=sys.stderr)

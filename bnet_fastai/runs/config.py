@@ -19,6 +19,8 @@ SCHEDULES = {"one_cycle": "fit_one_cycle", "flat_cos": "fit_flat_cos"}  # fastai
 # Fields added after runs were first published: at their default they stay out of the run_id hash, so
 # run folders written before them keep their names and are reused.
 ADDED_LATER = {"schedule": "one_cycle", "sa": False, "pool": "avg"}
+# Fields that change no result: never in a run_id, never a difference between two recipes (report).
+NO_RESULT_CHANGE = ("workers", "keep_weights")
 MAX_SEED = 2 ** 32 - 1  # numpy's seeding takes 0 .. 2**32 - 1 (fastai's set_seed seeds numpy, torch, random)
 
 
@@ -86,7 +88,7 @@ class RunConfig:
         `workers` and `keep_weights` do not change results; nor do `k`, `placement` and `bnet_init` when norm is "bn", so
         a grid over k trains its BN baseline once.
         """
-        ignored = {"workers", "keep_weights"} | ({"k", "placement", "bnet_init"} if self.norm == "bn" else set())
+        ignored = set(NO_RESULT_CHANGE) | ({"k", "placement", "bnet_init"} if self.norm == "bn" else set())
         ignored |= {k for k, default in ADDED_LATER.items() if getattr(self, k) == default}
         fields = {k: v for k, v in asdict(self).items() if k not in ignored}
         digest = hashlib.sha1(json.dumps(fields, sort_keys=True).encode()).hexdigest()[:8]

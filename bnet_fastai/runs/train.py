@@ -52,17 +52,27 @@ from bnet_fastai.runs.runstate import RunFailed, RunLocked, file_record, write_s
 from bnet_fastai.runs.tensorboard_log import TensorBoardScalars
 
 
+def _git_commit() -> str | None:
+    """The commit of the package's checkout, None outside one."""
+    try:
+        return subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5,
+                              cwd=Path(__file__).parent).stdout.strip() or None
+    except (OSError, subprocess.SubprocessError):
+        return None
+
+
+# Read when this module is imported: the commit of the code this process runs. A long sweep whose checkout
+# moves on (a commit made while it trains) keeps recording the code it imported, not the new HEAD.
+_COMMIT = _git_commit()
+
+
 def _environment() -> dict:
     import fastai
     import timm
 
     from bnet_fastai import __version__
 
-    try:
-        commit = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5,
-                                cwd=Path(__file__).parent).stdout.strip() or None
-    except (OSError, subprocess.SubprocessError):
-        commit = None
+    commit = _COMMIT
     device = torch.cuda.get_device_name(0) if torch.cuda.is_available() else f"cpu ({os.cpu_count()} cores)"
     return {"bnet_fastai": __version__, "torch": torch.__version__, "fastai": fastai.__version__,
             "timm": timm.__version__, "python": platform.python_version(), "git_commit": commit,

@@ -107,7 +107,8 @@ class Study:
         lines = [f"dataset: {self.dataset} | profile: {self.profile} | archs: {', '.join(self.archs)} | "
                  f"norms: {', '.join(self.norms)} | seeds: {self.seeds} | {len(self.configs())} runs",
                  f"size {b.size} px, {epochs} epochs{extra}, bs {b.bs}, lr {b.lr}, opt {b.opt}, "
-                 f"schedule {b.schedule}, k {k}, placement {placement}, training fraction {b.fraction:.3g}, "
+                 f"schedule {b.schedule}, {f'k {k}, placement {placement}, ' if 'bnet' in self.norms else ''}"
+                 f"training fraction {b.fraction:.3g}, "
                  f"torch threads {torch.get_num_threads()}"]
         return "\n".join(lines + self.reasons)
 
