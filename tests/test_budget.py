@@ -178,3 +178,15 @@ def test_answers_name_every_variant_the_placebo_and_the_break_even_ratio(variant
     assert "| bnet-k3-all | +3.00 pt [" in text and "| 1.25 [1.25, 1.25] | 1.30 |" in text
     # with 3 seeds no verdict is possible: the advice says so instead of a price
     assert "No gain shown at equal epochs" in text
+
+
+def test_answers_of_a_study_of_two_archs_keep_each_archs_numbers(variants):
+    from bnet_fastai.analysis.markdown import answers_markdown
+
+    # mininest: BN as xmininet's, BNET k3 all 0.05 lower at every budget (so no gain, not xmininet's +3 pt)
+    _runs(variants, BN, "bn", arch="mininest")
+    _runs(variants, {e: [a - 0.05 for a in accs] for e, accs in BNET.items()}, "bnet", arch="mininest")
+    text = answers_markdown(report(variants, target=0.7), "bnet-fastai report DIR --markdown")
+    a = next(line for line in text.splitlines() if line.startswith("- **(a)"))
+    assert "mininest bnet-k3-all -2.00 pt" in a and "xmininet bnet-k3-all +3.00 pt" in a
+    assert "| xmininet bnet-k3-all | +3.00 pt [" in text and "| mininest bnet-k3-all | -2.00 pt [" in text

@@ -6,7 +6,6 @@ answers (a)-(d) and the placebo's line. `tests/test_published.py` checks that th
 """
 from __future__ import annotations
 
-import numpy as np
 import pandas as pd
 
 from bnet_fastai.analysis.budget import is_placebo
@@ -201,25 +200,28 @@ def answers_markdown(tables: dict[str, pd.DataFrame], command: str) -> str:
     at = p[p["epochs"] == budget]
     real = [r for r in at.itertuples() if not is_placebo(r.variant)]
     placebos = [r for r in at.itertuples() if is_placebo(r.variant)]
+    several = p["arch"].nunique() > 1
 
-    def one(table: pd.DataFrame, variant: str, **where):
-        rows = table[(table["variant"] == variant) & np.logical_and.reduce(
-            [table[k] == v for k, v in where.items()] or [np.ones(len(table), bool)])]
+    def name(r) -> str:  # the arm: its variant, and its arch when the study has several
+        return f"{r.arch} {r.variant}" if several else r.variant
+
+    def one(table: pd.DataFrame, r, column: str):
+        """The row of `table` for `r`'s arch and variant at the answers' budget (in `column`), or None."""
+        rows = table[(table["arch"] == r.arch) & (table["variant"] == r.variant) & (table[column] == budget)]
         return next(rows.itertuples(), None)
 
-    a = [f"{r.variant} {100 * r.final_accuracy_diff_mean:+.2f} pt ({r.verdict})" for r in real]
+    a = [f"{name(r)} {100 * r.final_accuracy_diff_mean:+.2f} pt ({r.verdict})" for r in real]
     b = []
     for r in real:
-        m = one(match, r.variant, bn_epochs=budget)
-        b.append(f"{r.variant} not within {budget}" if m is None or m.match == "not reached"
-                 else f"{r.variant} in {m.ratio_to_bn_epochs:.2f}× the epochs")
+        m = one(match, r, "bn_epochs")
+        b.append(f"{name(r)} not within {budget}" if m is None or m.match == "not reached"
+                 else f"{name(r)} in {m.ratio_to_bn_epochs:.2f}× the epochs")
     c = []
     for r in real:
-        e = one(cost, r.variant, bnet_epochs=budget)
-        c.append(f"{r.variant} " + ("not compared" if e is None or e.note else
+        e = one(cost, r, "bnet_epochs")
+        c.append(f"{name(r)} " + ("not compared" if e is None or e.note else
                                     f"{100 * e.diff_mean:+.2f} pt at ratio {e.cost_ratio:.2f} ({e.verdict})"))
-    d = [f"{r.variant} {_ratio(x.break_even, x.bound)}×" for r in real
-         if (x := one(even, r.variant, bnet_epochs=budget)) is not None]
+    d = [f"{name(r)} {_ratio(x.break_even, x.bound)}×" for r in real if (x := one(even, r, "bnet_epochs")) is not None]
     families = f"Holm over all {len(p)} equal-epoch and {int((cost['note'] == '').sum())} equal-cost comparisons"
     lines = [f"At {budget} epochs, the largest budget every arm trained, {n_pairs} paired seeds, BNET − BN in "
              f"accuracy points, verdicts from the Holm-adjusted exact sign-flip p ({families}):", "",
@@ -230,15 +232,15 @@ def answers_markdown(tables: dict[str, pd.DataFrame], command: str) -> str:
              f"of its steps costs less than this many BN steps (its break-even ratio): {'; '.join(d)} (table "
              f"below)."]
     for r in placebos:
-        verdicts = sorted(set(p[p["variant"] == r.variant]["verdict"]))
-        lines.append(f"- **Placebo** ({r.variant}: BN computed through BNET's code): {_points(r.final_accuracy_diff_mean, r.final_accuracy_diff_ci_low, r.final_accuracy_diff_ci_high)} at {budget} epochs; "
+        verdicts = sorted(set(p[(p["arch"] == r.arch) & (p["variant"] == r.variant)]["verdict"]))
+        lines.append(f"- **Placebo** ({name(r)}: BN computed through BNET's code): {_points(r.final_accuracy_diff_mean, r.final_accuracy_diff_ci_low, r.final_accuracy_diff_ci_high)} at {budget} epochs; "
                      f"verdict at every budget: {', '.join(verdicts)}.")
     lines += ["", f"| variant | gain at {budget} epochs [95% interval] | break-even ratio [95% interval] | "
                   f"measured ratio on this CPU | at equal time here | for your GPU |", "|---|---|---|---|---|---|"]
     for r in real:
-        x, e = one(even, r.variant, bnet_epochs=budget), one(cost, r.variant, bnet_epochs=budget)
+        x, e = one(even, r, "bnet_epochs"), one(cost, r, "bnet_epochs")
         here = "—" if e is None or e.note else e.verdict
-        lines.append(f"| {r.variant} | {_points(r.final_accuracy_diff_mean, r.final_accuracy_diff_ci_low, r.final_accuracy_diff_ci_high)} {r.verdict} | "
+        lines.append(f"| {name(r)} | {_points(r.final_accuracy_diff_mean, r.final_accuracy_diff_ci_low, r.final_accuracy_diff_ci_high)} {r.verdict} | "
                      f"{_break_even(x)} | {_number(x.cost_ratio)} | {here} | {_advice(r, x)} |")
     lines += ["", f"(`{command}`)"]
     return "\n".join(lines)
