@@ -59,6 +59,7 @@ def peak_step_mib(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, dtyp
     return (_rss_kib("VmHWM:") - before) / 1024
 
 
+MIN_MIB = 1.0  # below this a memory ratio is noise (or a division by zero)
 GPU_DEFAULTS = {"archs": "xresnet50,resnest26d", "bs": 64}
 CPU_DEFAULTS = {"archs": "xresnet18,resnest14d", "bs": 32}
 
@@ -111,8 +112,12 @@ def main(argv: list[str] | None = None) -> None:
     memory_rows = []
     for arch, name, mib in memory:
         base = next(m for a, n, m in memory if a == arch and n == "bn")
-        print(f"{arch:<12} {name:<14} {mib:9.1f} {mib / base:7.3f}")
-        memory_rows.append({"arch": arch, "model": name, "mib": mib, "ratio_to_bn": mib / base})
+        # a tiny step can fit in memory the process already holds (a CPU RSS rise of 0): no ratio then
+        ratio = mib / base if base >= MIN_MIB else None
+        print(f"{arch:<12} {name:<14} {mib:9.1f} {'n/a' if ratio is None else f'{ratio:.3f}':>7}")
+        memory_rows.append({"arch": arch, "model": name, "mib": mib, "ratio_to_bn": ratio})
+    if any(r["ratio_to_bn"] is None for r in memory_rows):
+        print(f"# n/a: BN's step needed under {MIN_MIB} MiB beyond what was held; raise --bs or --size to compare")
     write_json(args.json, "eval_and_memory", argv, f"median of {args.rounds} interleaved rounds of an eval "
                f"forward on {where}, {amp}, {fmt}; peak memory of one training step ({what})", rows,
                device=str(where), precision=amp, format=fmt, memory=memory_rows)

@@ -78,6 +78,9 @@ def test_inference_json_has_the_deploy_vs_deploy_row(tmp_path):
     assert fused["ratio_to_bn_folded"] == pytest.approx(fused["ms_per_batch"] / folded["ms_per_batch"])
     assert fused["ratio_to_bn"] == pytest.approx(fused["ms_per_batch"] / bn["ms_per_batch"])
     assert [m["model"] for m in saved["memory"]] == ["bn", "bnet all"]
+    base, bnet = (m["mib"] for m in saved["memory"])
+    # a step this small may fit in what the process holds: then no ratio, never a division by zero
+    assert saved["memory"][1]["ratio_to_bn"] == (pytest.approx(bnet / base) if base >= 1.0 else None)
 
 
 @pytest.mark.slow
