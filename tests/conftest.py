@@ -5,3 +5,31 @@ import torch
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)
+
+
+@pytest.fixture
+def read_only_bind(tmp_path):
+    """`mount(src)`: `src` bind-mounted read-only at a new folder, which it returns; unmounted after the test.
+    Skips where that cannot be done (root and mount(8) needed): `chmod` does not stop root."""
+    import os
+    import shutil
+    import subprocess
+
+    if os.geteuid() != 0 or shutil.which("mount") is None:
+        pytest.skip("a read-only bind mount needs root and mount(8)")
+    mounted = []
+
+    def mount(src):
+        ro = src.with_name(src.name + "-ro")
+        ro.mkdir()
+        for cmd in (["mount", "--bind", str(src), str(ro)], ["mount", "-o", "remount,ro,bind", str(ro)]):
+            done = subprocess.run(cmd, capture_output=True, text=True)
+            if done.returncode != 0:
+                subprocess.run(["umount", str(ro)], capture_output=True)
+                pytest.skip(f"cannot bind-mount read-only here: {done.stderr.strip()}")
+        mounted.append(ro)
+        return ro
+
+    yield mount
+    for ro in mounted:
+        subprocess.run(["umount", "-l", str(ro)], check=False)

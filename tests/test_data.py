@@ -11,6 +11,7 @@ import pandas as pd
 import pytest
 from PIL import Image
 
+from bnet_fastai.data import record
 from bnet_fastai.data.datasets import EXTRACTED_FILE, VERIFIED_FILE, DatasetError, dataloaders, prepare
 
 from .archives import WNIDS, serve, write_archive
@@ -42,7 +43,7 @@ def test_run_downloads_imagenette_from_the_mirror_and_trains_one_epoch(tmp_path)
         done = _cli("run", "--dataset", "imagenette-160", "--arch", "xmininet", "--norm", "bnet", "--epochs", "1",
                     "--size", "32", "--bs", "4", "--workers", "0", "--out", str(tmp_path / "res"), env=env)
     assert done.returncode == 0, done.stderr
-    assert "skipping 1 unreadable image(s)" in done.stderr and "_broken.JPEG" in done.stderr
+    assert done.stderr.count("skipping 1 unreadable image(s)") == 1 and "_broken.JPEG" in done.stderr  # named once
     run_dir = next(p for p in (tmp_path / "res").iterdir() if p.is_dir())
     history = pd.read_csv(run_dir / "history.csv")
     assert list(history.columns) == ["epoch", "train_loss", "valid_loss", "accuracy", "time"]
@@ -55,6 +56,10 @@ def test_run_downloads_imagenette_from_the_mirror_and_trains_one_epoch(tmp_path)
     extracted = tmp_path / "data" / "imagenette2-160"
     assert (extracted / EXTRACTED_FILE).exists() and (tmp_path / "data" / "archive" / "imagenette2-160.tgz").exists()
     assert json.loads((extracted / VERIFIED_FILE).read_text())["unreadable"] == [f"train/{WNIDS[2]}/{WNIDS[2]}_broken.JPEG"]
+    # the record of what the archive held, counted once it was extracted: every file, the unreadable one too
+    kept = json.loads((extracted / record.RECORD_FILE).read_text())
+    assert kept["origin"] == f"extracted from {url}/imagenette2-160.tgz"
+    assert kept["counts"] == {"train": {w: 4 + (w == WNIDS[2]) for w in WNIDS}, "val": {w: 2 for w in WNIDS}}
 
 
 def test_grayscale_and_cmyk_images_load_as_rgb(tmp_path, data_root, monkeypatch):

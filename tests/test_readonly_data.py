@@ -1,7 +1,6 @@
 """A dataset prepared once is trained on from a read-only root; what runs write goes to BNET_FASTAI_CACHE."""
 import json
 import os
-import shutil
 import stat
 import subprocess
 import sys
@@ -19,24 +18,14 @@ CONFIG = dict(arch="xmininet", dataset="sample", size=16, bs=32, epochs=1, fract
 
 
 @pytest.fixture
-def read_only_root(tmp_path, monkeypatch):
+def read_only_root(tmp_path, monkeypatch, read_only_bind):
     """A data root holding the prepared `sample` dataset, bind-mounted read-only (root and mount(8) needed)."""
-    if os.geteuid() != 0 or shutil.which("mount") is None:
-        pytest.skip("a read-only bind mount needs root and mount(8)")
-    writable, ro = tmp_path / "data", tmp_path / "data-ro"
+    writable = tmp_path / "data"
     monkeypatch.setenv("BNET_FASTAI_DATA", str(writable))
     prepare("sample")  # prepared by whoever owns the share: no cache, no record of unreadable images yet
-    ro.mkdir()
-    for cmd in (["mount", "--bind", str(writable), str(ro)], ["mount", "-o", "remount,ro,bind", str(ro)]):
-        done = subprocess.run(cmd, capture_output=True, text=True)
-        if done.returncode != 0:
-            subprocess.run(["umount", str(ro)], capture_output=True)
-            pytest.skip(f"cannot bind-mount read-only here: {done.stderr.strip()}")
+    ro = read_only_bind(writable)
     monkeypatch.setenv("BNET_FASTAI_DATA", str(ro))
-    try:
-        yield ro
-    finally:
-        subprocess.run(["umount", "-l", str(ro)], check=False)
+    return ro
 
 
 def test_a_prepared_dataset_trains_from_a_read_only_root(read_only_root, tmp_path, monkeypatch):

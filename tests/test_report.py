@@ -237,3 +237,34 @@ def test_a_report_of_bn_alone_writes_a_readable_empty_paired_table(tmp_path):
     assert paired.empty and {"variant", "n_pairs", "final_accuracy_diff_mean", "p_holm", "verdict"} <= set(paired)
     text = results_markdown(tables)
     assert text.endswith("No BNET arm paired with BN by seed: no paired comparison.") and "Holm p (" not in text
+
+
+def test_a_report_of_two_datasets_times_each_against_its_own_target_and_names_the_dataset_of_each_pair(tmp_path):
+    from bnet_fastai.analysis.markdown import results_markdown
+
+    easy = {0: [0.90, 0.95, 0.97], 1: [0.92, 0.96, 0.98]}  # a dataset where 0.8 is reached at once
+    for seed in range(2):
+        _write_run(tmp_path, BN[seed], seed=seed, norm="bn")
+        _write_run(tmp_path, BNET[seed], seed=seed, norm="bnet")
+        _write_run(tmp_path, easy[seed], seed=seed, norm="bn", dataset="fashion-mnist")
+        _write_run(tmp_path, [a - 0.05 for a in easy[seed]], seed=seed, norm="bnet", dataset="fashion-mnist")
+    tables = report(tmp_path)
+    summary = tables["summary"].set_index(["dataset", "variant"])
+    # 90% of each dataset's best mean final accuracy, floored to 0.01: (0.9 + 0.95) / 2 and 0.975
+    assert summary.loc[("sample", "bn"), "target"] == summary.loc[("sample", "bnet-k3-all"), "target"] == 0.83
+    assert summary.loc[("fashion-mnist", "bn"), "target"] == 0.87
+    # each arm timed against its dataset's own target: sample's BN reaches 0.83 at epoch 2 (seed 1 only)
+    assert summary.loc[("sample", "bn"), "n_reached"] == 1
+    # fashion-mnist's BNET reaches 0.87 in its 2nd epoch (seed 0) and its 1st (seed 1)
+    assert summary.loc[("fashion-mnist", "bnet-k3-all"), "epochs_to_target_mean"] == 1.5
+    assert sorted(tables["paired"]["dataset"]) == ["fashion-mnist", "sample"]
+    text = results_markdown(tables)
+    assert 'Target for "epochs to target": fashion-mnist 0.87, sample 0.83.' in text
+    assert "| fashion-mnist | xmininet | bnet-k3-all | 2 | -0.0500 [" in text
+    assert "| sample | xmininet | bnet-k3-all | 2 | +0.0750 [" in text  # (0.1 + 0.05) / 2
+    from bnet_fastai.analysis.markdown import by_dataset  # what `report --markdown` answers per dataset
+    parts = by_dataset(tables)
+    assert list(parts) == ["fashion-mnist", "sample"]
+    assert [len(parts[d]["summary"]) for d in parts] == [2, 2] and set(parts["sample"]["paired"]["dataset"]) == {"sample"}
+    given = report(tmp_path, target=0.8)["summary"]  # a target given applies to every dataset
+    assert (given["target"] == 0.8).all()

@@ -53,7 +53,10 @@ def _methods(tables: dict[str, pd.DataFrame]) -> str:
 def results_markdown(tables: dict[str, pd.DataFrame]) -> str:
     """The summary and paired tables of `report` as Markdown."""
     s, p = tables["summary"], tables["paired"]
-    lines = [_methods(tables) + f" Target for \"epochs to target\": {s['target'].iloc[0]:.2f}.", "",
+    targets = s.groupby("dataset")["target"].first()
+    target = (f"{targets.iloc[0]:.2f}" if targets.nunique() == 1 else
+              ", ".join(f"{dataset} {value:.2f}" for dataset, value in targets.items()))
+    lines = [_methods(tables) + f" Target for \"epochs to target\": {target}.", "",
              "| dataset | arch | variant | seeds | final accuracy, mean [95% interval] | test SE "
              "| epochs to target (reached) | AUC | valid-loss spread |", "|---|---|---|---|---|---|---|---|---|"]
     for r in s.itertuples():
@@ -64,15 +67,22 @@ def results_markdown(tables: dict[str, pd.DataFrame]) -> str:
     if p.empty:
         return "\n".join(lines + ["", "No BNET arm paired with BN by seed: no paired comparison."])
     family = p["family"].iloc[0]
-    lines += ["", f"| arch | variant − bn | pairs | final accuracy difference [95% interval] | p | Holm p "
+    lines += ["", f"| dataset | arch | variant − bn | pairs | final accuracy difference [95% interval] | p | Holm p "
                   f"({family}, {len(p)} comparisons) | AUC difference [95% interval] | AUC p | verdict |",
-              "|---|---|---|---|---|---|---|---|---|"]
+              "|---|---|---|---|---|---|---|---|---|---|"]
     for r in p.itertuples():
-        lines.append(f"| {r.arch} | {r.variant} | {r.n_pairs} | {_difference(r)} | {_p(r.final_accuracy_p)} | "
+        lines.append(f"| {r.dataset} | {r.arch} | {r.variant} | {r.n_pairs} | {_difference(r)} | {_p(r.final_accuracy_p)} | "
                      f"{_p(r.p_holm)} | "
                      f"{_mean_interval(r.auc_diff_mean, r.auc_diff_ci_low, r.auc_diff_ci_high, True)} | "
                      f"{_p(r.auc_p)} | {r.verdict} |")
     return "\n".join(lines)
+
+
+def by_dataset(tables: dict[str, pd.DataFrame]) -> dict[str, dict[str, pd.DataFrame]]:
+    """`report`'s tables split by dataset (tables without a dataset column go whole to each): a budget
+    study's tables and answers are read per dataset."""
+    datasets = sorted(tables["summary"]["dataset"].unique())
+    return {d: {name: t[t["dataset"] == d] if "dataset" in t else t for name, t in tables.items()} for d in datasets}
 
 
 def budget_markdown(tables: dict[str, pd.DataFrame]) -> str:

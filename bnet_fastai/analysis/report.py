@@ -157,25 +157,31 @@ class NoFinishedRun(ValueError):
         self.skipped = skipped
 
 
-def per_run(history: pd.DataFrame, target: float) -> pd.DataFrame:
-    """One row per run: final accuracy, AUC, epochs and seconds to `target`, final losses."""
-    def one(run: pd.DataFrame) -> pd.Series:
+def per_run(history: pd.DataFrame, target: float | dict[str, float]) -> pd.DataFrame:
+    """One row per run: final accuracy, AUC, epochs and seconds to `target` (one for all, or one per
+    dataset: {dataset: accuracy}), final losses."""
+    keys, rows = GROUP_KEYS + ["seed"], []
+    for values, run in history.groupby(keys):
         run = run.sort_values("epoch")
-        reached = run[run["accuracy"] >= target]
-        return pd.Series({"final_accuracy": run["accuracy"].iloc[-1], "auc": run["accuracy"].mean(),
-                          "epochs_to_target": reached["epoch"].iloc[0] if len(reached) else np.nan,
-                          "seconds_to_target": reached["seconds"].iloc[0] if len(reached) else np.nan,
-                          "final_valid_loss": run["valid_loss"].iloc[-1],
-                          "final_train_loss": run["train_loss"].iloc[-1], "n_valid": run["n_valid"].iloc[0]})
+        reached = run[run["accuracy"] >= _target_of(target, values[0])]
+        rows.append({**dict(zip(keys, values)), "final_accuracy": run["accuracy"].iloc[-1],
+                     "auc": run["accuracy"].mean(),
+                     "epochs_to_target": reached["epoch"].iloc[0] if len(reached) else np.nan,
+                     "seconds_to_target": reached["seconds"].iloc[0] if len(reached) else np.nan,
+                     "final_valid_loss": run["valid_loss"].iloc[-1],
+                     "final_train_loss": run["train_loss"].iloc[-1], "n_valid": run["n_valid"].iloc[0]})
+    return pd.DataFrame(rows)
 
-    return history.groupby(GROUP_KEYS + ["seed"]).apply(one, include_groups=False).reset_index()
+
+def _target_of(target: float | dict[str, float], dataset: str) -> float:
+    return target[dataset] if isinstance(target, dict) else target
 
 
 def _spread(history: pd.DataFrame, column: str) -> pd.Series:
     return history.groupby(GROUP_KEYS + ["epoch"])[column].std(ddof=1).groupby(GROUP_KEYS).mean()
 
 
-def summarize(history: pd.DataFrame, target: float = 0.8) -> pd.DataFrame:
+def summarize(history: pd.DataFrame, target: float | dict[str, float] = 0.8) -> pd.DataFrame:
     """One row per dataset × size × epochs × arch × variant (see the module docstring for definitions)."""
     runs = per_run(history, target)
     rows = []
@@ -187,7 +193,7 @@ def summarize(history: pd.DataFrame, target: float = 0.8) -> pd.DataFrame:
                      "final_accuracy_std": group["final_accuracy"].std(ddof=1),
                      "final_accuracy_ci_low": low, "final_accuracy_ci_high": high, "ci_method": CI_METHOD,
                      "test_se": stats.binomial_se(group["final_accuracy"].mean(), group["n_valid"].min()),
-                     "target": target, "n_reached": int(group["epochs_to_target"].notna().sum()),
+                     "target": _target_of(target, keys[0]), "n_reached": int(group["epochs_to_target"].notna().sum()),
                      "epochs_to_target_mean": group["epochs_to_target"].mean(),
                      "seconds_to_target_mean": group["seconds_to_target"].mean(),
                      "auc_mean": group["auc"].mean(), "auc_std": group["auc"].std(ddof=1),
@@ -209,7 +215,7 @@ PAIRED_COLUMNS = [*GROUP_KEYS, "n_pairs", "seeds",
                     for what in ("diff_mean", "diff_ci_low", "diff_ci_high", "p")], "ci_method", "p_method"]
 
 
-def paired_differences(history: pd.DataFrame, target: float = 0.8) -> pd.DataFrame:
+def paired_differences(history: pd.DataFrame, target: float | dict[str, float] = 0.8) -> pd.DataFrame:
     """BNET − BN per seed, for each BNET variant of each arch: mean difference, its 95% t interval and its
     sign-flip p-value (adjusted over the report's family by `report`)."""
     runs = per_run(history, target).set_index(STUDY_KEYS + ["arch", "seed"])
@@ -251,6 +257,11 @@ def auto_target(history: pd.DataFrame) -> float:
     return float(np.floor(0.9 * best.max() * 100) / 100)
 
 
+def auto_targets(history: pd.DataFrame) -> dict[str, float]:
+    """`auto_target` of each dataset's runs: a report of two datasets never times one against the other's."""
+    return {dataset: auto_target(runs) for dataset, runs in history.groupby("dataset")}
+
+
 def adjust(table: pd.DataFrame, p_column: str, mean_column: str, family: str) -> pd.DataFrame:
     """`table` with Holm-adjusted p over all its rows (one family, named), and the verdict from it."""
     if p_column not in table:
@@ -270,7 +281,7 @@ def report(experiments: str | Path | list, target: float | None = None,
     combined (into `out`); returns the tables. For budget studies also ``epochs_to_match.csv``,
     ``equal_cost.csv``, ``break_even.csv`` and ``budget.png``.
 
-    `target` is the accuracy for "epochs to target" (None: `auto_target`). `cost` is the BNET/BN step-time
+    `target` is the accuracy for "epochs to target", for every dataset (None: each dataset's `auto_target`). `cost` is the BNET/BN step-time
     ratio for equal-cost comparisons: a ``benchmarks/train_step.py --json`` file, a number, or None for the
     first experiment folder's ``cost.json`` when there is one. Runs that are not finished, or
     are damaged, are left out and listed (``skipped``) with their status and reason; if that is every run,
@@ -297,7 +308,7 @@ def report(experiments: str | Path | list, target: float | None = None,
                             for r in runs.skipped.itertuples())
         raise NoFinishedRun(f"no finished run in {', '.join(map(str, folders))}"
                             + (f": {reasons}" if reasons else " (no run folder)"), runs.skipped)
-    target = auto_target(runs.history) if target is None else target
+    target = auto_targets(runs.history) if target is None else target  # one per dataset, or the one given
     summary = summarize(runs.history, target)
     paired = adjust(paired_differences(runs.history, target), "final_accuracy_p", "final_accuracy_diff_mean",
                     "equal epochs")

@@ -183,7 +183,7 @@ def _left_out(row) -> str:
 
 def _report(args: argparse.Namespace) -> int:
     check_output_folder(args.out or args.dirs[0])  # a read-only experiment folder: one line naming --out
-    from bnet_fastai.analysis.markdown import answers_markdown, budget_markdown, results_markdown
+    from bnet_fastai.analysis.markdown import answers_markdown, budget_markdown, by_dataset, results_markdown
     from bnet_fastai.analysis.report import NoFinishedRun, report
 
     try:
@@ -198,7 +198,10 @@ def _report(args: argparse.Namespace) -> int:
     if args.markdown:  # a budget study: the README's answers (a)-(d), then docs/results.md's tables
         if "equal_cost" in tables:
             command = " ".join(["bnet-fastai report", *args.dirs, "--markdown"])
-            print(f"{answers_markdown(tables, command)}\n\n{budget_markdown(tables)}")
+            parts = by_dataset(tables)  # each dataset's study answered on its own
+            print("\n\n".join((f"## {dataset}\n\n" if len(parts) > 1 else "")
+                              + f"{answers_markdown(part, command)}\n\n{budget_markdown(part)}"
+                              for dataset, part in parts.items()))
         else:
             print(results_markdown(tables))
         return 0
@@ -294,7 +297,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--markdown", action="store_true", help="print the tables as docs/results.md shows them (for a budget study, the "
                    "README's answers first)")
     p.add_argument("--target", type=accuracy, default=None,
-                   help="accuracy for 'epochs to target' (default: 90%% of the best mean final accuracy)")
+                   help="accuracy for 'epochs to target', for every dataset (default: 90%% of each dataset's best "
+                   "mean final accuracy)")
     p.add_argument("--cost", default=None, metavar="PATH", help="a budget study's BNET/BN step-time ratios: "
                    "the JSON of benchmarks/train_step.py --json (default: DIR/cost.json when it exists)")
     p.add_argument("--cost-ratio", type=float, default=None, metavar="R",

@@ -11,7 +11,9 @@ squishes the whole image to size + extra (extra = ceil(0.14 · size / 8) · 8) a
 Batches go through fastai's IntToFloatTensor and ImageNet-stats Normalize, as in `data.dataloaders`.
 
 An image that cannot be decoded while the cache is built is named on stderr and left out of the cache. A
-damaged cache is found when it is opened, named on stderr in one line and rebuilt: see `cache_damage`.
+damaged cache is found when it is opened, named on stderr in one line and rebuilt: see `cache_damage`. So is a
+stale one: the cache is keyed by the dataset's record (`data.record`: its image counts and when they were
+recorded), so a dataset written or extracted anew, even where the cache lives apart from it, gets a new cache.
 """
 from __future__ import annotations
 
@@ -35,8 +37,10 @@ from fastai.vision.core import imagenet_stats
 from PIL import Image
 
 from bnet_fastai._files import shared_tempdir, writer_lock
+from bnet_fastai._notice import notice
 from bnet_fastai.paths import state_folder
-from bnet_fastai.data.datasets import DATASETS, UNREADABLE, DatasetSpec, image_files, notice, prepare, report_unreadable, subsample_train
+from bnet_fastai.data import record
+from bnet_fastai.data.datasets import DATASETS, UNREADABLE, DatasetSpec, image_files, prepare, report_unreadable, subsample_train
 
 CACHE_VERSION = 2  # 2: raw valid.bin, byte sizes and a checksum in index.json
 MIN_SCALE, RATIO, VAL_XTRA = 0.35, (3 / 4, 4 / 3), 0.14
@@ -108,6 +112,15 @@ def cache_damage(folder: Path) -> str | None:
     return None
 
 
+def _fault(folder: Path, source: str) -> str | None:
+    """Why the cache in `folder` cannot be used for the dataset copy `source`, or None."""
+    if damage := cache_damage(folder):
+        return f"is damaged ({damage})"
+    if json.loads((folder / "index.json").read_text()).get("source") != source:
+        return "was built from another copy of the dataset (its record of image counts differs)"
+    return None
+
+
 def build_cache(name: str, size: int, cache_side: int | None = None, threads: int | None = None) -> Path:
     """Decode dataset `name` once for training at `size`; returns the cache folder.
 
@@ -115,28 +128,30 @@ def build_cache(name: str, size: int, cache_side: int | None = None, threads: in
     into place. A damaged cache (`cache_damage`) is named on stderr and rebuilt; images that cannot be
     decoded are named on stderr and left out.
     """
-    spec, path = DATASETS[name], prepare(name)
+    spec, path = DATASETS[name], prepare(name)  # prepare checks the folder against its record
+    source = record.key(record.read(path))  # the copy of the dataset the cache is built from
     cache_side = cache_side or round(size * 1.25)
     # beside the dataset, or where `paths.state_folder` says when the dataset's folder is read-only
     folder = state_folder(path) / f".bnet_fastai_cache_s{size}_c{cache_side}_v{CACHE_VERSION}"
-    if folder.is_dir() and cache_damage(folder) is None:
+    if folder.is_dir() and _fault(folder, source) is None:
         return folder
     with writer_lock(folder):
         if folder.is_dir():
-            if (damage := cache_damage(folder)) is None:
+            if (fault := _fault(folder, source)) is None:
                 return folder  # built by another process while this one waited
-            notice(f"decode cache {folder} is damaged ({damage}): rebuilding it")
+            notice(f"decode cache {folder} {fault}: rebuilding it")
             shutil.rmtree(folder)
         tmp = shared_tempdir(".cache-", folder.parent)
         try:
-            _write(tmp, path, spec, size, cache_side, threads)
+            _write(tmp, path, spec, size, cache_side, threads, source)
             tmp.rename(folder)  # a kill leaves a hidden temp folder, never a half-written cache
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
     return folder
 
 
-def _write(tmp: Path, path: Path, spec: DatasetSpec, size: int, cache_side: int, threads: int | None) -> None:
+def _write(tmp: Path, path: Path, spec: DatasetSpec, size: int, cache_side: int, threads: int | None,
+           source: str) -> None:
     """The cache of the dataset at `path`, in folder `tmp`: train.bin, valid.bin (raw uint8 pixels), index.json."""
     files = image_files(path, spec)
     split = [f.relative_to(path).parts[0] for f in files]
@@ -163,7 +178,7 @@ def _write(tmp: Path, path: Path, spec: DatasetSpec, size: int, cache_side: int,
     index = {"vocab": vocab, "train": [str(f.relative_to(path)) for f in train], "train_shapes": shapes,
              "train_labels": [vocab.index(f.parent.name) for f in train],
              "valid": [str(f.relative_to(path)) for f in valid],
-             "valid_labels": [vocab.index(f.parent.name) for f in valid], "size": size, "cache_side": cache_side,
+             "valid_labels": [vocab.index(f.parent.name) for f in valid], "size": size, "cache_side": cache_side, "source": source,
              "bytes": {"train.bin": offset, "valid.bin": len(valid) * 3 * size * size}}
     (tmp / "index.json").write_text(json.dumps({"sha256": _digest(index), **index}))
 

@@ -10,7 +10,6 @@ import gzip
 import json
 import os
 import shutil
-import sys
 import tarfile
 import urllib.error
 import urllib.request
@@ -27,16 +26,17 @@ from fastai.vision.augment import FlipItem, RandomResizedCrop
 from fastai.vision.core import PILImage, imagenet_stats
 from fastai.vision.utils import verify_images
 
-from bnet_fastai.data import fashion_mnist
+from bnet_fastai.data import fashion_mnist, record
 from bnet_fastai._checks import DatasetError, check_choice
 from bnet_fastai._files import atomic_write, shared_tempdir, writer_lock
+from bnet_fastai._notice import notice
 from bnet_fastai.paths import data_root, mirror, state_folder
 
-IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png")
+IMAGE_EXTENSIONS = record.IMAGE_EXTENSIONS
 VERIFIED_FILE = ".bnet_fastai_verified.json"  # the unreadable images found once, so later runs skip them
 EXTRACTED_FILE = ".bnet_fastai_extracted"  # written once an archive is fully extracted
 UNREADABLE = (OSError, SyntaxError, ValueError)  # what PIL raises for a damaged or truncated image file
-_reported: set[str] = set()  # unreadable images already named by this process
+_reported: set[str] = set()  # unreadable images (and datasets holding some) already named by this process
 
 
 @dataclass(frozen=True)
@@ -106,6 +106,8 @@ def prepare(name: str) -> Path:
             (data_root() / "archive" / spec.archive).unlink(missing_ok=True)
             raise DatasetError(f"{where}; it was deleted with its archive: run again to download it anew")
         raise DatasetError(f"{where}; delete {path} and run again")
+    expected = fashion_mnist.published_counts(path) if spec.writer == "fashion-mnist" else None
+    record.check(name, path, (spec.train, spec.valid), expected)  # a count per class folder, not a re-hash
     return path
 
 
@@ -159,6 +161,7 @@ def _fetch_alone(name: str, url: str, folder: Path) -> Path:
         archive.unlink(missing_ok=True)
         raise DatasetError(f"the archive of {name!r} downloaded from {url} is corrupt or truncated; "
                            f"it was deleted, run again to download it anew") from None
+    record.write(path, name, record.count_images(path, (spec.train, spec.valid)), f"extracted from {url}")
     (path / EXTRACTED_FILE).touch()
     return path
 
@@ -190,6 +193,7 @@ def _write_sample(dest: Path) -> Path:
                 folder = tmp / split / str(digits.target[i])
                 folder.mkdir(parents=True, exist_ok=True)
                 Image.fromarray(pixels[i], mode="L").save(folder / f"{i:04d}.png")
+        record.write(tmp, "sample", record.count_images(tmp, ("train", "val")), "written from scikit-learn's digits")
         tmp.rename(dest)  # atomic: a crash leaves a hidden temp folder, never a half-written sample
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -219,18 +223,13 @@ def image_files(path: Path, spec: DatasetSpec) -> list[Path]:
         bad = sorted(str(p.relative_to(path)) for p in verify_images(files))
         known = {"n_files": len(files), "unreadable": bad}
         atomic_write(state_folder(path) / VERIFIED_FILE, json.dumps(known, indent=1))
-    if known["unreadable"]:
+    said = f"{path}: {known['unreadable']}"  # said once per process, however often it is asked
+    if known["unreadable"] and said not in _reported:
+        _reported.add(said)
         notice(f"skipping {len(known['unreadable'])} unreadable image(s) in {path}: "
                f"{', '.join(known['unreadable'][:5])}{' ...' if len(known['unreadable']) > 5 else ''}")
     bad = set(known["unreadable"])
     return [p for p in files if str(p.relative_to(path)) not in bad]
-
-
-def notice(message: str) -> None:
-    """`message` on stderr as a line of its own: stdout is flushed first and the line is written whole."""
-    sys.stdout.flush()
-    sys.stderr.write(message + "\n")
-    sys.stderr.flush()
 
 
 def report_unreadable(path: Path, error: BaseException) -> None:

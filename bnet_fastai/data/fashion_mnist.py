@@ -9,7 +9,8 @@ as many labels as images, and each file's content against the published dataset'
 well-formed label file with other labels would silently change every accuracy) stop with one line naming
 the file, unless ``BNET_FASTAI_FASHION_MNIST_UNPUBLISHED=1`` says to use them as given; the dataset's record
 (``.bnet_fastai_fashion_mnist.json``) and every run's ``config.json`` then say the files are not the published
-ones. The images are then written once, atomically, into the Imagenette layout
+ones. The images are then written once, atomically, into the Imagenette layout, with their counts per class
+(from the label files) as the dataset's image record (`data.record`)
 (``train/<class>/<index>.png``, ``val/<class>/<index>.png``; the 10,000 test images are the validation
 set) so the same loaders, cache and report run unchanged.
 """
@@ -29,6 +30,7 @@ import numpy as np
 
 from bnet_fastai._checks import DatasetError
 from bnet_fastai._files import shared_tempdir, writer_lock
+from bnet_fastai.data import record
 from bnet_fastai.paths import mirror
 
 OFFICIAL_URL = "http://fashion-mnist.s3-website.eu-central-1.amazonaws.com"
@@ -172,6 +174,14 @@ def provenance(path: Path) -> dict:
     return {"source": info["source"], "published_files": info["published"]}
 
 
+def published_counts(dest: Path) -> dict[str, dict[str, int]] | None:
+    """The images per split and class of the published dataset when `dest` was written from the published
+    files (6,000 per class in train, 1,000 in val): what a folder written before records existed must hold."""
+    if not provenance(dest).get("published_files"):
+        return None
+    return {split: {name: n for name in CLASSES} for split, n in (("train", 6000), ("val", 1000))}
+
+
 def _check_written(dest: Path) -> Path:
     """`dest`, refused if it was written from files that are not the published ones and nobody said so."""
     info = provenance(dest)
@@ -233,6 +243,9 @@ def _write_pngs(dest: Path, splits: dict[str, tuple[np.ndarray, np.ndarray]], in
                 (tmp / split / name).mkdir(parents=True)
             for i, (pixels, label) in enumerate(zip(images, labels)):
                 Image.fromarray(pixels, mode="L").save(tmp / split / CLASSES[label] / f"{i:05d}.png")
+        counts = {split: {CLASSES[c]: int(n) for c, n in enumerate(np.bincount(labels, minlength=len(CLASSES)))
+                          if n} for split, (_, labels) in splits.items()}
+        record.write(tmp, "fashion-mnist", counts, f"written from {info['source']}")  # from the labels
         (tmp / INFO_FILE).write_text(json.dumps(info, indent=1))
         if dest.exists():  # an earlier attempt without INFO_FILE (incomplete, or not ours): replaced whole
             shutil.rmtree(dest)

@@ -42,7 +42,7 @@ from fastai.callback.progress import CSVLogger
 from fastai.learner import Learner, Recorder, SkipToEpoch
 
 from bnet_fastai._files import atomic_file
-from bnet_fastai.data.datasets import notice
+from bnet_fastai._notice import notice
 
 CHECKPOINT, WEIGHTS = "checkpoint.pth", "model.pth"
 
