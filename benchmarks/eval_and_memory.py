@@ -9,12 +9,16 @@ Rows: ``bn`` (the BN model as trained), ``bn folded`` (BN's deployed form: `fuse
 deploy-vs-deploy ratio is ``bnet fused`` over ``bn folded``; "vs bn" is each over the unfused BN model.
 On a GPU inference runs under float16 autocast (``--amp``), each forward timed with CUDA events.
 
-Peak memory: on a GPU, `torch.cuda.max_memory_allocated` around one step; on a CPU, the peak resident set
-size (Linux VmHWM, reset through /proc/self/clear_refs before the step) above the size before it.
+Memory of a training step, for BN, BNET through the composed path (BN then the conv through autograd: two saved
+maps per layer) and BNET one-map (the default, `bnet_fastai.nn.one_map`): the peak, on a GPU
+`torch.cuda.max_memory_allocated` around one step, on a CPU the peak resident set size (Linux VmHWM, reset
+through /proc/self/clear_refs before the step) above the size before it; and the activations saved for the
+backward, exact (`bnet_fastai.speed.saved_activation_bytes`).
 """
 from __future__ import annotations
 
 import argparse
+import copy
 import gc
 import sys
 from pathlib import Path
@@ -26,6 +30,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import device, interleaved, machine, precision, write_json  # noqa: E402
 
 from bnet_fastai import create_model, fuse_bn, fuse_bnet  # noqa: E402
+from bnet_fastai.nn.layers import set_one_map  # noqa: E402
+from bnet_fastai.speed import saved_activation_bytes  # noqa: E402
 
 
 def _rss_kib(field: str) -> int:
@@ -95,7 +101,9 @@ def main(argv: list[str] | None = None) -> None:
         x = torch.randn(bs, 3, args.size, args.size, device=where).to(memory_format=memory_format)
         y = torch.randint(0, 10, (bs,), device=where)
         bn, bnet = (create_model(arch, norm).to(where, memory_format=memory_format) for norm in ("bn", "bnet"))
-        memory += [(arch, name, peak_step_mib(m, x, y, dtype)) for name, m in (("bn", bn), ("bnet all", bnet))]
+        composed = set_one_map(copy.deepcopy(bnet), False)
+        for name, m in (("bn", bn), ("bnet composed", composed), ("bnet one-map", bnet)):
+            memory.append((arch, name, peak_step_mib(m, x, y, dtype), saved_activation_bytes(m, x, y, dtype) / 2**20))
         models = {"bn": bn.eval(), "bn folded": fuse_bn(bn), "bnet unfused": bnet.eval(),
                   "bnet fused": fuse_bnet(bnet)}
         with torch.no_grad(), torch.autocast(where.type, dtype=dtype or torch.float32, enabled=dtype is not None):
@@ -107,15 +115,18 @@ def main(argv: list[str] | None = None) -> None:
             rows.append({"arch": arch, "size": args.size, "bs": bs, "model": name, "ms_per_batch": seconds * 1e3,
                          "images_per_second": bs / seconds, "ratio_to_bn": ratio, "ratio_to_bn_folded": deployed})
     what = "max_memory_allocated" if where.type == "cuda" else "peak RSS rise"
-    print(f"\n# peak memory of one training step (forward + backward, {amp}, {what}), batch {bs}, {args.size} px")
-    print(f"{'arch':<12} {'model':<14} {'MiB':>9} {'vs bn':>7}")
+    print(f"\n# memory of one training step ({amp}), batch {bs}, {args.size} px: peak ({what}, forward + "
+          f"backward) and the activations saved for the backward (exact: saved-tensor hooks, each storage once)")
+    print(f"{'arch':<12} {'model':<14} {'peak MiB':>9} {'vs bn':>7} {'saved MiB':>10} {'vs bn':>7}")
     memory_rows = []
-    for arch, name, mib in memory:
-        base = next(m for a, n, m in memory if a == arch and n == "bn")
+    for arch, name, mib, saved in memory:
+        base, saved_bn = next((m, s) for a, n, m, s in memory if a == arch and n == "bn")
         # a tiny step can fit in memory the process already holds (a CPU RSS rise of 0): no ratio then
         ratio = mib / base if base >= MIN_MIB else None
-        print(f"{arch:<12} {name:<14} {mib:9.1f} {'n/a' if ratio is None else f'{ratio:.3f}':>7}")
-        memory_rows.append({"arch": arch, "model": name, "mib": mib, "ratio_to_bn": ratio})
+        print(f"{arch:<12} {name:<14} {mib:9.1f} {'n/a' if ratio is None else f'{ratio:.3f}':>7} {saved:10.2f} "
+              f"{saved / saved_bn:7.3f}")
+        memory_rows.append({"arch": arch, "model": name, "mib": mib, "ratio_to_bn": ratio, "saved_mib": saved,
+                            "saved_ratio_to_bn": saved / saved_bn})
     if any(r["ratio_to_bn"] is None for r in memory_rows):
         print(f"# n/a: BN's step needed under {MIN_MIB} MiB beyond what was held; raise --bs or --size to compare")
     write_json(args.json, "eval_and_memory", argv, f"median of {args.rounds} interleaved rounds of an eval "

@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # One prepared GPU check, sized for at most 8 minutes on one H200: `bnet-fastai check --json`, the CUDA tests
-# (pytest -m cuda), the training-step and inference benchmarks with --json, and a short Fashion-MNIST study
+# (pytest -m cuda), the training-step (BNET one-map and composed) and inference + memory (peak and saved
+# activations of BN, BNET composed, BNET one-map) benchmarks with --json, and a short Fashion-MNIST study
 # (all 60,000 training images, 28 px, 5 epochs, BN vs BNET, 3 seeds), each step under its own time cap.
 #
 #   benchmarks/gpu_check.sh             # on the GPU machine; results in $OUT (else benchmarks/gpu-check-<time>)
@@ -64,7 +65,7 @@ study=$work/study
 plan=(
     "check|120|$python -m bnet_fastai check --json $out/check.json"
     "cuda-tests|100|$python -m pytest -m cuda -q -p no:cacheprovider tests/test_cuda.py --junitxml $out/cuda-tests.xml"
-    "train-step|60|$python benchmarks/train_step.py --formats channels_last --rounds 10 --json $out/train_step.json"
+    "train-step|60|$python benchmarks/train_step.py --formats channels_last --rounds 10 --variants bnet-k3-all,bnet-k3-all-composed,bnet-k3-last,authors-k3-all --json $out/train_step.json"
     "inference|40|$python benchmarks/eval_and_memory.py --rounds 20 --json $out/eval_and_memory.json"
     "data|40|$python -m bnet_fastai data fashion-mnist"
     "study|100|$python -m bnet_fastai sweep --dataset fashion-mnist --arch xmininet --norm bn,bnet --seed 0,1,2 --size 28 --bs 128 --lr 0.01 --epochs 5 --workers 2 --keep-weights false --parallel 6 --out $study"

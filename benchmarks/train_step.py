@@ -4,6 +4,8 @@
                                                     # GPU: xresnet50 and resnest26d, 128 px, batch 64, fp16
     python benchmarks/train_step.py --archs xmininet --size 64 --rounds 3
     python benchmarks/train_step.py --archs xresnet18 --formats channels_last --compile   # eager vs compiled
+    python benchmarks/train_step.py --archs xmininet --size 28 --bs 128 --formats channels_last \
+        --variants bnet-k3-all,bnet-k3-all-composed        # one saved map (the default) vs the composed path
     python benchmarks/train_step.py --archs xmininet --size 28 --bs 128 --formats channels_last --rounds 100 \
         --opt adam --variants bnet-k3-all,bnet-k3-last,bnet-k5-last,bnet-k1-all \
         --json docs/fashion-mnist-convergence/cost.json   # a budget study's cost ratios, one per variant
@@ -31,6 +33,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import OPTIMIZERS, device, interleaved, machine, precision, training_step, write_json  # noqa: E402
 
 from bnet_fastai import create_model  # noqa: E402
+from bnet_fastai.nn.layers import set_one_map  # noqa: E402
 from bnet_fastai.nn.norms import select_norms  # noqa: E402
 from bnet_fastai.nn.weight_decay import no_decay_params  # noqa: E402
 from bnet_fastai.runs.config import variant_fields  # noqa: E402
@@ -67,6 +70,7 @@ REPORT_NAMES = {"bn": "bn", "bnet all": "bnet-k3-all", "bnet last": "bnet-k3-las
                 "bn compiled": "bn-compiled", "bnet all compiled": "bnet-k3-all-compiled"}
 LABELS = {name: label for label, name in REPORT_NAMES.items()}
 DEFAULT_VARIANTS = ("bnet-k3-all", "bnet-k3-last", "authors-k3-all")
+COMPOSED = "-composed"  # a variant's suffix: trained through the composed path (`set_one_map(model, False)`)
 
 
 def variants(arch: str, compiled: bool, only: list[str] | None = None) -> dict[str, nn.Module]:
@@ -82,9 +86,10 @@ def variants(arch: str, compiled: bool, only: list[str] | None = None) -> dict[s
         builders = {"authors-k3-all": lambda: authors_model(arch)}
         names = ["bn", *[n for n in (only if only is not None else DEFAULT_VARIANTS) if n != "bn"]]
         for name in names:
-            if name not in builders:
-                fields = variant_fields(name)
-                builders[name] = lambda f=fields: create_model(arch, **f)
+            if name not in builders:  # `<variant>-composed`: BNET through the composed path (two saved maps)
+                fields = variant_fields(name.removesuffix(COMPOSED))
+                builders[name] = lambda f=fields, one_map=not name.endswith(COMPOSED): set_one_map(
+                    create_model(arch, **f), one_map)
     return {LABELS.get(name, name): builders[name]() for name in names}
 
 
@@ -97,8 +102,8 @@ def check_variants(text: str | None, compiled: bool) -> list[str] | None:
     for name in names:
         if compiled and name not in ("bnet-k3-all", *fixed):
             raise ValueError(f"with --compile the variants are bnet-k3-all, {', '.join(fixed)}; got {name!r}")
-        if name not in fixed:
-            variant_fields(name)  # bnet-k<odd>-<all|last>, or a one-line ValueError naming the forms
+        if name not in fixed:  # bnet-k<odd>-<all|last>[-composed], or a one-line ValueError naming the forms
+            variant_fields(name.removesuffix(COMPOSED))
     return names
 
 
@@ -119,7 +124,8 @@ def main(argv: list[str] | None = None) -> None:
                         help="float16 autocast + GradScaler: auto = on a GPU only (as runs train)")
     parser.add_argument("--compile", action="store_true", help="eager vs torch.compile instead of the variants")
     parser.add_argument("--variants", default=None, help="comma-separated report names to time besides bn: "
-                        "bnet-k<odd k>-<all|last> (bnet-k5-last, bnet-k1-all, ...) or authors-k3-all (default: "
+                        "bnet-k<odd k>-<all|last> (bnet-k5-last, bnet-k1-all, ...), any of them with -composed (BNET "
+                        "through the composed path: two saved maps) or authors-k3-all (default: "
                         f"{', '.join(DEFAULT_VARIANTS)}; with --compile bn-compiled, bnet-k3-all, bnet-k3-all-compiled)")
     parser.add_argument("--opt", default="sgd", choices=OPTIMIZERS, help="the step's optimizer: sgd (torch's, "
                         "momentum 0.9) or adam (fastai's, as runs train; a budget study's cost ratio)")

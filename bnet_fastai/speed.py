@@ -85,3 +85,25 @@ def training_step(model: nn.Module, x: torch.Tensor, y: torch.Tensor, dtype: tor
         return loss.detach()
 
     return step
+
+
+def saved_activation_bytes(model: nn.Module, x: torch.Tensor, y: torch.Tensor, dtype: torch.dtype | None = None
+                           ) -> int:
+    """Bytes that one training forward of `model` keeps for its backward, counted exactly: every tensor autograd
+    saves (`torch.autograd.graph.saved_tensors_hooks`), each storage once, parameters' storages left out. A
+    deterministic number (no allocator, no resident-set noise), so memory ratios can be tested."""
+    params = {p.untyped_storage().data_ptr() for p in model.parameters()}
+    storages: dict[int, int] = {}
+
+    def pack(t: torch.Tensor) -> torch.Tensor:
+        storage = t.untyped_storage()
+        if storage.data_ptr() not in params:
+            storages[storage.data_ptr()] = storage.nbytes()
+        return t
+
+    model.train()
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t), \
+            torch.autocast(x.device.type, dtype=dtype or torch.float32, enabled=dtype is not None):
+        loss = F.cross_entropy(model(x), y)
+    del loss  # the graph and what it saved go with it
+    return sum(storages.values())

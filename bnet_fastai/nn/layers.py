@@ -31,6 +31,7 @@ from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
 from bnet_fastai._checks import check_choice, check_kernel_size
+from bnet_fastai.nn.one_map import OneMapBNET
 
 BNET_INITS = ("identity", "zero", "official")
 # What a layer's `init` may read: `copy` marks a layer that took a BatchNorm's gamma and beta (`from_bn`);
@@ -151,7 +152,33 @@ class _BNETNd(nn.Module):
     @property
     def running_var(self) -> torch.Tensor | None: return self.norm.running_var
 
+    one_map = True  # train through `OneMapBNET` (one saved map, as BN); False: the composed path, as before
+
+    def _use_one_map(self, x: torch.Tensor) -> bool:
+        """Whether this forward trains through `OneMapBNET`: batch statistics, a gradient to keep, no
+        SyncBatchNorm (its statistics are all-reduced by its own function), not under compile or export."""
+        norm = self.norm
+        batch_stats = norm.training or (norm.running_mean is None and norm.running_var is None)
+        wants_grad = torch.is_grad_enabled() and (x.requires_grad or self.weight.requires_grad
+                                                  or self.bias.requires_grad)
+        return (self.one_map and batch_stats and wants_grad and type(norm) is self._norm_cls
+                and not torch.compiler.is_compiling() and not torch.compiler.is_exporting())
+
+    def _one_map_forward(self, x: torch.Tensor) -> torch.Tensor:
+        norm = self.norm
+        norm._check_input_dim(x)
+        factor = 0.0 if norm.momentum is None else norm.momentum  # as _BatchNorm.forward computes it
+        if norm.training and norm.track_running_stats and norm.num_batches_tracked is not None:
+            norm.num_batches_tracked.add_(1)
+            factor = 1.0 / float(norm.num_batches_tracked) if norm.momentum is None else norm.momentum
+        update = norm.training and norm.track_running_stats  # as _BatchNorm passes its buffers to F.batch_norm
+        running_mean, running_var = (norm.running_mean, norm.running_var) if update else (None, None)
+        return OneMapBNET.apply(x, self.weight, self.bias, running_mean, running_var, factor, norm.eps,
+                                f"{type(self).__name__}({self.extra_repr()})")
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self._use_one_map(x):
+            return self._one_map_forward(x)
         x = self.norm(x)
         if all(n == 1 for n in x.shape[2:]):
             # A 1x1 map (ResNeSt's split attention) only ever meets the centre tap: the zero-padded conv
@@ -165,6 +192,15 @@ class _BNETNd(nn.Module):
 
     def extra_repr(self) -> str:
         return f"{self.num_features}, k={self.k}, init={self.init!r}"
+
+
+def set_one_map(model: nn.Module, enabled: bool) -> nn.Module:
+    """Train every BNET layer of `model` through `OneMapBNET` (`enabled`, the default: one saved map, as BN) or
+    through the composed path (BN, then the conv, through autograd: two saved maps, differentiable twice)."""
+    for m in model.modules():
+        if isinstance(m, _BNETNd):
+            m.one_map = enabled
+    return model
 
 
 def autocast_dtype(x: torch.Tensor) -> torch.dtype:

@@ -1,0 +1,64 @@
+"""BNET's training step keeping one map for its backward, as BatchNorm does.
+
+Composed of autograd's pieces, BNET (an affine-free BatchNorm, then a depthwise conv) keeps two maps of the size
+of its input for the backward: the input, for the normaliser, and the normalised map x̂, for the conv. `OneMapBNET`
+keeps only x̂ and the per-channel inverse standard deviation. Its backward takes the conv's gradients from
+`aten.convolution_backward` (x̂ is the conv's input) and the input gradient from x̂ alone, BatchNorm's formula
+
+    dx = invstd · (dx̂ − mean(dx̂) − x̂ · mean(dx̂ · x̂))      (means over the batch and every spatial position)
+
+which `aten.native_batch_norm_backward` computes when told that the "input" x̂ has mean 0 and inverse std 1;
+the real inverse std then scales it. This is the idea of In-Place Activated BatchNorm (Rota Bulò et al.,
+CVPR 2018): recover what the backward needs from the layer's output rather than keep its input.
+
+`_BNETNd.forward` uses it while training with batch statistics; it keeps the composed path for a
+`SyncBatchNorm` normaliser, in eval mode, without gradients, and under `torch.compile` / `torch.export`. The
+backward is not differentiable again: ``create_graph=True`` through it stops in one line naming the layer and
+the fix (`bnet_fastai.nn.layers.set_one_map(model, False)` trains through the composed path, which supports it).
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+_CONV = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}
+
+
+class OneMapBNET(torch.autograd.Function):
+    """y = depthwise_conv(batch_norm(x, no affine, batch statistics), weight) + bias, saving x̂ and invstd."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, running_mean, running_var,
+                factor: float, eps: float, layer: str) -> torch.Tensor:
+        # the normaliser's forward as torch.batch_norm runs it on this device (running statistics updated in place)
+        xhat, _, invstd = torch.ops.aten.native_batch_norm(x, None, None, running_mean, running_var, True,
+                                                           factor, eps)
+        channels, ndim = x.shape[1], x.dim() - 2
+        y = _CONV[ndim](xhat, weight, bias, padding=weight.shape[-1] // 2, groups=channels)  # autocast applies
+        ctx.save_for_backward(xhat, invstd, weight)
+        ctx.conv_dtype, ctx.layer = y.dtype, layer
+        return y
+
+    @staticmethod
+    def backward(ctx, dy: torch.Tensor):
+        if torch.is_grad_enabled():  # backward(create_graph=True): x̂ was saved without its graph
+            raise RuntimeError(f"{ctx.layer}: BNET's one-map backward is not differentiable twice "
+                               f"(create_graph=True): train it through the composed path, "
+                               f"`bnet_fastai.nn.layers.set_one_map(model, False)`")
+        xhat, invstd, weight = ctx.saved_tensors
+        channels, ndim = xhat.shape[1], xhat.dim() - 2
+        dtype = ctx.conv_dtype  # the dtype the conv ran in (autocast's), so its backward runs in it too
+        k = weight.shape[-1]
+        dxhat, dweight, dbias = torch.ops.aten.convolution_backward(
+            dy.to(dtype), xhat.to(dtype), weight.to(dtype), [channels], [1] * ndim, [k // 2] * ndim,
+            [1] * ndim, False, [0] * ndim, channels, [True, ctx.needs_input_grad[1], ctx.needs_input_grad[2]])
+        dx = None
+        if ctx.needs_input_grad[0]:
+            stats = torch.float32 if xhat.dtype in (torch.float16, torch.bfloat16) else xhat.dtype
+            zeros = torch.zeros(channels, dtype=stats, device=xhat.device)
+            ones = torch.ones(channels, dtype=stats, device=xhat.device)
+            centred, _, _ = torch.ops.aten.native_batch_norm_backward(
+                dxhat.to(xhat.dtype), xhat, None, None, None, zeros, ones, True, 0.0, [True, False, False])
+            dx = centred * invstd.view(1, channels, *(1,) * ndim).to(centred.dtype)
+        return (dx, None if dweight is None else dweight.to(weight.dtype),
+                None if dbias is None else dbias.to(weight.dtype), None, None, None, None, None)
