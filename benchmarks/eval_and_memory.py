@@ -19,6 +19,8 @@ from __future__ import annotations
 
 import argparse
 import copy
+import ctypes
+import ctypes.util
 import gc
 import sys
 from pathlib import Path
@@ -32,6 +34,9 @@ from _common import device, interleaved, machine, precision, write_json  # noqa:
 from bnet_fastai import create_model, fuse_bn, fuse_bnet  # noqa: E402
 from bnet_fastai.nn.layers import set_one_map  # noqa: E402
 from bnet_fastai.speed import saved_activation_bytes  # noqa: E402
+
+
+_LIBC = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
 
 
 def _rss_kib(field: str) -> int:
@@ -58,6 +63,7 @@ def peak_step_mib(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, dtyp
         step()
         torch.cuda.synchronize(x.device)
         return (torch.cuda.max_memory_allocated(x.device) - before) / 2**20
+    _LIBC.malloc_trim(0)  # free heap memory back to the system, so the RSS before is what is held
     with open("/proc/self/clear_refs", "w") as f:
         f.write("5")  # resets VmHWM to the current RSS
     before = _rss_kib("VmRSS:")
