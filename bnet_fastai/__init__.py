@@ -3,20 +3,23 @@
 The public names below are imported on first use (PEP 562), so ``bnet-fastai --help`` and the argument
 checks of the command line never load torch. The package's parts are its subpackages: `nn` (what you lift
 into a model), `data`, `runs`, `sweeps`, `analysis` and `app` (the command line, the notebooks' helpers), each
-importing only the ones before it; `names`, `paths`, `_checks` and `_files` are torch-free helpers and `speed`
-times training steps side by side.
+importing only the ones before it; `names`, `paths`, `_checks` and `_files` are torch-free helpers, `speed`
+times training steps side by side. Importing the package registers BNET with timm once timm's layers are
+imported (`nn.timm_registration`), without loading torch itself.
 """
 import importlib
 import warnings
 
+from bnet_fastai.nn import timm_registration as _timm_registration  # torch-free: see its docstring
+
 __version__ = "0.1.0"
 
 _PUBLIC = {  # name -> the module that defines it
-    "FusedBNET": "nn.fuse", "fuse_bn": "nn.fuse", "fuse_bnet": "nn.fuse",
+    "FusedBNET": "nn.fuse", "fuse_bn": "nn.fuse", "fuse_bnet": "nn.fuse", "reparameterize_model": "nn.fuse",
     # the layers come through norm_act, whose import registers BNET with timm's norm-layer factories
     "BNET1d": "nn.norm_act", "BNET2d": "nn.norm_act", "BNET3d": "nn.norm_act", "BNETAct2d": "nn.norm_act",
     "bnet_extra_params": "nn.layers",
-    "create_model": "nn.models", "list_archs": "nn.models",
+    "create_model": "nn.models", "list_archs": "nn.models", "create_timm_model": "nn.timm_route",
     "count_norms": "nn.norms", "get_norm_layer": "nn.norms", "list_norms": "nn.norms", "select_norms": "nn.norms",
     "register_conversion": "nn.norms", "swap_norm": "nn.norms",
     "BNETWeightDecay": "nn.weight_decay", "bnet_params": "nn.weight_decay", "no_decay_params": "nn.weight_decay",
@@ -28,6 +31,10 @@ __all__ = sorted(_PUBLIC)
 # nothing a user of this package can act on. Filtered by its message, for the torch.jit module only.
 warnings.filterwarnings("ignore", message="`torch.jit.script` is deprecated", category=FutureWarning,
                         module="torch.jit")
+
+# BNET joins timm's norm factories (norm_layer="bnet") as soon as timm's layers are imported, before or after
+# this package, without this import loading torch.
+_timm_registration.install()
 
 
 def __getattr__(name: str):

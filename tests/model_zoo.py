@@ -1,8 +1,9 @@
 """The torchvision and timm networks that tests/test_real_models.py converts, and the README table they give.
 
 Chosen to cover the layer kinds, not to be easy: plain BatchNorm2d and timm's BatchNormAct2d; basic,
-bottleneck, Res2Net, split-attention, inverted-residual, CSP, OSA and DLA-tree blocks; SE/ESE attention,
-depthwise convs, stochastic depth; dense (concatenating) networks with no residual addition at all.
+bottleneck, Res2Net, split-attention, selective-kernel, dual-path, inverted-residual, CSP, OSA and DLA-tree
+blocks; re-parameterisable blocks (RepVGG, FastViT's RepMixer); SE/ESE attention, depthwise convs, stochastic
+depth; dense (concatenating) networks with no residual addition at all.
 
     python -m tests.model_zoo            # prints the README's "What works where" table from this list
     python -m tests.model_zoo --numbers  # the measured differences behind it, one row per network (~2 min)
@@ -24,6 +25,9 @@ class Zoo:
     residual: bool = True  # has residual additions, so placement="last" applies
     route: bool = True  # the builder takes norm_layer= (torchvision: a class; timm: a class, partial or name)
     slow: bool = False  # more than a few seconds per test on 2 CPU cores
+    route_keeps: int = 0  # BatchNorms the norm_layer= route leaves in place (the builder makes its own)
+    reparam: bool = False  # re-parameterisable blocks: reparameterize_model refuses once they hold BNET
+    last_norm: bool = True  # placement="last" finds a last norm (not where every main path sums branches)
 
     @property
     def id(self) -> str:
@@ -54,6 +58,12 @@ ZOO = [
         residual=False),
     Zoo("timm", "dla34", "DLA tree with residual roots", route=False),
     Zoo("timm", "densenet121", "BatchNormAct2d, dense blocks (concatenation)", residual=False, slow=True),
+    Zoo("timm", "skresnet18", "selective-kernel attention with its own BN", route_keeps=8, slow=True),
+    Zoo("timm", "dpn68", "dual-path blocks (a sliced shortcut), pre-activation", route_keeps=70, slow=True),
+    Zoo("timm", "fastvit_t8", "RepMixer (re-parameterisable branches), ConvMlp", route_keeps=70,
+        reparam=True, slow=True),
+    Zoo("timm", "repvgg_a0", "RepVGG blocks: 3x3, 1x1 and identity-BN branches summed", reparam=True,
+        last_norm=False, slow=True),
 ]
 # No BatchNorm at all: swap_norm refuses them, naming the norm they use.
 NO_BATCHNORM = [Zoo("timm", "convnext_atto", "LayerNorm2d"), Zoo("torchvision", "vit_b_16", "LayerNorm",
@@ -66,9 +76,12 @@ def table() -> str:
             "`fuse_bnet` | `torch.export` / ONNX |",
             "|---|---|---|---|---|---|---|---|"]
     for z in ZOO:
-        last = "yes" if z.residual else "refused: no residual addition"
-        route = "yes" if z.route else "the builder takes no `norm_layer`: use `swap_norm`"
-        rows.append(f"| {z.library} | `{z.name}` | {z.kinds} | yes | {last} | {route} | yes | yes |")
+        last = ("refused: no residual addition" if not z.residual else
+                "refused: every main path ends in a sum of branches" if not z.last_norm else "yes")
+        route = ("the builder takes no `norm_layer`: use `swap_norm`" if not z.route else
+                 f"keeps {z.route_keeps} BN: `create_timm_model` converts them" if z.route_keeps else "yes")
+        fuse = "yes (`reparameterize_model` refused)" if z.reparam else "yes"
+        rows.append(f"| {z.library} | `{z.name}` | {z.kinds} | yes | {last} | {route} | {fuse} | yes |")
     for z in NO_BATCHNORM:
         rows.append(f"| {z.library} | `{z.name}` | {z.kinds} | refused: no BatchNorm | refused | n/a | n/a | n/a |")
     return "\n".join(rows)
@@ -92,11 +105,11 @@ def numbers() -> None:
         model = _trained_like(z.build())
         with torch.no_grad():
             expected, row = model(X), [z.id, str(count_norms(model)["bn"])]
-            for placement in ("all", "last") if z.residual else ("all",):
+            for placement in ("all", "last") if z.residual and z.last_norm else ("all",):
                 swapped = swap_norm(copy.deepcopy(model), "bnet", placement=placement, init="copy").eval()
                 n = f" ({count_norms(swapped)['bnet']})" if placement == "last" else ""
                 row.append(f"{_rel(swapped(X), expected):.1e}{n}")
-            if not z.residual:
+            if not (z.residual and z.last_norm):
                 row.append("-")
             for k in (1, 3, 5):
                 torch.manual_seed(k)

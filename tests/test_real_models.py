@@ -12,7 +12,8 @@ import torch
 from torch.export import Dim
 from torch.nn.modules.batchnorm import _BatchNorm
 
-from bnet_fastai import BNET2d, count_norms, fuse_bnet, get_norm_layer, swap_norm
+from bnet_fastai import (BNET2d, count_norms, create_timm_model, fuse_bnet, get_norm_layer,
+                         reparameterize_model, swap_norm)
 from bnet_fastai.nn.layers import _BNETNd
 
 from .helpers import perturb_bnets
@@ -39,6 +40,10 @@ def _trained_like(model: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
     return model.eval()
 
 
+def _bnets(model: torch.nn.Module) -> list[_BNETNd]:
+    return [m for m in model.modules() if isinstance(m, _BNETNd)]
+
+
 def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
     return ((a - b).abs().max() / b.abs().max()).item()
 
@@ -57,8 +62,9 @@ def test_init_copy_keeps_the_function_in_both_placements(z):
     model, expected = _original(z)
     n_bn = count_norms(model)["bn"]
     for placement in ("all", "last"):
-        if placement == "last" and not z.residual:
-            with pytest.raises(ValueError, match=f"found no residual block in {type(model).__name__}"):
+        if placement == "last" and not (z.residual and z.last_norm):
+            refusal = "found no residual block" if not z.residual else "found no last norm"
+            with pytest.raises(ValueError, match=f"{refusal} in {type(model).__name__}"):
                 swap_norm(copy.deepcopy(model), "bnet", placement="last", init="copy")
             continue
         swapped = swap_norm(copy.deepcopy(model), "bnet", placement=placement, k=3, init="copy").eval()
@@ -104,12 +110,18 @@ def test_the_norm_layer_route_builds_bnet_and_keeps_every_activation(z):
     torch.manual_seed(0)
     layer = get_norm_layer("bnet") if z.library == "timm" else BNET2d
     routed = z.build(norm_layer=layer)
+    assert count_norms(routed)["bn"] == z.route_keeps  # what the builder makes without its norm_layer
+    if z.library == "timm":
+        if z.route_keeps:
+            with pytest.warns(UserWarning, match=f"^timm's {z.name} builder kept {z.route_keeps} BatchNorm layer"):
+                create_timm_model(z.name, leftover="keep")
+        routed = create_timm_model(z.name)  # the route, the family's eps and momentum, swap_norm on what it left
+    else:  # eps is a constructor argument, not state: torchvision binds its own (MobileNetV3: 1e-3) in its default
+        for mine, theirs in zip(_bnets(routed), _bnets(swapped)):
+            mine.norm.eps, mine.norm.momentum = theirs.norm.eps, theirs.norm.momentum
     assert count_norms(routed) == count_norms(swapped)
+    assert [(m.eps, m.momentum) for m in _bnets(routed)] == [(m.eps, m.momentum) for m in _bnets(swapped)]
     routed.load_state_dict(swapped.state_dict())  # strict: the same modules under the same names
-    # eps is a constructor argument, not state: torchvision binds its own (MobileNetV3: 1e-3) in its default
-    for mine, theirs in zip((m for m in routed.modules() if isinstance(m, _BNETNd)),
-                            (m for m in swapped.modules() if isinstance(m, _BNETNd))):
-        mine.norm.eps = theirs.norm.eps
     acts = [type(m) for m in swapped.modules() if not list(m.children())]
     assert [type(m) for m in routed.modules() if not list(m.children())] == acts
     with torch.no_grad():
@@ -127,6 +139,16 @@ def test_the_fused_network_exports_at_a_dynamic_image_size(z):
     x = torch.randn(2, 3, 96, 128)
     with torch.no_grad():
         assert _rel(exported(x), swapped(x)) <= 1e-5
+
+
+@pytest.mark.parametrize("z", _params(ZOO, lambda z: z.reparam))
+def test_reparameterize_model_folds_the_bn_network_and_refuses_bnet_in_one_line(z):
+    model, expected = _original(z)
+    with torch.no_grad():
+        assert _rel(reparameterize_model(model)(X), expected) <= 1e-5  # timm's folding, BN unchanged
+    swapped = swap_norm(copy.deepcopy(model), "bnet", init="copy").eval()
+    with pytest.raises(ValueError, match=r"^reparameterize_model: \S+ \(\w+\) holds BNET .*fuse_bnet\(model\)"):
+        reparameterize_model(swapped)
 
 
 @pytest.mark.parametrize("z", _params(NO_BATCHNORM))
@@ -147,9 +169,9 @@ def test_the_readme_use_bnet_snippet_runs():
     code = section.split("```python\n", 1)[1].split("```", 1)[0]
     scope = {}
     exec(compile(code, "README.md (Use BNET)", "exec"), scope)
-    x = torch.randn(2, 3, 160, 96)
-    with torch.no_grad():
-        assert _rel(scope["exported"].module()(x), scope["model"].eval()(x)) <= 1e-5
+    for x in (torch.randn(1, 3, 160, 96), torch.randn(3, 3, 128, 128)):  # batch and image size are dynamic
+        with torch.no_grad():
+            assert _rel(scope["exported"].module()(x), scope["model"].eval()(x)) <= 1e-5
     assert count_norms(scope["net"]) == {"bn": 0, "bnet": 20}
 
 

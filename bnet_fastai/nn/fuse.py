@@ -171,3 +171,29 @@ def fuse_bnet(model: nn.Module) -> nn.Module:
         if isinstance(layer, _BNETNd):
             fused.set_submodule(name, FusedBNET(layer))
     return fused
+
+
+_REPARAM_METHODS = ("fuse", "reparameterize", "switch_to_deploy")  # what timm's reparameterize_model calls
+
+
+def reparameterize_model(model: nn.Module, inplace: bool = False) -> nn.Module:
+    """timm's ``reparameterize_model`` for a model that may hold BNET: refused in one line where a
+    re-parameterisable block (RepVGG, MobileOne, FastViT ...) holds a BNET, else timm's result.
+
+    A re-parameterisable block folds each branch's BatchNorm into the branch conv (gamma/std scaling a k×k
+    kernel) and sums the branches into one conv. A BNET's normalisation is followed by a k×k depthwise
+    kernel: composed with the branch's conv it is a conv of a larger kernel, which the block's single conv
+    cannot hold, and timm would read the BNET's kernel as gamma and fail deep inside ("The size of tensor a
+    (3) must match ..."). `fuse_bnet(model)` deploys such a model, branches kept.
+    """
+    from timm.models import reparameterize_model as timm_reparameterize  # timm's own, for everything else
+
+    for name, block in model.named_modules():
+        if any(callable(getattr(block, m, None)) for m in _REPARAM_METHODS) and not isinstance(block, _BNETNd):
+            inner = next((n for n, m in _norms(block) if isinstance(m, _BNETNd)), None)
+            if inner is not None:
+                raise ValueError(f"reparameterize_model: {name} ({type(block).__name__}) holds BNET {name}.{inner},"
+                                 f" whose k×k kernel cannot fold into the block's single conv; deploy it with "
+                                 f"bnet_fastai.fuse_bnet(model), which keeps the branches and folds each BNET's "
+                                 f"normalisation away")
+    return timm_reparameterize(model, inplace=inplace)

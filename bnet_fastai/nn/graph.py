@@ -5,11 +5,12 @@
 model symbolically with `torch.fx`, norms as leaves, and reads the graph:
 
 - **Residual additions**: an ``add`` of two tensors where one operand (the *shortcut*) is either a tensor
-  the other operand was computed from (an identity shortcut) or the result of module calls only applied to
-  such a tensor (a projection shortcut: ``downsample``, ``idpath``). The other operand is the *main path*;
-  its norms are the nodes computed after the branch point. Additions of two slices of one tensor
-  (Res2Net's hierarchical ``sp + spx[i]``) or of two parallel branches with equally many norms are not
-  residual additions.
+  the other operand was computed from (an identity shortcut) or the result of module calls and slices only
+  applied to such a tensor (a projection shortcut: ``downsample``, ``idpath``; DPN's ``x_s[:, :c]``). The other
+  operand is the *main path*; its norms are the nodes computed after the branch point, and its *last norm*
+  the latest one every path of the branch passes through (none where the branch ends in a sum of parallel
+  re-parameterisation branches). Additions of two slices of one split (Res2Net's hierarchical
+  ``sp + spx[i]``) or of two parallel branches with equally many norms are not residual additions.
 - **Conv -> norm pairs**: a norm whose only input is a convolution's output, used by nothing else.
 
 Tracing uses timm's no-trace registries (its norm+act layers and wrapped functions are leaves). A module
@@ -114,8 +115,49 @@ def _norm_nodes(nodes, root: nn.Module) -> list[fx.Node]:
     return [n for n in nodes if n.op == "call_module" and is_norm(root.get_submodule(n.target))]
 
 
-def residual_main_norms(root: nn.Module, graph: fx.Graph) -> Iterator[list[str]]:
-    """For each residual addition in `graph`, the norms of its main path (targets relative to `root`), in order."""
+def _dominates(norm: fx.Node, end: fx.Node, own: set[fx.Node]) -> bool:
+    """Whether every path from outside `own` (the branch point) to `end` passes through `norm`."""
+    seen, todo = set(), [end]
+    while todo:
+        n = todo.pop()
+        if n is norm or n in seen:
+            continue
+        if n not in own:
+            return False
+        seen.add(n)
+        todo.extend(n.all_input_nodes)
+    return True
+
+
+def _shortcut_ok(short: fx.Node, own_short: set[fx.Node], own_main: set[fx.Node], up_main: set[fx.Node]) -> bool:
+    """Whether `short` is a shortcut of a main path computed from the same tensor.
+
+    Its own nodes are module calls (a projection: ``downsample``, ``idpath``) or slices (``[:, :c]``, DPN's dual
+    path) of one tensor the main path was computed from; a slice only where the main path takes that tensor
+    whole, so that two slices of one split (Res2Net's ``sp + spx[i]``) are not a residual addition.
+    """
+    sliced = any(n.op == "call_function" and n.target is operator.getitem for n in own_short)
+    if any(n.op != "call_module" and not (n.op == "call_function" and n.target is operator.getitem)
+           for n in own_short):
+        return False  # the shortcut does more than module calls and slices: concatenations, arithmetic
+    inputs = {i for n in own_short for i in n.all_input_nodes} - own_short if own_short else {short}
+    if len(inputs) != 1 or not inputs <= up_main:
+        return False  # the shortcut does not start from a tensor the main path was computed from
+    source = next(iter(inputs))
+    return not sliced or any(source in n.all_input_nodes and not (n.op == "call_function"
+                                                                   and n.target is operator.getitem)
+                             for n in own_main)
+
+
+def residual_additions(root: nn.Module, graph: fx.Graph) -> Iterator[tuple[list[str], str | None]]:
+    """For each residual addition in `graph`: its main path's norms (targets relative to `root`, in order) and
+    the main path's *last norm*, or None where it has none.
+
+    The last norm is the latest norm that every path of the main branch passes through, and not one applied
+    to the block's raw input. So a main path that ends in a sum of parallel branches (re-parameterisable
+    blocks: RepVGG, MobileOne, FastViT's RepMixer) has none, and neither does a pre-norm block whose only norm
+    normalises its input.
+    """
     order = {n: i for i, n in enumerate(graph.nodes)}
     for node in graph.nodes:
         if not _is_add(node) or len(node.args) < 2:
@@ -129,12 +171,12 @@ def residual_main_norms(root: nn.Module, graph: fx.Graph) -> Iterator[list[str]]
         main, short = (a, b) if len(norms[a]) > len(norms[b]) else (b, a)
         if len(norms[main]) == len(norms[short]):
             continue  # parallel branches (or no norm at all): no main path to speak of
-        if any(n.op != "call_module" for n in own[short]):
-            continue  # the shortcut does more than module calls: slices, concatenations, arithmetic
-        inputs = {i for n in own[short] for i in n.all_input_nodes} - own[short] if own[short] else {short}
-        if len(inputs) != 1 or not inputs <= up[main]:
-            continue  # the shortcut does not start from a tensor the main path was computed from
-        yield [n.target for n in sorted(norms[main], key=order.__getitem__)]
+        if not _shortcut_ok(short, own[short], own[main], up[main]):
+            continue
+        ordered = sorted(norms[main], key=order.__getitem__)
+        last = next((n for n in reversed(ordered) if _dominates(n, main, own[main])
+                     and all(i in own[main] for i in n.all_input_nodes)), None)
+        yield [n.target for n in ordered], None if last is None else last.target
 
 
 def conv_norm_pairs(root: nn.Module, graph: fx.Graph) -> Iterator[tuple[str, str]]:

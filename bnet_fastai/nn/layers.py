@@ -116,8 +116,8 @@ class _BNETNd(nn.Module):
         """
         check_choice("swap_norm init", init, ("auto", "copy") + BNET_INITS)
         has_affine = bn.weight is not None
-        if init == "auto":
-            init = "zero" if has_affine and not bn.weight.detach().any() else "identity"
+        if init == "auto":  # a meta-device gamma has no values to read: identity, as a fresh layer
+            init = "zero" if has_affine and not bn.weight.is_meta and not bn.weight.detach().any() else "identity"
         ref = bn.running_mean if bn.running_mean is not None else (bn.weight if has_affine else None)
         factory = dict(device=ref.device, dtype=ref.dtype) if ref is not None else {}
         new = cls(bn.num_features, k=k, eps=bn.eps, momentum=bn.momentum,
@@ -175,6 +175,11 @@ class _BNETNd(nn.Module):
         running_mean, running_var = (norm.running_mean, norm.running_var) if update else (None, None)
         return OneMapBNET.apply(x, self.weight, self.bias, running_mean, running_var, factor, norm.eps,
                                 f"{type(self).__name__}({self.extra_repr()})")
+
+    def __prepare_scriptable__(self):
+        """torch.jit.script calls this on every submodule first: refuse in one line rather than fail inside."""
+        raise RuntimeError(f"{type(self).__name__} does not support TorchScript (torch.jit.script, deprecated by "
+                           f"torch): export the model with torch.export or ONNX, or script fuse_bnet(model)")
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self._use_one_map(x):

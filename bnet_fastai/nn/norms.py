@@ -3,9 +3,11 @@
 Placement follows the two implementations of BNET:
 - ``"all"``: every BatchNorm becomes BNET (the seed implementation of this project);
 - ``"last"``: only the last norm of each residual block's main path, the norm right before the residual
-  addition (the paper's released code puts BNET in ``bn3`` of each torchvision bottleneck). Shortcut
-  (downsample) norms and the stem keep BN. The blocks are found by tracing the model (`graph`); block
-  classes fx cannot trace are read from `RESIDUAL_BLOCKS`.
+  addition (the paper's released code puts BNET in ``bn3`` of each torchvision bottleneck): the latest norm
+  every path of the branch passes through, never one on a parallel (re-parameterisation) branch or one that
+  normalises the block's input (`graph.residual_additions`). Shortcut (downsample) norms and the stem keep
+  BN. The blocks are found by tracing the model (`graph`); block classes fx cannot trace are read from
+  `RESIDUAL_BLOCKS`.
 
 Which BNET replaces which BatchNorm is `NORM_CONVERSIONS`: a BatchNorm subclass whose forward does more
 than normalise (timm's ``BatchNormAct2d`` applies a drop and an activation) becomes a BNET that does the
@@ -105,6 +107,18 @@ def _norms(module: nn.Module, prefix: str = "") -> Iterator[tuple[str, nn.Module
             yield from _norms(child, full + ".")
 
 
+def _norm_names(module: nn.Module, prefix: str = "") -> Iterator[tuple[str, nn.Module]]:
+    """`_norms` under every name: a layer registered twice, or shared by two blocks, once per name."""
+    for name, child in module._modules.items():
+        if child is None:
+            continue
+        full = f"{prefix}{name}"
+        if _is_norm(child):
+            yield full, child
+        else:
+            yield from _norm_names(child, full + ".")
+
+
 def _join(prefix: str, name: str) -> str:
     return f"{prefix}.{name}" if prefix else name
 
@@ -118,10 +132,19 @@ def _registered_block_last(name: str, block: nn.Module) -> str | None:
 
 def _last_norm_names(model: nn.Module) -> set[str]:
     """Qualified names of the last norm on each residual block's main path (see the module docstring)."""
+    return _last_norms(model)[0]
+
+
+def _last_norms(model: nn.Module) -> tuple[set[str], int]:
+    """`_last_norm_names`, and how many residual additions have no last norm (a sum of parallel branches)."""
     traced = graph.trace(model)
-    found, seen = set(), set()
+    found, seen, without = set(), set(), 0
     for prefix, root, g in traced.units:
-        found |= {_join(prefix, main[-1]) for main in graph.residual_main_norms(root, g)}
+        for _, last in graph.residual_additions(root, g):
+            if last is None:
+                without += 1
+            else:
+                found.add(_join(prefix, last))
         seen |= {_join(prefix, n.target) for n in g.nodes if n.op == "call_module"}
     registered = [n for n, m in traced.opaque.items() if isinstance(m, tuple(RESIDUAL_BLOCKS))]
     for name in registered:
@@ -139,7 +162,7 @@ def _last_norm_names(model: nn.Module) -> set[str]:
         warnings.warn(f"placement='last': torch.fx cannot trace {', '.join(holders)}, so {len(unseen)} norm(s) "
                       f"inside ({unseen[0]} ...) were not considered; if such a module is a residual block, add "
                       f"its class to bnet_fastai.nn.norms.RESIDUAL_BLOCKS", stacklevel=3)
-    return found
+    return found, without
 
 
 def select_norms(model: nn.Module, placement: str = "all") -> list[tuple[str, nn.Module]]:
@@ -147,8 +170,13 @@ def select_norms(model: nn.Module, placement: str = "all") -> list[tuple[str, nn
     check_choice("placement", placement, PLACEMENTS)
     if placement == "all":
         return list(_norms(model))
-    last = _last_norm_names(model)
+    last, without = _last_norms(model)
     found = [(n, m) for n, m in _norms(model) if n in last]
+    if not found and without:
+        raise ValueError(f"placement='last' found no last norm in {type(model).__name__}: all {without} additions "
+                         f"of a shortcut to a path with norms add a path that ends in a sum of parallel branches "
+                         f"(re-parameterisable blocks) or whose only norm normalises the block's input; use "
+                         f"placement='all'")
     if not found:
         raise ValueError(f"placement='last' found no residual block in {type(model).__name__}: no addition of a "
                          f"shortcut to a path with a norm (use placement='all', or add an untraceable block class "
@@ -178,24 +206,36 @@ def swap_norm(model: nn.Module, norm: str = "bnet", placement: str = "all", k: i
     gamma/beta into the centre tap/bias, so a trained model keeps its function; or a BNET init name.
 
     Each layer is converted by `NORM_CONVERSIONS`: timm's ``BatchNormAct2d`` becomes `BNETAct2d` with the
-    same drop and act modules. Every selected layer is checked before any is replaced: a BatchNorm subclass
-    with a forward of its own and no registered conversion, or a model with no BatchNorm at all (a
-    LayerNorm model), raises ValueError and leaves the model as it was.
+    same drop and act modules. A layer registered under several names (tied, or shared by blocks) becomes one
+    BNET under each of them. Every selected layer is checked before any is replaced: a BatchNorm subclass
+    with a forward of its own and no registered conversion, a model with no BatchNorm at all (a LayerNorm
+    model), or one holding BNETs of another `k` raises ValueError and leaves the model as it was; a
+    TorchScript module raises TypeError.
     """
     check_choice("norm", norm, NORM_LAYERS)
     check_choice("placement", placement, PLACEMENTS)
     check_kernel_size(k)
     check_choice("swap_norm init", init, SWAP_INITS)
+    if isinstance(model, torch.jit.ScriptModule):
+        raise TypeError("swap_norm takes an eager nn.Module, not a TorchScript module: convert the model first, "
+                        "then export it (torch.export, ONNX)")
     if norm == "bn":  # BN is what every supported library builds: nothing to convert.
         return model
+    kernels = sorted({m.k for _, m in _norms(model) if isinstance(m, _BNETNd)} - {k})
+    if kernels:
+        raise ValueError(f"swap_norm(k={k}): {type(model).__name__} already holds BNET layers with "
+                         f"k={', '.join(map(str, kernels))}, and swap_norm converts BatchNorm only; convert the "
+                         f"BatchNorm model with k={k} instead")
     if not any(True for _ in _norms(model)):
         others = _other_norms(model)
         uses = f"it uses {', '.join(others)}" if others else "it has no normalisation layer"
         raise ValueError(f"no BatchNorm layer in {type(model).__name__}: {uses}; BNET replaces BatchNorm only")
     todo = [(name, layer, _conversion(name, layer)) for name, layer in select_norms(model, placement)
             if isinstance(layer, _BatchNorm)]
-    for name, layer, convert in todo:
-        model.set_submodule(name, convert(layer, k, init))
+    new = {id(layer): convert(layer, k, init) for _, layer, convert in reversed(todo)}
+    for name, layer in list(_norm_names(model)):  # a layer under several names: one BNET under each of them
+        if id(layer) in new:
+            model.set_submodule(name, new[id(layer)])
     return model
 
 
