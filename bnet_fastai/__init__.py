@@ -4,13 +4,13 @@ The public names below are imported on first use (PEP 562), so ``bnet-fastai --h
 checks of the command line never load torch. The package's parts are its subpackages: `nn` (what you lift
 into a model), `data`, `runs`, `sweeps`, `analysis` and `app` (the command line, the notebooks' helpers), each
 importing only the ones before it; `names`, `paths`, `_checks` and `_files` are torch-free helpers, `speed`
-times training steps side by side. Importing the package registers BNET with timm once timm's layers are
-imported (`nn.timm_registration`), without loading torch itself.
+times training steps side by side. Importing the package registers BNET with timm and fastai once they are
+imported (`nn.registration`: timm's norm_layer="bnet", fastai's norm_types), without loading torch itself.
 """
 import importlib
 import warnings
 
-from bnet_fastai.nn import timm_registration as _timm_registration  # torch-free: see its docstring
+from bnet_fastai.nn import registration as _registration  # torch-free: see its docstring
 
 __version__ = "0.1.0"
 
@@ -32,9 +32,9 @@ __all__ = sorted(_PUBLIC)
 warnings.filterwarnings("ignore", message="`torch.jit.script` is deprecated", category=FutureWarning,
                         module="torch.jit")
 
-# BNET joins timm's norm factories (norm_layer="bnet") as soon as timm's layers are imported, before or after
-# this package, without this import loading torch.
-_timm_registration.install()
+# BNET joins timm's norm factories (norm_layer="bnet") and fastai's norm_types (BN's weight-decay rule) as soon as
+# timm and fastai are imported, before or after this package, without this import loading torch.
+_registration.install()
 
 
 def __getattr__(name: str):

@@ -1,11 +1,16 @@
 """Notebook parameters are checked where they enter: papermill's `-p` strings run the same study as the
 values written in the cell, and a bad value stops the notebook at its first code cell with one line."""
+import os
+import socket
+import subprocess
+import sys
 from pathlib import Path
 
 import papermill
 import pytest
 
 from bnet_fastai._checks import parse_parameter
+from bnet_fastai.app.cli import main
 from bnet_fastai.app.notebooks import execute
 from bnet_fastai.sweeps.study import resolve
 
@@ -110,3 +115,50 @@ def test_the_convergence_profile_is_a_budget_study_with_bn_alone_at_the_extra_bu
     published = {p.name for p in (ROOT / "docs" / "fashion-mnist-convergence").glob("xmininet_*")}
     assert len(published) >= 96 and published <= {c.run_id for c in configs}
     assert {c.epochs for c in resolve(profile="convergence", epochs="3,4", seeds=[0]).configs()} == {3, 4}
+
+
+def test_the_gpu_profiles_can_reach_a_verdict_and_keep_their_dataset():
+    full = resolve("auto", "full")  # whatever this machine has, full is Imagenette-160
+    assert full.dataset == "imagenette-160" and full.seeds == list(range(10))
+    assert full.axes["placement"] == ["all", "last"] and len(full.configs()) == 4 * 3 * 10
+    # the smallest exact sign-flip p of n pairs, 2/2^n, passes Holm's first step over the 8 comparisons
+    assert 2 / 2 ** len(full.seeds) <= 0.05 / (len(full.archs) * 2)
+    board = resolve("auto", "leaderboard")
+    assert board.dataset == "imagenette-320" and 2 / 2 ** len(board.seeds) <= 0.05
+
+
+def test_study_full_without_imagenette_stops_in_one_line_before_any_run(tmp_path):
+    with socket.socket() as s:  # a loopback port nothing listens on: the mirror does not answer
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = {**os.environ, "BNET_FASTAI_DATA": str(tmp_path / "data"), "BNET_FASTAI_MIRROR": f"http://127.0.0.1:{port}"}
+    done = subprocess.run([sys.executable, "-m", "bnet_fastai", "study", "full", "--out", str(tmp_path / "out")],
+                          capture_output=True, text=True, env=env, timeout=300)
+    assert done.returncode == 2 and "Traceback" not in done.stderr
+    assert done.stderr.splitlines() == [
+        f"bnet-fastai study: error: cannot download 'imagenette-160' from http://127.0.0.1:{port}/imagenette2-160.tgz "
+        f"([Errno 111] Connection refused); offline, use --dataset sample, or set BNET_FASTAI_MIRROR=<base url> "
+        f"serving imagenette2-160.tgz"]
+    assert "dataset: imagenette-160 | profile: full" in done.stdout and not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("args, message", [(["--seeds", "0,x"], "SEEDS takes whole numbers, got 'x'"),
+                                           (["--k", "4"], "k must be a positive odd integer"),
+                                           (["--placement", "first"], "unknown placement 'first'"),
+                                           (["--archs", "nope"], "unknown arch 'nope'")])
+def test_study_options_are_checked_as_the_notebook_s_parameters(args, message, tmp_path, capsys):
+    assert main(["study", "quick", "--dataset", "sample", "--out", str(tmp_path / "out"), *args]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("bnet-fastai study: error: ") and message in err and err.count("\n") == 1
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.slow
+def test_study_takes_the_notebook_s_parameters_on_the_command_line(tmp_path, monkeypatch):
+    monkeypatch.setenv("BNET_FASTAI_DATA", str(tmp_path / "data"))
+    args = dict(archs="xmininet", norms="bn,bnet-k5-last", seeds="0", epochs="1")
+    assert main(["study", "quick", "--dataset", "sample", "--out", str(tmp_path / "out"),
+                 *[x for name, value in args.items() for x in (f"--{name}", value)]]) == 0
+    expected = resolve("sample", "quick", archs=["xmininet"], norms=["bn", "bnet-k5-last"], seeds=[0], epochs=1)
+    assert sorted(p.name for p in (tmp_path / "out").iterdir() if p.is_dir()) == sorted(
+        c.run_id for c in expected.configs())

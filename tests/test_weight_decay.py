@@ -1,5 +1,10 @@
 """Weight decay: BNET's kernel and bias get fastai's BatchNorm treatment, measured on a real fit."""
+import subprocess
+import sys
+
 import fastai.callback.progress  # noqa: F401  (adds Learner.no_bar)
+import fastai.torch_core
+import pytest
 import torch
 from fastai.data.core import DataLoaders
 from fastai.learner import Learner
@@ -9,6 +14,7 @@ from torch.testing import assert_close
 from torch.utils.data import TensorDataset
 
 from bnet_fastai import BNET2d, BNETWeightDecay, bnet_params, no_decay_params
+from bnet_fastai.nn.layers import _BNETNd
 
 LR, WD = 0.1, 0.5
 
@@ -40,19 +46,33 @@ def test_bnet_params_are_kernel_and_bias_and_counted_as_no_decay():
     assert id(model[0].weight) not in no_wd and id(model[7].weight) not in no_wd
 
 
-def test_callback_excludes_the_kernel_from_decay_like_bn_gamma():
+def test_a_plain_fastai_learner_spares_the_kernel_like_bn_gamma(monkeypatch):
+    """`import bnet_fastai` put BNET in fastai's norm_types: no callback needed. Without it (fastai's own tuple),
+    fastai takes the kernel for a conv weight and decays it."""
     plain, with_cb = _fit_one_step([]), _fit_one_step([BNETWeightDecay()])
-    # fastai alone decays BNET's kernel (it looks like a conv weight) and spares the bias and BN.
-    assert plain.opt.state[plain.model[1].weight].get("do_wd", True) is True
-    assert with_cb.opt.state[with_cb.model[1].weight]["do_wd"] is False
-    assert with_cb.opt.state[with_cb.model[1].bias]["do_wd"] is False
-    # Same data, same init, one SGD step: decoupled decay shrinks the kernel by lr*wd*w0 without the
-    # callback; with it the kernel differs by exactly that, and every other parameter is identical.
+    for learn in (plain, with_cb):
+        assert learn.opt.state[learn.model[1].weight]["do_wd"] is False
+        assert learn.opt.state[learn.model[1].bias]["do_wd"] is False
+    assert all(torch.equal(a, b) for a, b in zip(plain.model.parameters(), with_cb.model.parameters()))
+    monkeypatch.setattr(fastai.torch_core, "norm_types",
+                        tuple(t for t in fastai.torch_core.norm_types if t is not _BNETNd))
+    unaware = _fit_one_step([])
+    assert unaware.opt.state[unaware.model[1].weight].get("do_wd", True) is True
+    # Same data, same init, one SGD step: decoupled decay shrinks the kernel by lr*wd*w0 when fastai does not
+    # know BNET; otherwise the kernel differs by exactly that, and every other parameter is identical.
     w0 = _model()[1].weight.detach()
-    assert_close(with_cb.model[1].weight - plain.model[1].weight, LR * WD * w0)
-    for (name, a), b in zip(with_cb.model.named_parameters(), plain.model.parameters()):
+    assert_close(plain.model[1].weight - unaware.model[1].weight, LR * WD * w0)
+    for (name, a), b in zip(plain.model.named_parameters(), unaware.model.parameters()):
         if name != "1.weight":
             assert torch.equal(a, b), name
+
+
+@pytest.mark.parametrize("order", ["import fastai.learner, bnet_fastai", "import bnet_fastai, fastai.learner"])
+def test_importing_bnet_fastai_teaches_fastai_bnet_in_either_order(order):
+    code = (f"{order}\nfrom fastai.torch_core import norm_bias_params\nfrom bnet_fastai import BNET2d\n"
+            "print(len(norm_bias_params(BNET2d(4), with_bias=False)))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.split() == ["2"]  # the kernel and the bias, as BN's gamma and beta
 
 
 def test_wd_bn_bias_true_decays_kernel_like_everything_else():

@@ -163,7 +163,8 @@ def _study(args: argparse.Namespace) -> int:
     from bnet_fastai.analysis.report import report
     from bnet_fastai.sweeps.study import resolve, run_study
 
-    study = resolve(args.dataset, args.profile)
+    study = resolve(args.dataset, args.profile, archs=args.archs, norms=args.norms, seeds=args.seeds, k=args.k,
+                    placement=args.placement, epochs=args.epochs)
     out = output_folder(args, f"{study.dataset}-{study.profile}")
     print(study.describe(), flush=True)
     results = run_study(study, out, **where)
@@ -284,9 +285,17 @@ def build_parser() -> argparse.ArgumentParser:
             _add_executor_options(p)
         p.set_defaults(func=func)
     p = sub.add_parser("study", help="run a study profile (the notebook's grid) and report it")
-    p.add_argument("profile", choices=names.PROFILES, help="quick, cpu (the README's accuracy result), convergence "
-                   "(its budget study), full or leaderboard")
-    p.add_argument("--dataset", default="auto", help="default: the profile's dataset, else the first available")
+    p.add_argument("profile", choices=names.PROFILES, help="quick, cpu (the accuracy study at equal epochs), "
+                   "convergence (the budget study behind the README's answers), full or leaderboard (Imagenette, GPU)")
+    p.add_argument("--dataset", default="auto", help="default: the profile's dataset (never another one for the "
+                   "GPU profiles), for quick the first available")
+    # the notebook's parameters, parsed by the same code (`bnet_fastai.sweeps.study.resolve`); default: the profile's
+    p.add_argument("--archs", default=None, help="comma-separated archs (see `bnet-fastai archs`)")
+    p.add_argument("--norms", default=None, help="comma-separated: bn, bnet or BNET variants such as bnet-k5-last")
+    p.add_argument("--seeds", default=None, help="comma-separated seeds, e.g. 0,1,2,3,4,5,6,7,8,9")
+    p.add_argument("--k", default=None, help="BNET kernel size, or several comma-separated (a grid axis)")
+    p.add_argument("--placement", default=None, help="all, last, or all,last")
+    p.add_argument("--epochs", default=None, help="epochs, or several comma-separated (a budget study)")
     p.add_argument("--out", default=None, help="experiment folder (default: results/<dataset>-<profile>, "
                    "under $BNET_FASTAI_RESULTS when set)")
     _add_executor_options(p)

@@ -8,7 +8,7 @@ arguments (``apply_act``, ``act_layer``, ``act_kwargs``, ``inplace``, ``drop_lay
 timm resolves a model's ``norm_layer`` to a norm+act class in ``timm.layers.get_norm_act_layer``: a
 class is looked up by its lower-cased name in a norm -> norm+act map, a string in a name -> norm+act map.
 Importing this module (which ``import bnet_fastai`` does as soon as timm's layers are imported:
-`bnet_fastai.nn.timm_registration`) adds BNET to both maps (and ``bnet`` / ``bnet2d`` to timm's plain ``get_norm_layer``
+`bnet_fastai.nn.registration`) adds BNET to both maps (and ``bnet`` / ``bnet2d`` to timm's plain ``get_norm_layer``
 names), so that, for every timm family::
 
     timm.create_model(name, norm_layer=BNET2d)                  # or bnet_fastai.get_norm_layer("bnet")

@@ -4,9 +4,11 @@ The rule (both arms of every comparison): a norm layer's affine parameters follo
 ``Learner(wd_bn_bias=...)``. With fastai's default ``wd_bn_bias=False`` neither BN's gamma/beta nor
 BNET's depthwise kernel/bias is decayed; every other weight is, and (fastai's rule) no bias is.
 
-fastai applies the rule through ``norm_bias_params``, which knows BatchNorm classes and any ``.bias``:
-it finds BNET's bias but not its kernel, since BNET is deliberately not a ``_BatchNorm`` (see
-`bnet_fastai.nn.layers`). `BNETWeightDecay` adds the kernel, so BNET's kernel is treated like BN's gamma.
+fastai applies the rule through ``norm_bias_params``, which knows the classes in ``fastai.torch_core.norm_types``
+and any ``.bias``. BNET is deliberately not a ``_BatchNorm`` (see `bnet_fastai.nn.layers`), so `import bnet_fastai`
+adds it to ``norm_types`` (`bnet_fastai.nn.registration`): any fastai ``Learner`` then treats a BNET's kernel and
+bias as BN's gamma and beta, with no code of the user's. `BNETWeightDecay` states the same rule explicitly (the
+project's runs use it; it changes nothing once fastai knows BNET).
 """
 from __future__ import annotations
 
