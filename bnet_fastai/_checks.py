@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import ast
+import importlib
 import math
 import os
 import tempfile
@@ -127,3 +128,14 @@ def _convert(name: str, value: object, kind: type) -> object:
         return value
     except (TypeError, ValueError):
         raise ValueError(f"{name} takes {what}, got {value!r}") from None
+
+
+def require(module: str, extra: str, what: str, package: str | None = None):
+    """Import `module` of an optional part of the package, or raise ValueError in one line naming the extra to
+    install (``pip install 'bnet-fastai[EXTRA]'``) for `what` needs it."""
+    try:
+        return importlib.import_module(module)
+    except ImportError:
+        name = package or module.partition(".")[0]
+        raise ValueError(f"{what} needs {name}, which is not installed: pip install 'bnet-fastai[{extra}]' "
+                         f"(from a checkout: pip install '.[{extra}]')") from None

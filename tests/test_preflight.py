@@ -7,7 +7,7 @@ import sys
 import pytest
 import torch
 
-from bnet_fastai.app import cli, preflight
+from bnet_fastai.app import cli, ddp_check, preflight
 from bnet_fastai.speed import amp_dtype, interleaved, training_step
 
 
@@ -82,7 +82,7 @@ def test_resolve_device():
 @pytest.mark.slow
 def test_a_2_process_run_through_torch_distributed_run_on_gloo(tmp_path, monkeypatch):
     monkeypatch.setenv("BNET_FASTAI_DATA", str(tmp_path / "data"))
-    result = preflight.ddp_run(tmp_path / "ddp", gpus=False)
+    result = ddp_check.ddp_run(tmp_path / "ddp", gpus=False)
     assert result.status == "pass", result.measured
     assert result.numbers == {"status": "finished", "world_size": 2}
     run_dir = next((tmp_path / "ddp").glob("xmininet_*"))
@@ -119,22 +119,22 @@ sys.exit(2)
 def test_a_failed_launch_is_named_by_its_cause_not_by_torch_elastics_rule(tmp_path, script, cause):
     (tmp_path / "ranks.py").write_text(script)
     proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nnodes", "1", "--nproc_per_node",
-                           "2", "--master_addr", "127.0.0.1", "--master_port", str(preflight._free_port()),
+                           "2", "--master_addr", "127.0.0.1", "--master_port", str(ddp_check._free_port()),
                            str(tmp_path / "ranks.py")], capture_output=True, text=True, timeout=120)
     assert proc.returncode == 1
     assert proc.stderr.strip().splitlines()[-1].strip("=") == ""  # the line the check used to report
-    assert re.fullmatch(cause, preflight.launch_failure(proc.stderr))
+    assert re.fullmatch(cause, ddp_check.launch_failure(proc.stderr))
 
 
 def test_two_ranks_error_lines_run_together_in_one_stderr_line_give_the_first():
     stderr = ("bnet-fastai run: error: bad `bnet-fastai data x`bnet-fastai run: error: bad `bnet-fastai data x`\n"
               "====\n")
-    assert preflight.launch_failure(stderr) == "bnet-fastai run: error: bad `bnet-fastai data x`"
+    assert ddp_check.launch_failure(stderr) == "bnet-fastai run: error: bad `bnet-fastai data x`"
 
 
 def test_launch_failure_without_torch_elastics_summary():
-    assert preflight.launch_failure("one\ntwo\n=====\n") == "two"
-    assert preflight.launch_failure("") == "no output"
+    assert ddp_check.launch_failure("one\ntwo\n=====\n") == "two"
+    assert ddp_check.launch_failure("") == "no output"
 
 
 def test_training_step_and_interleaved_timing():

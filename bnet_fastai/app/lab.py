@@ -12,6 +12,7 @@ import os
 import sys
 from pathlib import Path
 
+from bnet_fastai._checks import require
 from bnet_fastai.app.notebooks import NOTEBOOKS
 
 KERNEL_NAME = "bnet-fastai"
@@ -31,7 +32,8 @@ def register_kernel(prefix: str | Path | None = None, name: str = KERNEL_NAME,
     no root and writes nothing into the home folder, and two checkouts' environments never overwrite each
     other's kernel of the same name.
     """
-    from ipykernel.kernelspec import install
+    install = require("ipykernel.kernelspec", "lab", "make lab (the notebooks' Jupyter kernel)",
+                      "ipykernel").install
 
     prefix = Path(prefix or sys.prefix)
     display_name = display_name or f"{name} ({Path(sys.prefix).name})"

@@ -11,6 +11,7 @@ import sys
 import time
 from pathlib import Path
 
+from bnet_fastai._checks import require
 from bnet_fastai._files import atomic_write
 from bnet_fastai.paths import results_root
 
@@ -23,7 +24,7 @@ def execute(name: str, parameters: dict | None = None, out_dir: Path | None = No
 
     An HTML rendering of the executed copy is written next to it (`export_html`).
     """
-    import papermill
+    papermill = require("papermill", "lab", "executing the notebooks (make experiments)")
 
     out_dir = Path(out_dir or results_root())
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -37,7 +38,8 @@ def execute(name: str, parameters: dict | None = None, out_dir: Path | None = No
 def export_html(notebook: Path) -> Path:
     """Write `notebook` as an HTML page (plots embedded) next to it, to read without Jupyter; returns its path."""
     import nbformat
-    from nbconvert import HTMLExporter
+
+    HTMLExporter = require("nbconvert", "lab", "the HTML copies of executed notebooks").HTMLExporter
 
     body, _ = HTMLExporter().from_notebook_node(nbformat.read(notebook, as_version=4))
     page = Path(notebook).with_suffix(".html")
@@ -51,7 +53,11 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     for name in args.names:
         start = time.time()
-        executed = execute(name)
+        try:
+            executed = execute(name)
+        except ValueError as e:  # a missing extra (the notebooks need [lab]), a bad parameter
+            print(f"{parser.prog}: error: {e}", file=sys.stderr)
+            return 2
         print(f"{name}: executed in {time.time() - start:.0f} s -> {executed}", flush=True)
     print(f"results (executed notebooks and their HTML, CSVs, PNGs): {results_root()}")
     return 0

@@ -21,8 +21,8 @@ temporary folder, and prints one line per check: its name, pass / fail / skip, a
   the runs' settings: xresnet50 at 128 px, batch 64, mixed precision on a GPU; xmininet at 64 px, batch 32,
   float32 on a CPU.
 - ``ddp``: with two GPUs or more, a 2-process run launched by ``torch.distributed.run`` (NCCL): finished,
-  world size 2 in its config.json; a failed launch is named by its cause (`launch_failure`). Skipped with
-  fewer.
+  world size 2 in its config.json; a failed launch is named by its cause (`bnet_fastai.app.ddp_check`).
+  Skipped with fewer.
 
 `preflight` returns the results; the command exits 0 when none failed, 1 naming the failed ones.
 """
@@ -32,15 +32,11 @@ import contextlib
 import json
 import os
 import platform
-import re
 import shutil
-import socket
-import subprocess
-import sys
 import tempfile
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict
 from pathlib import Path
 
 import numpy as np
@@ -56,29 +52,15 @@ from bnet_fastai.nn.models import create_model
 from bnet_fastai.speed import amp_dtype, interleaved, training_step
 from bnet_fastai.runs.learner import build_learner, validation_accuracy
 from bnet_fastai.runs.train import run
+from bnet_fastai.app.check_result import RUN, Result
+from bnet_fastai.app.ddp_check import check_ddp
 
 CHECKS = ("device", "run-bn", "run-bnet", "resume", "reload", "fuse-fp32", "fuse-fp16", "fuse-bf16", "speed",
           "ddp")
-# the preflight's runs: the sample digits (1,437 training and 360 validation images), a mini xresnet; the
-# device decides fp16 ("auto"), workers (None: the default), channels_last and the cached pipeline as in a study
-RUN = dict(arch="xmininet", dataset="sample", size=32, bs=64, epochs=3, lr=1e-2)
 MIN_ACCURACY = 0.5  # 10 classes: chance is 0.1; a CPU run reaches about 0.9
 FUSE_TOLERANCE = {"fp32": 1e-3, "fp16": 1e-2, "bf16": 5e-2}  # relative to the logits' largest magnitude
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 SPEED = {"cuda": ("xresnet50", 128, 64, 20), "cpu": ("xmininet", 64, 32, 5)}  # arch, size, batch, rounds
-
-
-@dataclass
-class Result:
-    """One check: its name, "pass", "fail" or "skip", what it measured (one line) and the numbers."""
-
-    name: str
-    status: str
-    measured: str
-    numbers: dict = field(default_factory=dict)
-
-    def line(self) -> str:
-        return f"{self.name:<10} {self.status.upper():<5} {self.measured}"
 
 
 def resolve_device(spec: str = "auto") -> torch.device:
@@ -284,73 +266,6 @@ def check_speed(device: torch.device) -> Result:
                   f"BN {speed['bn']:.0f} img/s, BNET {speed['bnet']:.0f} img/s (median of {rounds})",
                   {"arch": arch, "size": size, "bs": bs, "precision": precision, "ratio": ratio,
                    "ms_per_step": {k: v * 1e3 for k, v in times.items()}, "images_per_second": speed})
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-# how a `bnet-fastai` command starts its one-line errors: "bnet-fastai run: error: ..."
-OUR_LINE = r"bnet-fastai [a-z]+: "
-
-
-def launch_failure(stderr: str) -> str:
-    """The cause of a failed ``torch.distributed.run`` launch, in one line, from its stderr: a rank's own
-    ``bnet-fastai ...`` error line; else the exception a rank raised (its traceback passes through, while
-    torch elastic's summary only says "To enable traceback see ..."); else the rank the summary names as the
-    root cause, with the signal that killed it or its exit code; else the last line that is not a rule."""
-    # the ranks share one stderr: two ranks' lines can run together, so a line ends at the next one's start
-    ours = re.search(rf"{OUR_LINE}.*?(?={OUR_LINE}|$)", stderr, re.MULTILINE)
-    if ours:
-        return ours.group().strip()
-    raised = re.search(r"^(?!torch\.distributed\.elastic\.)[A-Za-z_][\w.]*(?:Error|Exception): .+$", stderr,
-                       re.MULTILINE)
-    if raised:
-        return raised.group().strip()
-    lines = [line.strip() for line in stderr.splitlines() if line.strip()]
-    fields = {}
-    if "Root Cause (first observed failure):" in lines:
-        for line in lines[lines.index("Root Cause (first observed failure):") + 1:]:
-            key, colon, value = line.partition(":")
-            if colon and key.strip() in ("rank", "exitcode", "traceback"):
-                fields.setdefault(key.strip(), value.strip())
-    if "rank" in fields:
-        signal = fields.get("traceback", "").startswith("Signal ")
-        cause = fields["traceback"] if signal else f"exit code {fields.get('exitcode', '?')}"
-        return f"rank {fields['rank']}: {cause}"
-    return next((line for line in reversed(lines) if line.strip("=-*")), "no output")
-
-
-def ddp_run(out: Path, gpus: bool = True, timeout: float = 600) -> Result:
-    """A 2-process BNET run (``python -m torch.distributed.run``, loopback rendezvous) into `out`: NCCL on
-    two GPUs, or gloo on the CPU with ``gpus=False`` (the path the tests take)."""
-    config = RunConfig(norm="bnet", **{**RUN, "epochs": 1})
-    argv = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "1", "--nproc_per_node", "2",
-            "--master_addr", "127.0.0.1", "--master_port", str(_free_port()), "-m", "bnet_fastai", "run",
-            "--out", str(out), *[f"--{k}={v}" for k, v in asdict(config).items()
-                                 if k in RUN or k == "norm"]]
-    env = {**os.environ, "OMP_NUM_THREADS": "1", **({} if gpus else {"CUDA_VISIBLE_DEVICES": ""})}
-    started = time.time()
-    proc = subprocess.run(argv, capture_output=True, text=True, timeout=timeout, env=env)
-    run_dir = out / config.run_id
-    if proc.returncode != 0 or not (run_dir / "config.json").is_file():
-        return Result("ddp", "fail", f"2-process run exited {proc.returncode}: {launch_failure(proc.stderr)}")
-    saved = json.loads((run_dir / "config.json").read_text())
-    status = json.loads((run_dir / "status.json").read_text())["status"]
-    world = saved["training"]["world_size"]
-    ok = status == "finished" and world == 2
-    return Result("ddp", "pass" if ok else "fail",
-                  f"2 processes ({'NCCL' if gpus else 'gloo'}): {status}, world size {world}, "
-                  f"{time.time() - started:.1f} s", {"status": status, "world_size": world})
-
-
-def check_ddp(out: Path, device: torch.device) -> Result:
-    gpus = torch.cuda.device_count() if device.type == "cuda" else 0
-    if gpus < 2:
-        return Result("ddp", "skip", f"{gpus} GPU(s) on {device}: a 2-process run needs 2 GPUs")
-    return ddp_run(out)
 
 
 def _attempt(name: str, func: Callable, *args) -> list[Result]:

@@ -18,7 +18,7 @@ from fastai.vision.models import xresnet as fx
 from torch import nn
 
 from bnet_fastai import names
-from bnet_fastai._checks import check_block_args, check_model_args
+from bnet_fastai._checks import check_block_args, check_model_args, require
 from bnet_fastai.nn.norms import swap_norm
 
 ACTIVATIONS: dict[str, type[nn.Module]] = {"relu": nn.ReLU, "mish": nn.Mish, "silu": nn.SiLU}
@@ -75,7 +75,7 @@ def max_blur_pools(model: nn.Module) -> nn.Module:
     then swap every max pool, the stem's included. kornia's current MaxBlurPool2D(3) (a 2x2 max at stride 1,
     then a 3x3 binomial blur at the pool's stride) stands for the kornia 0.4 version the entry ran.
     """
-    from kornia.filters import MaxBlurPool2D
+    MaxBlurPool2D = require("kornia.filters", "leaderboard", "pool='maxblur' (the leaderboard recipe)").MaxBlurPool2D
 
     for name, child in model.named_children():
         if isinstance(child, nn.MaxPool2d):

@@ -11,11 +11,27 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import importlib.util
+
 from fastai.callback.core import Callback
 from fastai.learner import Recorder
-from torch.utils.tensorboard import SummaryWriter
 
+from bnet_fastai._notice import notice
 from bnet_fastai.runs.checkpoint import skipped
+
+_told = False  # the missing extra is said once per process
+
+
+def tensorboard_installed() -> bool:
+    """Whether the `tensorboard` extra is installed (torch's SummaryWriter needs the tensorboard package)."""
+    global _told
+    if importlib.util.find_spec("tensorboard") is not None:
+        return True
+    if not _told:
+        notice("TensorBoard is not installed: runs write no event files (history.csv holds the same numbers); "
+               "pip install 'bnet-fastai[tensorboard]'")
+        _told = True
+    return False
 
 
 class TensorBoardScalars(Callback):
@@ -33,6 +49,8 @@ class TensorBoardScalars(Callback):
     def before_fit(self) -> None:
         # opened here: a run that never fits writes none. A resumed run (first_step > 1) has TensorBoard drop
         # the points an interrupted session wrote at the epochs trained again.
+        from torch.utils.tensorboard import SummaryWriter  # needs the tensorboard extra: see `tensorboard_installed`
+
         purge = self.first_step if self.first_step > 1 else None
         self.writer = SummaryWriter(log_dir=str(self.log_dir), purge_step=purge)
 

@@ -49,7 +49,7 @@ from bnet_fastai.runs.decision import decide, follow
 from bnet_fastai.runs.learner import DivergenceCallback, validation_accuracy
 from bnet_fastai.runs.progress import show_progress
 from bnet_fastai.runs.runstate import RunFailed, RunLocked, file_record, write_status
-from bnet_fastai.runs.tensorboard_log import TensorBoardScalars
+from bnet_fastai.runs.tensorboard_log import TensorBoardScalars, tensorboard_installed
 
 
 def _git_commit() -> str | None:
@@ -157,7 +157,7 @@ def _open_run(learn: Learner, config: RunConfig, run_dir: Path, state: dict | No
         _write_config(learn, config, run_dir)
     learn.path = run_dir  # CSVLogger writes relative to learn.path, which fastai sets to the dataset folder
     learn.add_cbs([AppendingCSVLogger("history.csv") if start else CSVLogger(fname="history.csv"),
-                   TensorBoardScalars(run_dir, first_step=start + 1),
+                   *([TensorBoardScalars(run_dir, first_step=start + 1)] if tensorboard_installed() else []),
                    EpochCheckpoint(run_dir, seconds_before=state.get("seconds", 0) if state else 0,
                                    run={"run_id": config.run_id, "config": asdict(config)})])
 

@@ -20,6 +20,8 @@ from concurrent.futures.process import BrokenProcessPool
 from pathlib import Path
 from typing import TYPE_CHECKING, Protocol
 
+from bnet_fastai._checks import require
+
 if TYPE_CHECKING:
     from bnet_fastai.runs.config import RunConfig
 
@@ -226,12 +228,7 @@ def _import_ray(address: str):
     os.environ.setdefault("RAY_DEDUP_LOGS", "0")
     if not sys.stdout.isatty():
         os.environ.setdefault("RAY_COLOR_PREFIX", "0")
-    try:
-        import ray
-    except ImportError:
-        raise ValueError("Ray is not installed (it runs sweeps on a Ray cluster): "
-                         "pip install 'bnet-fastai[ray]'") from None
-    return ray
+    return require("ray", "ray", "sweep --ray (runs on a Ray cluster)")
 
 
 def _answers(host: str, port: int, address: str) -> None:
