@@ -13,7 +13,8 @@ Memory of a training step, for BN, BNET through the composed path (BN then the c
 maps per layer) and BNET one-map (the default, `bnet_fastai.nn.one_map`): the peak, on a GPU
 `torch.cuda.max_memory_allocated` around one step, on a CPU the peak resident set size (Linux VmHWM, reset
 through /proc/self/clear_refs before the step) above the size before it; and the activations saved for the
-backward, exact (`bnet_fastai.speed.saved_activation_bytes`).
+backward, exact (`bnet_fastai.speed.saved_activation_bytes`). On a GPU also BNET through the fused Triton
+kernels (`impl="triton"`): a ``bnet triton`` row in both tables (eval forward unfused, and the training step).
 """
 from __future__ import annotations
 
@@ -32,7 +33,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import device, interleaved, machine, precision, write_json  # noqa: E402
 
 from bnet_fastai import create_model, fuse_bn, fuse_bnet  # noqa: E402
-from bnet_fastai.nn.layers import set_one_map  # noqa: E402
+from bnet_fastai.nn.layers import set_impl, set_one_map  # noqa: E402
 from bnet_fastai.speed import saved_activation_bytes  # noqa: E402
 
 
@@ -108,10 +109,15 @@ def main(argv: list[str] | None = None) -> None:
         y = torch.randint(0, 10, (bs,), device=where)
         bn, bnet = (create_model(arch, norm).to(where, memory_format=memory_format) for norm in ("bn", "bnet"))
         composed = set_one_map(copy.deepcopy(bnet), False)
-        for name, m in (("bn", bn), ("bnet composed", composed), ("bnet one-map", bnet)):
-            memory.append((arch, name, peak_step_mib(m, x, y, dtype), saved_activation_bytes(m, x, y, dtype) / 2**20))
+        # the fused Triton kernels (`bnet_fastai.nn.triton_bnet`): compiled for CUDA tensors, so on a GPU only
+        triton = set_impl(copy.deepcopy(bnet), "triton") if where.type == "cuda" else None
+        trained = (("bn", bn), ("bnet composed", composed), ("bnet one-map", bnet), ("bnet triton", triton))
+        for name, m in trained:
+            if m is not None:
+                memory.append((arch, name, peak_step_mib(m, x, y, dtype),
+                               saved_activation_bytes(m, x, y, dtype) / 2**20))
         models = {"bn": bn.eval(), "bn folded": fuse_bn(bn), "bnet unfused": bnet.eval(),
-                  "bnet fused": fuse_bnet(bnet)}
+                  "bnet fused": fuse_bnet(bnet), **({"bnet triton": triton.eval()} if triton is not None else {})}
         with torch.no_grad(), torch.autocast(where.type, dtype=dtype or torch.float32, enabled=dtype is not None):
             times = interleaved({name: (lambda m=m: m(x)) for name, m in models.items()}, rounds=args.rounds,
                                 device=where)

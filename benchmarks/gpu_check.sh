@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # One prepared GPU check, sized for at most 8 minutes on one H200: `bnet-fastai check --json`, the CUDA tests
-# (pytest -m cuda), the training-step (BNET one-map and composed) and inference + memory (peak and saved
-# activations of BN, BNET composed, BNET one-map) benchmarks with --json, and a short Fashion-MNIST study
+# (pytest -m cuda: tests/test_cuda.py and the Triton kernels' tests/test_triton.py), the training-step (BNET
+# one-map, composed and the fused Triton kernels) and inference + memory (peak and saved activations of BN, BNET
+# composed, BNET one-map, BNET Triton) benchmarks with --json, and a short Fashion-MNIST study
 # (all 60,000 training images, 28 px, 5 epochs, BN vs BNET, 3 seeds), each step under its own time cap.
 #
 #   benchmarks/gpu_check.sh             # on the GPU machine; results in $OUT (else benchmarks/gpu-check-<time>)
@@ -63,12 +64,12 @@ fi
 study=$work/study
 # name|cap in seconds|command (run from the repository root)
 plan=(
-    "check|120|$python -m bnet_fastai check --json $out/check.json"
-    "cuda-tests|100|$python -m pytest -m cuda -q -p no:cacheprovider tests/test_cuda.py --junitxml $out/cuda-tests.xml"
-    "train-step|60|$python benchmarks/train_step.py --formats channels_last --rounds 10 --variants bnet-k3-all,bnet-k3-all-composed,bnet-k3-last,authors-k3-all --json $out/train_step.json"
+    "check|110|$python -m bnet_fastai check --json $out/check.json"
+    "cuda-tests|110|$python -m pytest -m cuda -q -p no:cacheprovider tests/test_cuda.py tests/test_triton.py --junitxml $out/cuda-tests.xml"
+    "train-step|80|$python benchmarks/train_step.py --formats channels_last --rounds 10 --variants bnet-k3-all,bnet-k3-all-composed,bnet-k3-all-triton,bnet-k3-last,bnet-k3-last-triton,authors-k3-all --json $out/train_step.json"
     "inference|40|$python benchmarks/eval_and_memory.py --rounds 20 --json $out/eval_and_memory.json"
-    "data|40|$python -m bnet_fastai data fashion-mnist"
-    "study|100|$python -m bnet_fastai sweep --dataset fashion-mnist --arch xmininet --norm bn,bnet --seed 0,1,2 --size 28 --bs 128 --lr 0.01 --epochs 5 --workers 2 --keep-weights false --parallel 6 --out $study"
+    "data|30|$python -m bnet_fastai data fashion-mnist"
+    "study|90|$python -m bnet_fastai sweep --dataset fashion-mnist --arch xmininet --norm bn,bnet --seed 0,1,2 --size 28 --bs 128 --lr 0.01 --epochs 5 --workers 2 --keep-weights false --parallel 6 --out $study"
     "report|20|$python -m bnet_fastai report $study --markdown"
 )
 
@@ -76,8 +77,9 @@ plan=(
 options_known() {
     local command=$1 help
     if [[ $command == *" -m pytest "* ]]; then
-        "$python" -m pytest -m cuda --collect-only -q -p no:cacheprovider tests/test_cuda.py >"$work/collect.txt" 2>&1 \
-            && grep -q "tests/test_cuda.py::" "$work/collect.txt" && return 0
+        "$python" -m pytest -m cuda --collect-only -q -p no:cacheprovider tests/test_cuda.py tests/test_triton.py \
+            >"$work/collect.txt" 2>&1 && grep -q "tests/test_cuda.py::" "$work/collect.txt" \
+            && grep -q "tests/test_triton.py::" "$work/collect.txt" && return 0
         echo "the CUDA tests do not collect: $(tail -1 "$work/collect.txt")"; return 1
     fi
     local base=${command%% --*}

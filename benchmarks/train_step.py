@@ -6,6 +6,8 @@
     python benchmarks/train_step.py --archs xresnet18 --formats channels_last --compile   # eager vs compiled
     python benchmarks/train_step.py --archs xmininet --size 28 --bs 128 --formats channels_last \
         --variants bnet-k3-all,bnet-k3-all-composed        # one saved map (the default) vs the composed path
+    python benchmarks/train_step.py --variants bnet-k3-all,bnet-k3-all-triton,bnet-k3-last,bnet-k3-last-triton
+                                                    # GPU: the fused Triton kernels against the torch path
     python benchmarks/train_step.py --archs xmininet --size 28 --bs 128 --formats channels_last --rounds 100 \
         --opt adam --variants bnet-k3-all,bnet-k3-last,bnet-k5-last,bnet-k1-all \
         --json docs/fashion-mnist-convergence/cost.json   # a budget study's cost ratios, one per variant
@@ -33,7 +35,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import OPTIMIZERS, device, interleaved, machine, precision, training_step, write_json  # noqa: E402
 
 from bnet_fastai import create_model  # noqa: E402
-from bnet_fastai.nn.layers import set_one_map  # noqa: E402
+from bnet_fastai.nn.layers import set_impl, set_one_map  # noqa: E402
 from bnet_fastai.nn.norms import select_norms  # noqa: E402
 from bnet_fastai.nn.weight_decay import no_decay_params  # noqa: E402
 from bnet_fastai.runs.config import variant_fields  # noqa: E402
@@ -71,6 +73,15 @@ REPORT_NAMES = {"bn": "bn", "bnet all": "bnet-k3-all", "bnet last": "bnet-k3-las
 LABELS = {name: label for label, name in REPORT_NAMES.items()}
 DEFAULT_VARIANTS = ("bnet-k3-all", "bnet-k3-last", "authors-k3-all")
 COMPOSED = "-composed"  # a variant's suffix: trained through the composed path (`set_one_map(model, False)`)
+TRITON = "-triton"  # a variant's suffix: BNET2d through the fused Triton kernels (`set_impl(model, "triton")`, CUDA)
+
+
+def _bnet_variant(arch: str, name: str) -> nn.Module:
+    """`<variant>[-composed|-triton]`: the variant's model, through the one-map path, the composed path or the
+    Triton kernels."""
+    base = name.removesuffix(COMPOSED).removesuffix(TRITON)
+    model = set_one_map(create_model(arch, **variant_fields(base)), not name.endswith(COMPOSED))
+    return set_impl(model, "triton") if name.endswith(TRITON) else model
 
 
 def variants(arch: str, compiled: bool, only: list[str] | None = None) -> dict[str, nn.Module]:
@@ -86,10 +97,9 @@ def variants(arch: str, compiled: bool, only: list[str] | None = None) -> dict[s
         builders = {"authors-k3-all": lambda: authors_model(arch)}
         names = ["bn", *[n for n in (only if only is not None else DEFAULT_VARIANTS) if n != "bn"]]
         for name in names:
-            if name not in builders:  # `<variant>-composed`: BNET through the composed path (two saved maps)
-                fields = variant_fields(name.removesuffix(COMPOSED))
-                builders[name] = lambda f=fields, one_map=not name.endswith(COMPOSED): set_one_map(
-                    create_model(arch, **f), one_map)
+            if name not in builders:  # `<variant>[-composed|-triton]`
+                variant_fields(name.removesuffix(COMPOSED).removesuffix(TRITON))
+                builders[name] = lambda n=name: _bnet_variant(arch, n)
     return {LABELS.get(name, name): builders[name]() for name in names}
 
 
@@ -102,8 +112,8 @@ def check_variants(text: str | None, compiled: bool) -> list[str] | None:
     for name in names:
         if compiled and name not in ("bnet-k3-all", *fixed):
             raise ValueError(f"with --compile the variants are bnet-k3-all, {', '.join(fixed)}; got {name!r}")
-        if name not in fixed:  # bnet-k<odd>-<all|last>[-composed], or a one-line ValueError naming the forms
-            variant_fields(name.removesuffix(COMPOSED))
+        if name not in fixed:  # bnet-k<odd>-<all|last>[-composed|-triton], or a one-line ValueError naming the forms
+            variant_fields(name.removesuffix(COMPOSED).removesuffix(TRITON))
     return names
 
 
@@ -125,7 +135,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--compile", action="store_true", help="eager vs torch.compile instead of the variants")
     parser.add_argument("--variants", default=None, help="comma-separated report names to time besides bn: "
                         "bnet-k<odd k>-<all|last> (bnet-k5-last, bnet-k1-all, ...), any of them with -composed (BNET "
-                        "through the composed path: two saved maps) or authors-k3-all (default: "
+                        "through the composed path: two saved maps) or -triton (the fused Triton kernels, CUDA), or "
+                        "authors-k3-all (default: "
                         f"{', '.join(DEFAULT_VARIANTS)}; with --compile bn-compiled, bnet-k3-all, bnet-k3-all-compiled)")
     parser.add_argument("--opt", default="sgd", choices=OPTIMIZERS, help="the step's optimizer: sgd (torch's, "
                         "momentum 0.9) or adam (fastai's, as runs train; a budget study's cost ratio)")
@@ -139,6 +150,8 @@ def main(argv: list[str] | None = None) -> None:
         only = check_variants(args.variants, args.compile)
     except ValueError as e:
         parser.error(str(e))
+    if where.type != "cuda" and any(n.endswith(TRITON) for n in only or []):
+        parser.error("the -triton variants run the fused Triton kernels on a GPU; this machine times on the CPU")
     amp = "float16 autocast + GradScaler" if dtype is torch.float16 else "float32"
     print(f"# {machine()}")
     print(f"# one {args.opt.upper() if args.opt == 'sgd' else 'Adam (fastai)'} training step on {where}, {amp}, batch {bs}, {args.size} px, median of {args.rounds} "

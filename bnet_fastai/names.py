@@ -18,6 +18,7 @@ FASTAI_ARCHS = XRESNETS + ("xmininet", "xsemininet")  # built by fastai: `sa` an
 NORMS = ("bn", "bnet")  # norms.NORM_LAYERS
 PLACEMENTS = ("all", "last")  # which norms `swap_norm` replaces
 SWAP_INITS = ("auto", "copy", "identity", "zero", "official")  # how `swap_norm` initialises BNET
+BNET_IMPLS = ("auto", "torch", "triton")  # how a BNET2d computes (`bnet_fastai.nn.layers`)
 ACTIVATIONS = ("relu", "mish", "silu")  # models.ACTIVATIONS
 POOLS = ("avg", "max", "maxblur")  # xresnet shortcut pooling: fastai AvgPool, fastai MaxPool, kornia MaxBlurPool2D
 DATASETS = ("imagenette-160", "imagenette-320", "imagenette", "imagewoof-160", "imagewoof-320", "imagewoof",

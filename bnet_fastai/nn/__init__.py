@@ -1,6 +1,6 @@
-"""What you lift into your own models: the BNET layers (`layers`, the one-map training step in `one_map`, timm's
-norm+act form in `norm_act`), the torch.fx reading of a network (`graph`), converting BatchNorm (`norms`),
-fusing for deployment (`fuse`), the study's architectures (`models`), timm's `norm_layer=` route with what it
-leaves behind (`timm_route`), BNET's registration with timm and fastai on `import bnet_fastai` (`registration`,
-torch-free) and BNET's weight-decay rule for fastai (`weight_decay`). Imports nothing from the rest of the
-package but its torch-free helpers (`names`, `_checks`)."""
+"""What you lift into your own models: the BNET layers (`layers`; the one-map training step in `one_map`, the
+fused Triton kernels for CUDA in `triton_bnet`, timm's norm+act form in `norm_act`), the torch.fx reading of a
+network (`graph`), converting BatchNorm (`norms`), fusing for deployment (`fuse`), the study's architectures
+(`models`), timm's `norm_layer=` route with what it leaves behind (`timm_route`), BNET's registration with timm
+and fastai on `import bnet_fastai` (`registration`, torch-free) and BNET's weight-decay rule for fastai
+(`weight_decay`). Imports nothing from the rest of the package but its torch-free helpers (`names`, `_checks`)."""

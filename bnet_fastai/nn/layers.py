@@ -24,16 +24,23 @@ Design: BNET *contains* an affine-free BatchNorm (`BNETNorm2d`, ...) instead of 
 from __future__ import annotations
 
 import math
+import os
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
+from bnet_fastai import names
 from bnet_fastai._checks import check_choice, check_kernel_size
 from bnet_fastai.nn.one_map import OneMapBNET
 
 BNET_INITS = ("identity", "zero", "official")
+# How a BNET2d computes: "torch" (the one-map step, or the composed path; every device), "triton" (the fused
+# kernels of `bnet_fastai.nn.triton_bnet`, CUDA tensors), "auto": "torch" everywhere until a GPU measurement
+# shows the kernels faster and equal (benchmarks/README.md; then "auto" may choose them on CUDA).
+BNET_IMPLS = names.BNET_IMPLS
+_TRITON_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 # What a layer's `init` may read: `copy` marks a layer that took a BatchNorm's gamma and beta (`from_bn`);
 # it resets as a BatchNorm resets (gamma 1, beta 0), which is `identity`.
 _RESET_AS = {"copy": "identity"}
@@ -76,10 +83,11 @@ class _BNETNd(nn.Module):
 
     def __init__(self, num_features: int, k: int = 3, eps: float = 1e-5, momentum: float | None = 0.1,
                  init: str = "identity", track_running_stats: bool = True, affine: bool = True,
-                 device=None, dtype=None):
+                 device=None, dtype=None, impl: str = "auto"):
         super().__init__()
         check_kernel_size(k)
         check_choice("BNET init", init, BNET_INITS)
+        self.impl = _check_impl(impl, self.ndim)
         if not affine:  # accepted so that code calling `norm_layer(c, affine=True)` like a BatchNorm works
             raise ValueError("BNET has no affine=False form: its kernel and bias are the layer; use a BatchNorm")
         factory = dict(device=device, dtype=dtype)
@@ -164,17 +172,53 @@ class _BNETNd(nn.Module):
         return (self.one_map and batch_stats and wants_grad and type(norm) is self._norm_cls
                 and not torch.compiler.is_compiling() and not torch.compiler.is_exporting())
 
-    def _one_map_forward(self, x: torch.Tensor) -> torch.Tensor:
+    def _batch_step(self) -> tuple[float, torch.Tensor | None, torch.Tensor | None]:
+        """A batch-statistics step's running-average factor and the buffers it updates (None: none), counting
+        the batch, as `_BatchNorm.forward` does."""
         norm = self.norm
-        norm._check_input_dim(x)
-        factor = 0.0 if norm.momentum is None else norm.momentum  # as _BatchNorm.forward computes it
+        factor = 0.0 if norm.momentum is None else norm.momentum
         if norm.training and norm.track_running_stats and norm.num_batches_tracked is not None:
             norm.num_batches_tracked.add_(1)
             factor = 1.0 / float(norm.num_batches_tracked) if norm.momentum is None else norm.momentum
         update = norm.training and norm.track_running_stats  # as _BatchNorm passes its buffers to F.batch_norm
-        running_mean, running_var = (norm.running_mean, norm.running_var) if update else (None, None)
-        return OneMapBNET.apply(x, self.weight, self.bias, running_mean, running_var, factor, norm.eps,
+        return factor, *((norm.running_mean, norm.running_var) if update else (None, None))
+
+    def _one_map_forward(self, x: torch.Tensor) -> torch.Tensor:
+        self.norm._check_input_dim(x)
+        factor, running_mean, running_var = self._batch_step()
+        return OneMapBNET.apply(x, self.weight, self.bias, running_mean, running_var, factor, self.norm.eps,
                                 f"{type(self).__name__}({self.extra_repr()})")
+
+    def _use_triton(self, x: torch.Tensor) -> bool:
+        """Whether this forward runs the Triton kernels: impl "triton" ("auto" chooses "torch" for now), a plain
+        normaliser (a SyncBatchNorm's statistics are all-reduced by its own function), not under compile or
+        export, and a float32/float16/bfloat16 input; on a CPU only under Triton's interpreter (else one line)."""
+        if self.impl != "triton" or type(self.norm) is not self._norm_cls or torch.compiler.is_compiling() \
+                or torch.compiler.is_exporting() or x.dtype not in _TRITON_DTYPES:
+            return False
+        if not x.is_cuda and os.environ.get("TRITON_INTERPRET") != "1":
+            raise ValueError(f"{type(self).__name__}(impl='triton') needs a CUDA tensor, got one on {x.device}: "
+                             f"use impl='torch' (set_impl(model, 'torch')), or TRITON_INTERPRET=1 to run the "
+                             f"kernels in Triton's CPU interpreter")
+        return True
+
+    def _triton_forward(self, x: torch.Tensor) -> torch.Tensor:
+        try:  # imports triton: only where a layer asks for it
+            from bnet_fastai.nn import triton_bnet
+        except ImportError:
+            raise ValueError("impl='triton' needs the triton package, which is not installed (it comes with "
+                             "torch's CUDA build on Linux): pip install triton, or use impl='torch'") from None
+
+        norm = self.norm
+        norm._check_input_dim(x)
+        dtype = autocast_dtype(x)  # what the conv would return: autocast's dtype, else x's
+        batch_stats = norm.training or (norm.running_mean is None and norm.running_var is None)
+        if batch_stats:
+            factor, running_mean, running_var = self._batch_step()
+            return triton_bnet.TritonBNET.apply(x, self.weight, self.bias, running_mean, running_var, factor,
+                                                norm.eps, dtype, f"{type(self).__name__}({self.extra_repr()})")
+        invstd = torch.rsqrt(norm.running_var.float() + norm.eps)  # eval: the running statistics
+        return triton_bnet.forward(x, norm.running_mean.float(), invstd, self.weight, self.bias, dtype)
 
     def __prepare_scriptable__(self):
         """torch.jit.script calls this on every submodule first: refuse in one line rather than fail inside."""
@@ -182,6 +226,8 @@ class _BNETNd(nn.Module):
                            f"torch): export the model with torch.export or ONNX, or script fuse_bnet(model)")
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self._use_triton(x):
+            return self._triton_forward(x)
         if self._use_one_map(x):
             return self._one_map_forward(x)
         x = self.norm(x)
@@ -196,7 +242,24 @@ class _BNETNd(nn.Module):
         return self._conv(x, self.weight, self.bias, padding=self.k // 2, groups=self.num_features)
 
     def extra_repr(self) -> str:
-        return f"{self.num_features}, k={self.k}, init={self.init!r}"
+        impl = f", impl={self.impl!r}" if self.impl != "auto" else ""
+        return f"{self.num_features}, k={self.k}, init={self.init!r}{impl}"
+
+
+def _check_impl(impl: str, ndim: int) -> str:
+    check_choice("BNET impl", impl, BNET_IMPLS)
+    if impl == "triton" and ndim != 2:
+        raise ValueError(f"impl='triton' is BNET2d's (2-D kernels); BNET{ndim}d takes impl='torch' or 'auto'")
+    return impl
+
+
+def set_impl(model: nn.Module, impl: str) -> nn.Module:
+    """Every BNET2d of `model` computes through `impl` ("auto", "torch" or "triton"); returns `model`."""
+    check_choice("BNET impl", impl, BNET_IMPLS)
+    for m in model.modules():
+        if isinstance(m, _BNETNd) and m.ndim == 2:
+            m.impl = impl
+    return model
 
 
 def set_one_map(model: nn.Module, enabled: bool) -> nn.Module:

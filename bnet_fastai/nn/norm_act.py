@@ -38,9 +38,10 @@ class BNETAct2d(BNET2d):
     def __init__(self, num_features: int, k: int = 3, eps: float = 1e-5, momentum: float | None = 0.1,
                  affine: bool = True, track_running_stats: bool = True, apply_act: bool = True,
                  act_layer: Any = nn.ReLU, act_kwargs: dict | None = None, inplace: bool = True,
-                 drop_layer: type[nn.Module] | None = None, init: str = "identity", device=None, dtype=None):
+                 drop_layer: type[nn.Module] | None = None, init: str = "identity", device=None, dtype=None,
+                 impl: str = "auto"):
         super().__init__(num_features, k=k, eps=eps, momentum=momentum, init=init, affine=affine,
-                         track_running_stats=track_running_stats, device=device, dtype=dtype)
+                         track_running_stats=track_running_stats, device=device, dtype=dtype, impl=impl)
         self.drop = drop_layer() if drop_layer is not None else nn.Identity()
         # As timm's BatchNormAct2d builds its act (`timm.layers.norm_act._create_act`).
         act = create_act_layer(act_layer, **{"inplace": inplace, **(act_kwargs or {})}) if apply_act else None

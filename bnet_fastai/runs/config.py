@@ -18,7 +18,7 @@ from bnet_fastai._checks import check_block_args, check_choice, check_kernel_siz
 SCHEDULES = {"one_cycle": "fit_one_cycle", "flat_cos": "fit_flat_cos"}  # fastai Learner methods
 # Fields added after runs were first published: at their default they stay out of the run_id hash, so
 # run folders written before them keep their names and are reused.
-ADDED_LATER = {"schedule": "one_cycle", "sa": False, "pool": "avg"}
+ADDED_LATER = {"schedule": "one_cycle", "sa": False, "pool": "avg", "bnet_impl": "auto"}
 # Fields that change no result: never in a run_id, never a difference between two recipes (report).
 NO_RESULT_CHANGE = ("workers", "keep_weights")
 MAX_SEED = 2 ** 32 - 1  # numpy's seeding takes 0 .. 2**32 - 1 (fastai's set_seed seeds numpy, torch, random)
@@ -52,6 +52,7 @@ class RunConfig:
     fp16: str = "auto"  # mixed precision: "auto" (on when a GPU is used), "on" or "off"
     pipeline: str = "cached"  # "cached": decoded once, augmented as tensors (bnet_fastai.data.cache); "fastai": PIL
     compile: bool = False  # torch.compile the model; off by default, see benchmarks/README.md
+    bnet_impl: str = "auto"  # how BNET2d computes: "torch", "triton" (fused kernels, CUDA) or "auto" (torch for now)
     workers: int | None = None  # DataLoader worker processes; None: up to 8 (does not change results)
     keep_weights: bool = True  # keep model.pth when the run finishes; false saves disk (does not change results)
 
@@ -64,6 +65,7 @@ class RunConfig:
         check_choice("opt", self.opt, names.OPTIMIZERS)
         check_choice("fp16", self.fp16, ("auto", "on", "off"))
         check_choice("pipeline", self.pipeline, names.PIPELINES)
+        check_choice("bnet_impl", self.bnet_impl, names.BNET_IMPLS)
         if isinstance(self.seed, bool) or not isinstance(self.seed, int) or not 0 <= self.seed <= MAX_SEED:
             raise ValueError(f"seed must be a whole number in 0 .. {MAX_SEED} (what numpy's and torch's "
                              f"seeding take), got {self.seed!r}")
@@ -88,7 +90,7 @@ class RunConfig:
         `workers` and `keep_weights` do not change results; nor do `k`, `placement` and `bnet_init` when norm is "bn", so
         a grid over k trains its BN baseline once.
         """
-        ignored = set(NO_RESULT_CHANGE) | ({"k", "placement", "bnet_init"} if self.norm == "bn" else set())
+        ignored = set(NO_RESULT_CHANGE) | ({"k", "placement", "bnet_init", "bnet_impl"} if self.norm == "bn" else set())
         ignored |= {k for k, default in ADDED_LATER.items() if getattr(self, k) == default}
         fields = {k: v for k, v in asdict(self).items() if k not in ignored}
         digest = hashlib.sha1(json.dumps(fields, sort_keys=True).encode()).hexdigest()[:8]
