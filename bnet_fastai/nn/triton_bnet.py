@@ -42,6 +42,19 @@ def _position(p, HW, W, sn, sh, sw):
 
 
 @triton.jit
+def _tile(mean_ptr, invstd_ptr, C, NHW, HW, W, sn, sh, sw, BLOCK_C: tl.constexpr, BLOCK_P: tl.constexpr):
+    """This program's channels and positions, their masks, and the channels' mean and invstd as columns."""
+    c = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
+    p = tl.program_id(1) * BLOCK_P + tl.arange(0, BLOCK_P)
+    n, h, w, off = _position(p, HW, W, sn, sh, sw)
+    cmask = c < C
+    valid = cmask[:, None] & (p[None, :] < NHW)
+    mean = tl.load(mean_ptr + c, mask=cmask, other=0.0)[:, None]
+    invstd = tl.load(invstd_ptr + c, mask=cmask, other=0.0)[:, None]
+    return c, n, h, w, off, cmask, valid, mean, invstd
+
+
+@triton.jit
 def _stats_kernel(x_ptr, count_ptr, mean_ptr, m2_ptr, C, NHW, HW, W, sn, sc, sh, sw,
                   BLOCK_C: tl.constexpr, BLOCK_P: tl.constexpr):
     pid_c, pid_p = tl.program_id(0), tl.program_id(1)
@@ -62,14 +75,8 @@ def _stats_kernel(x_ptr, count_ptr, mean_ptr, m2_ptr, C, NHW, HW, W, sn, sc, sh,
 @triton.jit
 def _forward_kernel(x_ptr, y_ptr, mean_ptr, invstd_ptr, w_ptr, b_ptr, C, NHW, HW, H, W, sn, sc, sh, sw,
                     yn, yc, yh, yw, K: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_P: tl.constexpr):
-    pid_c, pid_p = tl.program_id(0), tl.program_id(1)
-    c = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)
-    p = pid_p * BLOCK_P + tl.arange(0, BLOCK_P)
-    n, h, w, _ = _position(p, HW, W, sn, sh, sw)
-    cmask = c < C
-    valid = cmask[:, None] & (p[None, :] < NHW)
-    mean = tl.load(mean_ptr + c, mask=cmask, other=0.0)[:, None]
-    invstd = tl.load(invstd_ptr + c, mask=cmask, other=0.0)[:, None]
+    c, n, h, w, _, cmask, valid, mean, invstd = _tile(mean_ptr, invstd_ptr, C, NHW, HW, W, sn, sh, sw, BLOCK_C,
+                                                      BLOCK_P)
     acc = tl.zeros((BLOCK_C, BLOCK_P), dtype=tl.float32)
     for u in tl.static_range(K):
         for v in tl.static_range(K):
@@ -108,16 +115,11 @@ def _backward_sums_kernel(dy_ptr, x_ptr, mean_ptr, invstd_ptr, w_ptr, sums_ptr, 
                           sn, sc, sh, sw, dn, dc, dh, dw_, K: tl.constexpr, BLOCK_C: tl.constexpr,
                           BLOCK_P: tl.constexpr):
     """Per block: Σdx̂, Σdx̂·x̂, Σdy (the bias gradient) and, per tap, Σ dy[o] · x̂[o + tap] (the kernel's)."""
-    pid_c, pid_p = tl.program_id(0), tl.program_id(1)
-    c = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)
-    p = pid_p * BLOCK_P + tl.arange(0, BLOCK_P)
-    n, h, w, off = _position(p, HW, W, sn, sh, sw)
-    cmask = c < C
-    valid = cmask[:, None] & (p[None, :] < NHW)
-    mean = tl.load(mean_ptr + c, mask=cmask, other=0.0)[:, None]
-    invstd = tl.load(invstd_ptr + c, mask=cmask, other=0.0)[:, None]
+    c, n, h, w, off, cmask, valid, mean, invstd = _tile(mean_ptr, invstd_ptr, C, NHW, HW, W, sn, sh, sw, BLOCK_C,
+                                                        BLOCK_P)
     x = tl.load(x_ptr + c[:, None] * sc + off[None, :], mask=valid, other=0.0).to(tl.float32)
     xhat = tl.where(valid, (x - mean) * invstd, 0.0)
+    pid_p = tl.program_id(1)
     slot = pid_p * C + c
     for u in tl.static_range(K):  # x̂ here meets dy at (h − u + K//2, w − v + K//2) through tap (u, v)
         for v in tl.static_range(K):
@@ -140,14 +142,8 @@ def _backward_sums_kernel(dy_ptr, x_ptr, mean_ptr, invstd_ptr, w_ptr, sums_ptr, 
 def _backward_dx_kernel(dy_ptr, x_ptr, dx_ptr, mean_ptr, invstd_ptr, w_ptr, mdx_ptr, mdxx_ptr, C, NHW, HW, H, W,
                         sn, sc, sh, sw, dn, dc, dh, dw_, on, oc, oh, ow, K: tl.constexpr,
                         BLOCK_C: tl.constexpr, BLOCK_P: tl.constexpr):
-    pid_c, pid_p = tl.program_id(0), tl.program_id(1)
-    c = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)
-    p = pid_p * BLOCK_P + tl.arange(0, BLOCK_P)
-    n, h, w, off = _position(p, HW, W, sn, sh, sw)
-    cmask = c < C
-    valid = cmask[:, None] & (p[None, :] < NHW)
-    mean = tl.load(mean_ptr + c, mask=cmask, other=0.0)[:, None]
-    invstd = tl.load(invstd_ptr + c, mask=cmask, other=0.0)[:, None]
+    c, n, h, w, off, cmask, valid, mean, invstd = _tile(mean_ptr, invstd_ptr, C, NHW, HW, W, sn, sh, sw, BLOCK_C,
+                                                        BLOCK_P)
     x = tl.load(x_ptr + c[:, None] * sc + off[None, :], mask=valid, other=0.0).to(tl.float32)
     xhat = (x - mean) * invstd
     dxhat = _dxhat(dy_ptr, w_ptr, c, cmask, n, h, w, valid, H, W, dn, dc, dh, dw_, K, BLOCK_C, BLOCK_P)
