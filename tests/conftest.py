@@ -1,5 +1,13 @@
+import os
+
 import pytest
 import torch
+
+# Without a GPU, Triton's kernels run in its CPU interpreter (tests/test_triton.py). Triton decides that when it
+# is first imported (its own library functions are decorated then), and torch's compiler may import it in any
+# test: so for the whole session, before any test module is imported.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 
 @pytest.fixture(autouse=True)

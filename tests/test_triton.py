@@ -1,5 +1,6 @@
 """The Triton BNET2d (`bnet_fastai.nn.triton_bnet`) against the torch path: on a CPU under Triton's interpreter
-(``TRITON_INTERPRET=1``, set here before the kernels are imported), on CUDA under ``pytest -m cuda``.
+(``TRITON_INTERPRET=1``, set by tests/conftest.py for the session before triton is first imported), on CUDA
+under ``pytest -m cuda``.
 
 Tiny shapes keep the interpreter quick: borders, odd sizes, a 1x1 map, N=1, a channel count that is not a
 multiple of the kernel's block, contiguous and channels_last inputs, k = 1, 3, 5, 7, float32, float16 and
@@ -10,14 +11,10 @@ import os
 import pytest
 import torch
 
-if not torch.cuda.is_available():
-    os.environ.setdefault("TRITON_INTERPRET", "1")  # read when the kernels are defined: before the import below
-
-from bnet_fastai import BNET2d  # noqa: E402
-from bnet_fastai.nn import triton_bnet  # noqa: E402
-from bnet_fastai.nn.layers import BNET1d, set_impl  # noqa: E402
-from bnet_fastai.runs.config import RunConfig  # noqa: E402
-from bnet_fastai.runs.learner import build_learner  # noqa: E402
+from bnet_fastai import BNET2d
+from bnet_fastai.nn.layers import BNET1d, set_impl
+from bnet_fastai.runs.config import RunConfig
+from bnet_fastai.runs.learner import build_learner
 
 INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
 # the CPU under the interpreter (here and in CI); CUDA compiled, under `pytest -m cuda` on a GPU machine

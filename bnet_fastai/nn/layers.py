@@ -198,8 +198,8 @@ class _BNETNd(nn.Module):
             return False
         if not x.is_cuda and os.environ.get("TRITON_INTERPRET") != "1":
             raise ValueError(f"{type(self).__name__}(impl='triton') needs a CUDA tensor, got one on {x.device}: "
-                             f"use impl='torch' (set_impl(model, 'torch')), or TRITON_INTERPRET=1 to run the "
-                             f"kernels in Triton's CPU interpreter")
+                             f"use impl='torch' (set_impl(model, 'torch')), or start Python with TRITON_INTERPRET=1 to "
+                             f"run the kernels in Triton's CPU interpreter")
         return True
 
     def _triton_forward(self, x: torch.Tensor) -> torch.Tensor:

@@ -19,8 +19,9 @@ slot, and torch combines the slots in a fixed order (Chan's formula for the vari
 float32 and every sum accumulates in float32; outputs take the dtype the layer's conv would give (autocast's,
 else the input's). Kernels take strides, so contiguous and channels_last inputs both work.
 
-Under ``TRITON_INTERPRET=1`` (set before this module is imported) Triton's interpreter runs the same kernels on
-the CPU with numpy: that is how `tests/test_triton.py` checks them without a GPU.
+Under ``TRITON_INTERPRET=1`` (set before triton is first imported: Triton decorates its own library then)
+Triton's interpreter runs the same kernels on the CPU with numpy: that is how `tests/test_triton.py` checks them
+without a GPU.
 """
 from __future__ import annotations
 
