@@ -37,9 +37,8 @@ def execute(name: str, parameters: dict | None = None, out_dir: Path | None = No
 
 def export_html(notebook: Path) -> Path:
     """Write `notebook` as an HTML page (plots embedded) next to it, to read without Jupyter; returns its path."""
-    import nbformat
-
     HTMLExporter = require("nbconvert", "lab", "the HTML copies of executed notebooks").HTMLExporter
+    import nbformat  # comes with nbconvert
 
     body, _ = HTMLExporter().from_notebook_node(nbformat.read(notebook, as_version=4))
     page = Path(notebook).with_suffix(".html")

@@ -162,15 +162,28 @@ class _BNETNd(nn.Module):
 
     one_map = True  # train through `OneMapBNET` (one saved map, as BN); False: the composed path, as before
 
-    def _use_one_map(self, x: torch.Tensor) -> bool:
-        """Whether this forward trains through `OneMapBNET`: batch statistics, a gradient to keep, no
-        SyncBatchNorm (its statistics are all-reduced by its own function), not under compile or export."""
+    @property
+    def _batch_stats(self) -> bool:
+        """Whether a forward normalises with the batch's statistics (training, or no running statistics)."""
         norm = self.norm
-        batch_stats = norm.training or (norm.running_mean is None and norm.running_var is None)
+        return norm.training or (norm.running_mean is None and norm.running_var is None)
+
+    @property
+    def _fused_path_allowed(self) -> bool:
+        """The one-map function and the Triton kernels replace the composed path only for a plain normaliser (a
+        SyncBatchNorm's statistics are all-reduced by its own function), and not under compile or export."""
+        return (type(self.norm) is self._norm_cls and not torch.compiler.is_compiling()
+                and not torch.compiler.is_exporting())
+
+    @property
+    def _name(self) -> str:
+        return f"{type(self).__name__}({self.extra_repr()})"
+
+    def _use_one_map(self, x: torch.Tensor) -> bool:
+        """Whether this forward trains through `OneMapBNET`: batch statistics and a gradient to keep."""
         wants_grad = torch.is_grad_enabled() and (x.requires_grad or self.weight.requires_grad
                                                   or self.bias.requires_grad)
-        return (self.one_map and batch_stats and wants_grad and type(norm) is self._norm_cls
-                and not torch.compiler.is_compiling() and not torch.compiler.is_exporting())
+        return self.one_map and self._batch_stats and wants_grad and self._fused_path_allowed
 
     def _batch_step(self) -> tuple[float, torch.Tensor | None, torch.Tensor | None]:
         """A batch-statistics step's running-average factor and the buffers it updates (None: none), counting
@@ -187,19 +200,17 @@ class _BNETNd(nn.Module):
         self.norm._check_input_dim(x)
         factor, running_mean, running_var = self._batch_step()
         return OneMapBNET.apply(x, self.weight, self.bias, running_mean, running_var, factor, self.norm.eps,
-                                f"{type(self).__name__}({self.extra_repr()})")
+                                self._name)
 
     def _use_triton(self, x: torch.Tensor) -> bool:
-        """Whether this forward runs the Triton kernels: impl "triton" ("auto" chooses "torch" for now), a plain
-        normaliser (a SyncBatchNorm's statistics are all-reduced by its own function), not under compile or
-        export, and a float32/float16/bfloat16 input; on a CPU only under Triton's interpreter (else one line)."""
-        if self.impl != "triton" or type(self.norm) is not self._norm_cls or torch.compiler.is_compiling() \
-                or torch.compiler.is_exporting() or x.dtype not in _TRITON_DTYPES:
+        """Whether this forward runs the Triton kernels: impl "triton" ("auto" chooses "torch" for now) and a
+        float32/float16/bfloat16 input; on a CPU only under Triton's interpreter (else one line)."""
+        if self.impl != "triton" or x.dtype not in _TRITON_DTYPES or not self._fused_path_allowed:
             return False
-        if not x.is_cuda and os.environ.get("TRITON_INTERPRET") != "1":
+        if not triton_runs_on(x.device):
             raise ValueError(f"{type(self).__name__}(impl='triton') needs a CUDA tensor, got one on {x.device}: "
-                             f"use impl='torch' (set_impl(model, 'torch')), or start Python with TRITON_INTERPRET=1 to "
-                             f"run the kernels in Triton's CPU interpreter")
+                             f"use impl='torch' (set_impl(model, 'torch')), or start Python with TRITON_INTERPRET=1 "
+                             f"to run the kernels in Triton's CPU interpreter")
         return True
 
     def _triton_forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -212,11 +223,10 @@ class _BNETNd(nn.Module):
         norm = self.norm
         norm._check_input_dim(x)
         dtype = autocast_dtype(x)  # what the conv would return: autocast's dtype, else x's
-        batch_stats = norm.training or (norm.running_mean is None and norm.running_var is None)
-        if batch_stats:
+        if self._batch_stats:
             factor, running_mean, running_var = self._batch_step()
             return triton_bnet.TritonBNET.apply(x, self.weight, self.bias, running_mean, running_var, factor,
-                                                norm.eps, dtype, f"{type(self).__name__}({self.extra_repr()})")
+                                                norm.eps, dtype, self._name)
         invstd = torch.rsqrt(norm.running_var.float() + norm.eps)  # eval: the running statistics
         return triton_bnet.forward(x, norm.running_mean.float(), invstd, self.weight, self.bias, dtype)
 
@@ -244,6 +254,12 @@ class _BNETNd(nn.Module):
     def extra_repr(self) -> str:
         impl = f", impl={self.impl!r}" if self.impl != "auto" else ""
         return f"{self.num_features}, k={self.k}, init={self.init!r}{impl}"
+
+
+def triton_runs_on(device: torch.device) -> bool:
+    """Whether the Triton kernels can run on `device`: CUDA, or any device under Triton's CPU interpreter
+    (``TRITON_INTERPRET=1`` when Python starts)."""
+    return torch.device(device).type == "cuda" or os.environ.get("TRITON_INTERPRET") == "1"
 
 
 def _check_impl(impl: str, ndim: int) -> str:

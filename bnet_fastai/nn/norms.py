@@ -97,26 +97,17 @@ def _conversion(name: str, bn: _BatchNorm) -> Callable[[_BatchNorm, int, str], n
                      f"{cls.__name__}, fn) where fn(bn, k, init) returns its BNET replacement")
 
 
-def _norms(module: nn.Module, prefix: str = "") -> Iterator[tuple[str, nn.Module]]:
-    """(name, layer) for each BN or BNET in `module`, in registration order, never inside a BNET."""
-    for name, child in module.named_children():
+def _norms(module: nn.Module, prefix: str = "", every_name: bool = False) -> Iterator[tuple[str, nn.Module]]:
+    """(name, layer) for each BN or BNET in `module`, in registration order, never inside a BNET. `every_name`:
+    a layer registered twice in one parent is given under each of its names too (torch's `named_children`
+    gives it once)."""
+    children = ((n, c) for n, c in module._modules.items() if c is not None) if every_name else module.named_children()
+    for name, child in children:
         full = f"{prefix}{name}"
         if _is_norm(child):
             yield full, child
         else:
-            yield from _norms(child, full + ".")
-
-
-def _norm_names(module: nn.Module, prefix: str = "") -> Iterator[tuple[str, nn.Module]]:
-    """`_norms` under every name: a layer registered twice, or shared by two blocks, once per name."""
-    for name, child in module._modules.items():
-        if child is None:
-            continue
-        full = f"{prefix}{name}"
-        if _is_norm(child):
-            yield full, child
-        else:
-            yield from _norm_names(child, full + ".")
+            yield from _norms(child, full + ".", every_name)
 
 
 def _join(prefix: str, name: str) -> str:
@@ -130,13 +121,9 @@ def _registered_block_last(name: str, block: nn.Module) -> str | None:
     return main[-1] if main else None
 
 
-def _last_norm_names(model: nn.Module) -> set[str]:
-    """Qualified names of the last norm on each residual block's main path (see the module docstring)."""
-    return _last_norms(model)[0]
-
-
 def _last_norms(model: nn.Module) -> tuple[set[str], int]:
-    """`_last_norm_names`, and how many residual additions have no last norm (a sum of parallel branches)."""
+    """Qualified names of the last norm on each residual block's main path (see the module docstring), and how
+    many residual additions have none (a sum of parallel branches, a pre-norm block)."""
     traced = graph.trace(model)
     found, seen, without = set(), set(), 0
     for prefix, root, g in traced.units:
@@ -232,8 +219,11 @@ def swap_norm(model: nn.Module, norm: str = "bnet", placement: str = "all", k: i
         raise ValueError(f"no BatchNorm layer in {type(model).__name__}: {uses}; BNET replaces BatchNorm only")
     todo = [(name, layer, _conversion(name, layer)) for name, layer in select_norms(model, placement)
             if isinstance(layer, _BatchNorm)]
-    new = {id(layer): convert(layer, k, init) for _, layer, convert in reversed(todo)}
-    for name, layer in list(_norm_names(model)):  # a layer under several names: one BNET under each of them
+    new = {}  # one BNET per BatchNorm object, however many names it has
+    for _, layer, convert in todo:
+        if id(layer) not in new:
+            new[id(layer)] = convert(layer, k, init)
+    for name, layer in list(_norms(model, every_name=True)):  # ... set under each of them
         if id(layer) in new:
             model.set_submodule(name, new[id(layer)])
     return model
@@ -254,7 +244,7 @@ def kernel_stats(model: nn.Module, x: torch.Tensor | None = None) -> list[dict]:
     1x1 maps (ResNeSt's split-attention) only ever uses its centre tap. This is what a report's kernel
     picture shows: which neighbours the learned kernels weigh.
     """
-    tops = {n.split(".")[0] for n in _last_norm_names(model)}
+    tops = {n.split(".")[0] for n in _last_norms(model)[0]}
     stages = [name for name, _ in model.named_children() if name in tops]
     bnets = [(name, layer) for name, layer in _norms(model) if isinstance(layer, _BNETNd)]
     spatial = {}

@@ -122,6 +122,8 @@ def _backward_sums_kernel(dy_ptr, x_ptr, mean_ptr, invstd_ptr, w_ptr, sums_ptr, 
     xhat = tl.where(valid, (x - mean) * invstd, 0.0)
     pid_p = tl.program_id(1)
     slot = pid_p * C + c
+    dxhat = tl.zeros((BLOCK_C, BLOCK_P), dtype=tl.float32)
+    dy_here = tl.zeros((BLOCK_C, BLOCK_P), dtype=tl.float32)
     for u in tl.static_range(K):  # x̂ here meets dy at (h − u + K//2, w − v + K//2) through tap (u, v)
         for v in tl.static_range(K):
             hh = h - (u - K // 2)
@@ -130,9 +132,10 @@ def _backward_sums_kernel(dy_ptr, x_ptr, mean_ptr, invstd_ptr, w_ptr, sums_ptr, 
             doff = n.to(tl.int64) * dn + hh * dh + ww * dw_
             dy = tl.load(dy_ptr + c[:, None] * dc + doff[None, :], mask=inside, other=0.0).to(tl.float32)
             tl.store(dwp_ptr + (pid_p * (K * K) + (u * K + v)) * C + c, tl.sum(dy * xhat, axis=1), mask=cmask)
-    dxhat = _dxhat(dy_ptr, w_ptr, c, cmask, n, h, w, valid, H, W, dn, dc, dh, dw_, K, BLOCK_C, BLOCK_P)
-    dy_here = tl.load(dy_ptr + c[:, None] * dc + (n.to(tl.int64) * dn + h * dh + w * dw_)[None, :], mask=valid,
-                      other=0.0).to(tl.float32)
+            tap = tl.load(w_ptr + c * (K * K) + (u * K + v), mask=cmask, other=0.0).to(tl.float32)
+            dxhat += dy * tap[:, None]  # each dy load serves the kernel's gradient and dx̂ alike
+            if u == K // 2 and v == K // 2:
+                dy_here = dy  # the centre tap: dy at this very position, for the bias gradient
     tl.store(sums_ptr + slot, tl.sum(tl.where(valid, dxhat, 0.0), axis=1), mask=cmask)
     tl.store(sums_ptr + (tl.num_programs(1) * C) + slot, tl.sum(tl.where(valid, dxhat * xhat, 0.0), axis=1),
              mask=cmask)

@@ -5,8 +5,6 @@ prepares the dataset and rejects a batch larger than its training set before any
 """
 from __future__ import annotations
 
-import os
-
 import torch
 from fastai.callback.channelslast import ChannelsLast
 from fastai.callback.tracker import TerminateOnNaNCallback
@@ -18,7 +16,7 @@ from fastai.torch_core import set_seed
 
 from bnet_fastai.data.cache import cached_dataloaders
 from bnet_fastai.data.datasets import DATASETS, dataloaders, image_files, prepare, subsample_train
-from bnet_fastai.nn.layers import set_impl
+from bnet_fastai.nn.layers import set_impl, triton_runs_on
 from bnet_fastai.nn.models import create_model
 from bnet_fastai.nn.weight_decay import BNETWeightDecay
 from bnet_fastai.runs.config import RunConfig
@@ -64,11 +62,10 @@ def build_learner(config: RunConfig) -> tuple[Learner, DivergenceCallback]:
     _check_batch_fits(config, len(dls.train_ds))  # e.g. images left out of the cache since the first count
     model = create_model(config.arch, config.norm, n_out=len(dls.vocab), placement=config.placement, k=config.k,
                          act=config.act, bnet_init=config.bnet_init, sa=config.sa, pool=config.pool)
-    on_cuda = torch.device(dls.device or "cpu").type == "cuda"
-    if config.bnet_impl == "triton" and config.norm == "bnet" and not on_cuda \
-            and os.environ.get("TRITON_INTERPRET") != "1":
+    device = torch.device(dls.device or "cpu")
+    if config.bnet_impl == "triton" and config.norm == "bnet" and not triton_runs_on(device):
         raise ValueError("bnet_impl='triton' runs the fused Triton kernels on CUDA tensors; this run trains on the "
-                         "CPU: use bnet_impl 'torch' or 'auto'")
+                         "CPU: use bnet_impl 'torch' or 'auto'")  # before the run writes anything
     set_impl(model, config.bnet_impl)  # BNET2d's computation: no BNET, no change
     if config.compile:
         model = torch.compile(model)
@@ -79,7 +76,7 @@ def build_learner(config: RunConfig) -> tuple[Learner, DivergenceCallback]:
                     wd_bn_bias=config.wd_norm, cbs=[BNETWeightDecay(), divergence])
     if config.channels_last:
         learn.add_cb(ChannelsLast())
-    if config.fp16 == "on" or (config.fp16 == "auto" and on_cuda):
+    if config.fp16 == "on" or (config.fp16 == "auto" and device.type == "cuda"):
         learn.to_fp16()  # "auto": on where the run trains on a GPU (fastai's default device)
     return learn, divergence
 

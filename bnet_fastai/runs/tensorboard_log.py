@@ -9,9 +9,8 @@ batches line up.
 """
 from __future__ import annotations
 
-from pathlib import Path
-
 import importlib.util
+from pathlib import Path
 
 from fastai.callback.core import Callback
 from fastai.learner import Recorder
