@@ -10,7 +10,7 @@ deploy-vs-deploy ratio is ``bnet fused`` over ``bn folded``; "vs bn" is each ove
 On a GPU inference runs under float16 autocast (``--amp``), each forward timed with CUDA events.
 
 Memory of a training step, for BN, BNET through the composed path (BN then the conv through autograd: two saved
-maps per layer) and BNET one-map (the default, `bnet_fastai.nn.one_map`): the peak, on a GPU
+maps per layer) and BNET one-map (the default, `bnet_fastai.nn.compute.one_map`): the peak, on a GPU
 `torch.cuda.max_memory_allocated` around one step, on a CPU the peak resident set size (Linux VmHWM, reset
 through /proc/self/clear_refs before the step) above the size before it; and the activations saved for the
 backward, exact (`bnet_fastai.speed.saved_activation_bytes`). On a GPU also BNET through the fused Triton
@@ -109,7 +109,7 @@ def main(argv: list[str] | None = None) -> None:
         y = torch.randint(0, 10, (bs,), device=where)
         bn, bnet = (create_model(arch, norm).to(where, memory_format=memory_format) for norm in ("bn", "bnet"))
         composed = set_one_map(copy.deepcopy(bnet), False)
-        # the fused Triton kernels (`bnet_fastai.nn.triton_bnet`): compiled for CUDA tensors, so on a GPU only
+        # the fused Triton kernels (`bnet_fastai.nn.compute.triton_bnet`): compiled for CUDA tensors, so on a GPU only
         triton = set_impl(copy.deepcopy(bnet), "triton") if where.type == "cuda" else None
         trained = (("bn", bn), ("bnet composed", composed), ("bnet one-map", bnet), ("bnet triton", triton))
         for name, m in trained:

@@ -73,15 +73,26 @@ REPORT_NAMES = {"bn": "bn", "bnet all": "bnet-k3-all", "bnet last": "bnet-k3-las
 LABELS = {name: label for label, name in REPORT_NAMES.items()}
 DEFAULT_VARIANTS = ("bnet-k3-all", "bnet-k3-last", "authors-k3-all")
 COMPOSED = "-composed"  # a variant's suffix: trained through the composed path (`set_one_map(model, False)`)
-TRITON = "-triton"  # a variant's suffix: BNET2d through the fused Triton kernels (`set_impl(model, "triton")`, CUDA)
+# a variant's suffix naming BNET2d's computation (`set_impl`); none: "auto" (the C++ kernels on a CPU where they build)
+IMPLS = {"-torch": "torch", "-cpp": "cpp", "-triton": "triton"}
+SUFFIXES = (COMPOSED, *IMPLS)
+
+
+def base_variant(name: str) -> str:
+    """The report name of `<variant>[-composed|-torch|-cpp|-triton]`."""
+    for suffix in SUFFIXES:
+        name = name.removesuffix(suffix)
+    return name
 
 
 def _bnet_variant(arch: str, name: str) -> nn.Module:
-    """`<variant>[-composed|-triton]`: the variant's model, through the one-map path, the composed path or the
-    Triton kernels."""
-    base = name.removesuffix(COMPOSED).removesuffix(TRITON)
-    model = set_one_map(create_model(arch, **variant_fields(base)), not name.endswith(COMPOSED))
-    return set_impl(model, "triton") if name.endswith(TRITON) else model
+    """`<variant>[-composed|-torch|-cpp|-triton]`: the variant's model, through the default computation ("auto"),
+    the composed path (on the torch path), the torch one-map path, the C++ kernels or the Triton kernels."""
+    model = create_model(arch, **variant_fields(base_variant(name)))
+    if name.endswith(COMPOSED):
+        return set_impl(set_one_map(model, False), "torch")
+    impl = next((impl for suffix, impl in IMPLS.items() if name.endswith(suffix)), "auto")
+    return set_impl(model, impl)
 
 
 def variants(arch: str, compiled: bool, only: list[str] | None = None) -> dict[str, nn.Module]:
@@ -97,8 +108,8 @@ def variants(arch: str, compiled: bool, only: list[str] | None = None) -> dict[s
         builders = {"authors-k3-all": lambda: authors_model(arch)}
         names = ["bn", *[n for n in (only if only is not None else DEFAULT_VARIANTS) if n != "bn"]]
         for name in names:
-            if name not in builders:  # `<variant>[-composed|-triton]`
-                variant_fields(name.removesuffix(COMPOSED).removesuffix(TRITON))
+            if name not in builders:  # `<variant>[-composed|-torch|-cpp|-triton]`
+                variant_fields(base_variant(name))
                 builders[name] = lambda n=name: _bnet_variant(arch, n)
     return {LABELS.get(name, name): builders[name]() for name in names}
 
@@ -112,8 +123,8 @@ def check_variants(text: str | None, compiled: bool) -> list[str] | None:
     for name in names:
         if compiled and name not in ("bnet-k3-all", *fixed):
             raise ValueError(f"with --compile the variants are bnet-k3-all, {', '.join(fixed)}; got {name!r}")
-        if name not in fixed:  # bnet-k<odd>-<all|last>[-composed|-triton], or a one-line ValueError naming the forms
-            variant_fields(name.removesuffix(COMPOSED).removesuffix(TRITON))
+        if name not in fixed:  # bnet-k<odd>-<all|last>[-composed|-torch|-cpp|-triton], or one line naming the forms
+            variant_fields(base_variant(name))
     return names
 
 
@@ -150,7 +161,7 @@ def main(argv: list[str] | None = None) -> None:
         only = check_variants(args.variants, args.compile)
     except ValueError as e:
         parser.error(str(e))
-    if where.type != "cuda" and any(n.endswith(TRITON) for n in only or []):
+    if where.type != "cuda" and any(n.endswith("-triton") for n in only or []):
         parser.error("the -triton variants run the fused Triton kernels on a GPU; this machine times on the CPU")
     amp = "float16 autocast + GradScaler" if dtype is torch.float16 else "float32"
     print(f"# {machine()}")

@@ -13,7 +13,7 @@ import torch.nn.functional as F
 
 from bnet_fastai import BNET1d, BNET2d, BNET3d, create_model
 from bnet_fastai.nn.layers import set_one_map
-from bnet_fastai.nn.one_map import OneMapBNET
+from bnet_fastai.nn.compute.one_map import OneMapBNET
 from bnet_fastai.speed import saved_activation_bytes
 
 SHAPES = [(BNET2d, (2, 4, 5, 7)), (BNET2d, (1, 4, 3, 5)), (BNET2d, (5, 4, 1, 1)), (BNET1d, (3, 4, 9)),

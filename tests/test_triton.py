@@ -1,4 +1,4 @@
-"""The Triton BNET2d (`bnet_fastai.nn.triton_bnet`) against the torch path: on a CPU under Triton's interpreter
+"""The Triton BNET2d (`bnet_fastai.nn.compute.triton_bnet`) against the torch path: on a CPU under Triton's interpreter
 (``TRITON_INTERPRET=1``, set by tests/conftest.py for the session before triton is first imported), on CUDA
 under ``pytest -m cuda``.
 

@@ -33,12 +33,14 @@ from torch.nn.modules.batchnorm import _BatchNorm
 
 from bnet_fastai import names
 from bnet_fastai._checks import check_choice, check_kernel_size
-from bnet_fastai.nn.one_map import OneMapBNET
+from bnet_fastai.nn.compute import cpp_bnet
+from bnet_fastai.nn.compute.one_map import OneMapBNET
 
 BNET_INITS = ("identity", "zero", "official")
-# How a BNET2d computes: "torch" (the one-map step, or the composed path; every device), "triton" (the fused
-# kernels of `bnet_fastai.nn.triton_bnet`, CUDA tensors), "auto": "torch" everywhere until a GPU measurement
-# shows the kernels faster and equal (benchmarks/README.md; then "auto" may choose them on CUDA).
+# How a BNET2d computes (`bnet_fastai.nn.compute`): "torch" (the one-map step, or the composed path; every device),
+# "cpp" (the fused C++ kernels of `cpp_bnet`: float32 CPU maps, k 1/3/5/7), "triton" (the fused Triton kernels of
+# `triton_bnet`, CUDA tensors), "auto": "cpp" for what the C++ kernels compute where they build, "torch" otherwise
+# (on a GPU until a measurement there shows the Triton kernels faster and equal: benchmarks/README.md).
 BNET_IMPLS = names.BNET_IMPLS
 _TRITON_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 # What a layer's `init` may read: `copy` marks a layer that took a BatchNorm's gamma and beta (`from_bn`);
@@ -161,6 +163,7 @@ class _BNETNd(nn.Module):
     def running_var(self) -> torch.Tensor | None: return self.norm.running_var
 
     one_map = True  # train through `OneMapBNET` (one saved map, as BN); False: the composed path, as before
+    last_impl: str | None = None  # the computation the last forward ran: "torch", "cpp" or "triton" (None: none yet)
 
     @property
     def _batch_stats(self) -> bool:
@@ -215,7 +218,7 @@ class _BNETNd(nn.Module):
 
     def _triton_forward(self, x: torch.Tensor) -> torch.Tensor:
         try:  # imports triton: only where a layer asks for it
-            from bnet_fastai.nn import triton_bnet
+            from bnet_fastai.nn.compute import triton_bnet
         except ImportError:
             raise ValueError("impl='triton' needs the triton package, which is not installed (it comes with "
                              "torch's CUDA build on Linux): pip install triton, or use impl='torch'") from None
@@ -235,9 +238,48 @@ class _BNETNd(nn.Module):
         raise RuntimeError(f"{type(self).__name__} does not support TorchScript (torch.jit.script, deprecated by "
                            f"torch): export the model with torch.export or ONNX, or script fuse_bnet(model)")
 
+    def _use_cpp(self, x: torch.Tensor) -> bool:
+        """Whether this forward runs the C++ kernels: impl "cpp" or "auto", a map they compute (float32 CPU, k 1/3/5/7,
+        no autocast) with batch statistics (through the one-map rule: not after `set_one_map(model, False)`), or
+        with running statistics and no gradient to keep; "auto" where they build, "cpp" or one line why not."""
+        if self.impl not in ("cpp", "auto") or self.ndim != 2 or not self._fused_path_allowed:
+            return False
+        if self.impl == "cpp" and x.device.type != "cpu":
+            raise ValueError(f"{type(self).__name__}(impl='cpp') computes CPU tensors, got one on {x.device}: use "
+                             f"impl='auto' or 'torch' (set_impl(model, 'auto'))")
+        if not cpp_bnet.supports(x, self.weight):
+            return False
+        if self._batch_stats:
+            if not self.one_map and torch.is_grad_enabled():
+                return False
+        elif torch.is_grad_enabled() and (x.requires_grad or self.weight.requires_grad or self.bias.requires_grad):
+            return False  # running statistics with a gradient: the torch path's backward
+        if cpp_bnet.load() is None:
+            if self.impl == "cpp":
+                raise ValueError(f"{type(self).__name__}(impl='cpp'): {cpp_bnet.unavailable_reason()}; use impl='auto' "
+                                 f"or 'torch'")
+            return False
+        return True
+
+    def _cpp_forward(self, x: torch.Tensor) -> torch.Tensor:
+        norm = self.norm
+        norm._check_input_dim(x)
+        if self._batch_stats:
+            factor, running_mean, running_var = self._batch_step()
+            return cpp_bnet.CppBNET.apply(x, self.weight, self.bias, running_mean, running_var, factor, norm.eps,
+                                          self._name)
+        invstd = torch.rsqrt(norm.running_var + norm.eps)  # eval: the running statistics, as BN's eval
+        return cpp_bnet.forward(x, norm.running_mean, invstd, self.weight, self.bias)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self._use_triton(x):
+            self.last_impl = "triton"
             return self._triton_forward(x)
+        if self._use_cpp(x):
+            self.last_impl = "cpp"
+            return self._cpp_forward(x)
+        if not torch.compiler.is_compiling():
+            self.last_impl = "torch"
         if self._use_one_map(x):
             return self._one_map_forward(x)
         x = self.norm(x)
@@ -264,13 +306,27 @@ def triton_runs_on(device: torch.device) -> bool:
 
 def _check_impl(impl: str, ndim: int) -> str:
     check_choice("BNET impl", impl, BNET_IMPLS)
-    if impl == "triton" and ndim != 2:
-        raise ValueError(f"impl='triton' is BNET2d's (2-D kernels); BNET{ndim}d takes impl='torch' or 'auto'")
+    if impl in ("triton", "cpp") and ndim != 2:
+        raise ValueError(f"impl={impl!r} is BNET2d's (2-D kernels); BNET{ndim}d takes impl='torch' or 'auto'")
     return impl
 
 
+def resolve_impl(impl: str, device: torch.device | str, fp16: bool = False) -> str:
+    """What BNET2d's `impl` computes through for float32 maps (or, `fp16`, under mixed precision) on `device`:
+    "auto" is "cpp" on a CPU where the C++ kernels build (building them now if needed), else "torch"."""
+    check_choice("BNET impl", impl, BNET_IMPLS)
+    if impl != "auto":
+        return impl
+    return "cpp" if torch.device(device).type == "cpu" and not fp16 and cpp_bnet.load() is not None else "torch"
+
+
+def impls_used(model: nn.Module) -> list[str]:
+    """The computations `model`'s BNET layers ran in their last forward ("cpp", "torch", "triton"), sorted."""
+    return sorted({m.last_impl for m in model.modules() if isinstance(m, _BNETNd) and m.last_impl})
+
+
 def set_impl(model: nn.Module, impl: str) -> nn.Module:
-    """Every BNET2d of `model` computes through `impl` ("auto", "torch" or "triton"); returns `model`."""
+    """Every BNET2d of `model` computes through `impl` ("auto", "torch", "cpp" or "triton"); returns `model`."""
     check_choice("BNET impl", impl, BNET_IMPLS)
     for m in model.modules():
         if isinstance(m, _BNETNd) and m.ndim == 2:

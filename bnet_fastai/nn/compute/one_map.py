@@ -35,7 +35,14 @@ class OneMapBNET(torch.autograd.Function):
         xhat, _, invstd = torch.ops.aten.native_batch_norm(x, None, None, running_mean, running_var, True,
                                                            factor, eps)
         channels, ndim = x.shape[1], x.dim() - 2
-        y = _CONV[ndim](xhat, weight, bias, padding=weight.shape[-1] // 2, groups=channels)  # autocast applies
+        ctx.one_by_one = all(n == 1 for n in x.shape[2:])
+        if ctx.one_by_one:  # a 1x1 map only meets the centre tap: a per-channel scale, as the composed path takes it
+            shape = (-1,) + (1,) * ndim
+            lowered = torch.is_autocast_enabled(x.device.type) and x.dtype == torch.float32  # as the conv would be
+            dtype = torch.get_autocast_dtype(x.device.type) if lowered else x.dtype
+            y = torch.addcmul(bias.view(shape).to(dtype), xhat.to(dtype), _centre(weight).view(shape).to(dtype))
+        else:
+            y = _CONV[ndim](xhat, weight, bias, padding=weight.shape[-1] // 2, groups=channels)  # autocast applies
         ctx.save_for_backward(xhat, invstd, weight)
         ctx.conv_dtype, ctx.layer = y.dtype, layer
         return y
@@ -50,9 +57,12 @@ class OneMapBNET(torch.autograd.Function):
         channels, ndim = xhat.shape[1], xhat.dim() - 2
         dtype = ctx.conv_dtype  # the dtype the conv ran in (autocast's), so its backward runs in it too
         k = weight.shape[-1]
-        dxhat, dweight, dbias = torch.ops.aten.convolution_backward(
-            dy.to(dtype), xhat.to(dtype), weight.to(dtype), [channels], [1] * ndim, [k // 2] * ndim,
-            [1] * ndim, False, [0] * ndim, channels, [True, ctx.needs_input_grad[1], ctx.needs_input_grad[2]])
+        if ctx.one_by_one:
+            dxhat, dweight, dbias = _one_by_one_backward(dy.to(dtype), xhat.to(dtype), weight, ctx.needs_input_grad)
+        else:
+            dxhat, dweight, dbias = torch.ops.aten.convolution_backward(
+                dy.to(dtype), xhat.to(dtype), weight.to(dtype), [channels], [1] * ndim, [k // 2] * ndim,
+                [1] * ndim, False, [0] * ndim, channels, [True, ctx.needs_input_grad[1], ctx.needs_input_grad[2]])
         dx = None
         if ctx.needs_input_grad[0]:
             # BN's backward of an "input" x̂ with mean 0 and inverse std 1, scaled per channel by its `weight`:
@@ -65,3 +75,22 @@ class OneMapBNET(torch.autograd.Function):
                 [True, False, False])
         return (dx, None if dweight is None else dweight.to(weight.dtype),
                 None if dbias is None else dbias.to(weight.dtype), None, None, None, None, None)
+
+
+def _centre(weight: torch.Tensor) -> torch.Tensor:
+    """The centre tap of each channel's kernel, (C,)."""
+    return weight[(slice(None), 0) + (weight.shape[-1] // 2,) * (weight.dim() - 2)]
+
+
+def _one_by_one_backward(dy: torch.Tensor, xhat: torch.Tensor, weight: torch.Tensor, needs: tuple):
+    """The conv's gradients on a 1x1 map: dx̂ = centre·dy, the centre tap's Σ dy·x̂ (other taps 0), Σdy."""
+    shape = (-1,) + (1,) * (weight.dim() - 2)
+    reduce = [0] + list(range(2, dy.dim()))
+    dxhat = dy * _centre(weight).view(shape).to(dy.dtype)
+    dweight = dbias = None
+    if needs[1]:
+        dweight = torch.zeros_like(weight, dtype=dy.dtype)
+        dweight[(slice(None), 0) + (weight.shape[-1] // 2,) * (weight.dim() - 2)] = (dy * xhat).sum(reduce)
+    if needs[2]:
+        dbias = dy.sum(reduce)
+    return dxhat, dweight, dbias
