@@ -1,5 +1,6 @@
-"""BNET trains through `OneMapBNET`, keeping one map for its backward as BN does: gradients exact (gradcheck),
-equal to the composed path it replaces, and the saved activations of real models at BN's, counted exactly."""
+"""BNET trains through `OneMapBNET` on the torch path (``impl="torch"``; "auto" takes the C++ kernels on a CPU, see
+tests/test_cpp_bnet.py), keeping one map for its backward as BN does: gradients exact (gradcheck), equal to the
+composed path it replaces, and the saved activations of real models at BN's, counted exactly."""
 import copy
 import os
 import socket
@@ -12,7 +13,7 @@ import torch
 import torch.nn.functional as F
 
 from bnet_fastai import BNET1d, BNET2d, BNET3d, create_model
-from bnet_fastai.nn.layers import set_one_map
+from bnet_fastai.nn.layers import set_impl, set_one_map
 from bnet_fastai.nn.compute.one_map import OneMapBNET
 from bnet_fastai.speed import saved_activation_bytes
 
@@ -64,7 +65,7 @@ def test_the_one_map_layer_equals_the_composed_layer_in_float64(cls, shape, k, m
 
 
 def test_eval_no_grad_and_a_frozen_layer_keep_the_composed_path():
-    layer = BNET2d(4)
+    layer = BNET2d(4, impl="torch")
     x = torch.randn(2, 4, 5, 5, requires_grad=True)
     assert layer(x).grad_fn.name() == "OneMapBNETBackward"
     assert layer.eval()(x).grad_fn.name() == "ConvolutionBackward0"  # running statistics: nothing to save twice
@@ -76,7 +77,7 @@ def test_eval_no_grad_and_a_frozen_layer_keep_the_composed_path():
 
 def test_a_real_model_trains_to_the_same_weights_in_float32_channels_last():
     torch.manual_seed(0)
-    one_map = create_model("xmininet", "bnet", n_out=10).to(memory_format=torch.channels_last)
+    one_map = set_impl(create_model("xmininet", "bnet", n_out=10), "torch").to(memory_format=torch.channels_last)
     composed = _composed(copy.deepcopy(one_map))
     optimizers = [torch.optim.SGD(m.parameters(), lr=0.1, momentum=0.9) for m in (one_map, composed)]
     for _ in range(4):
@@ -95,7 +96,7 @@ def test_a_real_model_trains_to_the_same_weights_in_float32_channels_last():
 
 def test_under_autocast_the_output_dtype_and_gradients_are_the_composed_paths():
     torch.manual_seed(0)
-    one_map = BNET2d(8)
+    one_map = BNET2d(8, impl="torch")
     with torch.no_grad():
         one_map.weight.normal_()
     composed = _composed(copy.deepcopy(one_map))
@@ -116,12 +117,13 @@ def test_under_autocast_the_output_dtype_and_gradients_are_the_composed_paths():
 
 
 def test_double_backward_is_refused_in_one_line_naming_the_layer_and_the_composed_path_supports_it():
-    layer = BNET2d(4, k=3)
+    layer = BNET2d(4, k=3, impl="torch")
     x = torch.randn(2, 4, 5, 5, requires_grad=True)
     with pytest.raises(RuntimeError) as caught:  # refused when the graph of the gradient is asked for
         torch.autograd.grad(layer(x).square().sum(), x, create_graph=True)
     message = str(caught.value).splitlines()[0]
-    assert message.startswith("BNET2d(4, k=3, init='identity'): BNET's one-map backward is not differentiable twice")
+    assert message.startswith("BNET2d(4, k=3, init='identity', impl='torch'): BNET's one-map backward is not "
+                              "differentiable twice")
     assert message.endswith("train it through the composed path, `bnet_fastai.nn.layers.set_one_map(model, False)`")
     set_one_map(layer, False)
     (grad,) = torch.autograd.grad(layer(x).square().sum(), x, create_graph=True)
@@ -134,7 +136,7 @@ def test_saved_activations_with_bnet_in_every_norm_are_at_most_bn_s(arch):
     torch.manual_seed(0)
     x, y = torch.randn(2, 3, 32, 32), torch.randint(0, 10, (2,))
     bn = saved_activation_bytes(create_model(arch, "bn"), x, y)
-    one_map = saved_activation_bytes(create_model(arch, "bnet"), x, y)
+    one_map = saved_activation_bytes(set_impl(create_model(arch, "bnet"), "torch"), x, y)
     composed = saved_activation_bytes(_composed(create_model(arch, "bnet")), x, y)
     assert one_map <= 1.05 * bn  # measured 0.95 (BN also keeps its batch means)
     assert composed >= 1.4 * bn  # the composed path keeps the input and x̂: measured 1.42 and 1.44
@@ -167,7 +169,7 @@ def test_a_syncbatchnorm_normaliser_keeps_todays_path_under_gloo_and_alone():
     synced = BNET2d.from_bn(torch.nn.SyncBatchNorm(4), k=3)
     with torch.no_grad():
         synced.weight.normal_()
-    plain = BNET2d(4, k=3)
+    plain = BNET2d(4, k=3, impl="torch")
     plain.load_state_dict(synced.state_dict())
     xs = [torch.randn(4, 4, 5, 5).requires_grad_() for _ in range(2)]
     with torch.no_grad():

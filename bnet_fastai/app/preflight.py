@@ -48,6 +48,7 @@ from fastai.torch_core import defaults
 from bnet_fastai.runs.checkpoint import EpochCheckpoint, load_model, one_line
 from bnet_fastai.runs.config import RunConfig
 from bnet_fastai.nn.fuse import fuse_bnet
+from bnet_fastai.nn.layers import impls_used
 from bnet_fastai.nn.models import create_model
 from bnet_fastai.speed import amp_dtype, interleaved, training_step
 from bnet_fastai.runs.learner import build_learner, validation_accuracy
@@ -253,18 +254,21 @@ def check_speed(device: torch.device) -> Result:
     torch.manual_seed(0)
     x = torch.randn(bs, 3, size, size, device=device).to(memory_format=torch.channels_last)
     y = torch.randint(0, 10, (bs,), device=device)
-    steps = {norm: training_step(create_model(arch, norm).to(device, memory_format=torch.channels_last).train(),
-                                 x, y, dtype) for norm in ("bn", "bnet")}
+    models = {norm: create_model(arch, norm).to(device, memory_format=torch.channels_last).train()
+              for norm in ("bn", "bnet")}
+    steps = {norm: training_step(model, x, y, dtype) for norm, model in models.items()}
     losses = {norm: float(step()) for norm, step in steps.items()}
+    impl = "+".join(impls_used(models["bnet"]))  # what BNET's layers computed through ("auto" resolved)
     times = interleaved(steps, rounds=rounds, warmup=2, device=device)
     ratio = times["bnet"] / times["bn"]
     speed = {norm: bs / seconds for norm, seconds in times.items()}
     finite = all(np.isfinite(v) for v in losses.values())
     precision = "fp16 autocast" if dtype is torch.float16 else "float32"
     return Result("speed", "pass" if finite else "fail",
-                  f"{arch} {size} px, batch {bs}, {precision}, channels_last: BNET/BN step {ratio:.3f}; "
+                  f"{arch} {size} px, batch {bs}, {precision}, channels_last, BNET through {impl}: BNET/BN step "
+                  f"{ratio:.3f}; "
                   f"BN {speed['bn']:.0f} img/s, BNET {speed['bnet']:.0f} img/s (median of {rounds})",
-                  {"arch": arch, "size": size, "bs": bs, "precision": precision, "ratio": ratio,
+                  {"arch": arch, "size": size, "bs": bs, "precision": precision, "ratio": ratio, "bnet_impl": impl,
                    "ms_per_step": {k: v * 1e3 for k, v in times.items()}, "images_per_second": speed})
 
 

@@ -164,6 +164,7 @@ class _BNETNd(nn.Module):
 
     one_map = True  # train through `OneMapBNET` (one saved map, as BN); False: the composed path, as before
     last_impl: str | None = None  # the computation the last forward ran: "torch", "cpp" or "triton" (None: none yet)
+    train_impl: str | None = None  # the computation the last training-mode forward ran
 
     @property
     def _batch_stats(self) -> bool:
@@ -245,7 +246,7 @@ class _BNETNd(nn.Module):
         if self.impl not in ("cpp", "auto") or self.ndim != 2 or not self._fused_path_allowed:
             return False
         if self.impl == "cpp" and x.device.type != "cpu":
-            raise ValueError(f"{type(self).__name__}(impl='cpp') computes CPU tensors, got one on {x.device}: use "
+            raise ValueError(f"{self._name}: impl='cpp' computes CPU tensors, got one on {x.device}: use "
                              f"impl='auto' or 'torch' (set_impl(model, 'auto'))")
         if not cpp_bnet.supports(x, self.weight):
             return False
@@ -256,8 +257,7 @@ class _BNETNd(nn.Module):
             return False  # running statistics with a gradient: the torch path's backward
         if cpp_bnet.load() is None:
             if self.impl == "cpp":
-                raise ValueError(f"{type(self).__name__}(impl='cpp'): {cpp_bnet.unavailable_reason()}; use impl='auto' "
-                                 f"or 'torch'")
+                raise ValueError(f"{self._name}: {cpp_bnet.unavailable_reason()}; use impl='auto' or 'torch'")
             return False
         return True
 
@@ -271,15 +271,21 @@ class _BNETNd(nn.Module):
         invstd = torch.rsqrt(norm.running_var + norm.eps)  # eval: the running statistics, as BN's eval
         return cpp_bnet.forward(x, norm.running_mean, invstd, self.weight, self.bias)
 
+    def _ran(self, impl: str) -> None:
+        """Record the computation this forward runs (in training mode also as the one that trains the layer)."""
+        if not torch.compiler.is_compiling():
+            self.last_impl = impl
+            if self.training:
+                self.train_impl = impl
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self._use_triton(x):
-            self.last_impl = "triton"
+            self._ran("triton")
             return self._triton_forward(x)
         if self._use_cpp(x):
-            self.last_impl = "cpp"
+            self._ran("cpp")
             return self._cpp_forward(x)
-        if not torch.compiler.is_compiling():
-            self.last_impl = "torch"
+        self._ran("torch")
         if self._use_one_map(x):
             return self._one_map_forward(x)
         x = self.norm(x)
@@ -320,9 +326,11 @@ def resolve_impl(impl: str, device: torch.device | str, fp16: bool = False) -> s
     return "cpp" if torch.device(device).type == "cpu" and not fp16 and cpp_bnet.load() is not None else "torch"
 
 
-def impls_used(model: nn.Module) -> list[str]:
-    """The computations `model`'s BNET layers ran in their last forward ("cpp", "torch", "triton"), sorted."""
-    return sorted({m.last_impl for m in model.modules() if isinstance(m, _BNETNd) and m.last_impl})
+def impls_used(model: nn.Module, training: bool = False) -> list[str]:
+    """The computations `model`'s BNET layers ran in their last forward ("cpp", "torch", "triton"), sorted;
+    `training`: in their last training-mode forward."""
+    found = {m.train_impl if training else m.last_impl for m in model.modules() if isinstance(m, _BNETNd)}
+    return sorted(found - {None})
 
 
 def set_impl(model: nn.Module, impl: str) -> nn.Module:

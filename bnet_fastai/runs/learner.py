@@ -16,7 +16,7 @@ from fastai.torch_core import set_seed
 
 from bnet_fastai.data.cache import cached_dataloaders
 from bnet_fastai.data.datasets import DATASETS, dataloaders, image_files, prepare, subsample_train
-from bnet_fastai.nn.layers import set_impl, triton_runs_on
+from bnet_fastai.nn.layers import resolve_impl, set_impl, triton_runs_on
 from bnet_fastai.nn.models import create_model
 from bnet_fastai.nn.weight_decay import BNETWeightDecay
 from bnet_fastai.runs.config import RunConfig
@@ -67,6 +67,8 @@ def build_learner(config: RunConfig) -> tuple[Learner, DivergenceCallback]:
         raise ValueError("bnet_impl='triton' runs the fused Triton kernels on CUDA tensors; this run trains on the "
                          "CPU: use bnet_impl 'torch' or 'auto'")  # before the run writes anything
     set_impl(model, config.bnet_impl)  # BNET2d's computation: no BNET, no change
+    if config.norm == "bnet" and config.bnet_impl in ("auto", "cpp") and device.type == "cpu":
+        resolve_impl(config.bnet_impl, device)  # the C++ kernels built (once) now, not in the first batch
     if config.compile:
         model = torch.compile(model)
     smoothing = config.label_smoothing

@@ -33,6 +33,7 @@ from bnet_fastai._checks import check_output_folder
 from bnet_fastai._files import atomic_write, file_fault
 from bnet_fastai.data import fashion_mnist
 from bnet_fastai.nn.fuse import fuse_bnet
+from bnet_fastai.nn.layers import impls_used, resolve_impl
 from bnet_fastai.nn.norms import kernel_stats
 from bnet_fastai.nn.weight_decay import no_decay_params
 from bnet_fastai.runs.checkpoint import (
@@ -228,6 +229,7 @@ def _finish(learn: Learner, config: RunConfig, run_dir: Path, status: str, final
     then status.json with the record of every file, and last the checkpoint is dropped."""
     model = unwrapped(learn.model)
     if config.norm == "bnet":
+        final["bnet_impls_used"] = impls_used(model, training=True)  # what BNET's layers trained through
         sample = learn.dls.valid.one_batch()[0][:2].float()
         atomic_write(run_dir / "kernels.json", json.dumps(kernel_stats(model, sample)))
         if status == "finished":
@@ -262,6 +264,10 @@ def _write_config(learn: Learner, config: RunConfig, run_dir: Path) -> None:
                               "no decay for BN gamma/beta, BNET kernel/bias and any bias; decay for the rest"),
         "training": {"schedule": SCHEDULES[config.schedule],
                      "fp16": any(isinstance(cb, MixedPrecision) for cb in learn.cbs),
+                     # what BNET2d computes through here ("auto" resolved; status.json: what its layers ran)
+                     "bnet_impl": (resolve_impl(config.bnet_impl, dls.device or "cpu",
+                                                any(isinstance(cb, MixedPrecision) for cb in learn.cbs))
+                                   if config.norm == "bnet" else None),
                      "world_size": max(num_distrib(), 1),
                      "device": str(dls.device or "cpu")},  # where the batches (and so the model) went
         "environment": _environment()}, indent=1))

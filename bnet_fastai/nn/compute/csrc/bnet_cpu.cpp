@@ -359,21 +359,25 @@ void dx_cl1(const float* dy, const float* x, float* dx, const Shape& s, const fl
   });
 }
 
-// Statistics: per task, per channel, sums of (x - shift) and its square (float over up to FLUSH positions, then
-// double).
-template <class T>
+// Statistics: per task, per channel, sums of (x - shift) and its square, accumulated in double (this pass reads x
+// once and is bound by memory, not by the wider arithmetic).
+template <int V>
 inline void stats_block_cl(const float* __restrict__ x, const float* __restrict__ shift, double* __restrict__ slot,
                            int64_t C, int64_t first, int64_t last, int64_t c0) {
-  const T sh = load<T>(shift + c0);
-  for (int64_t q0 = first; q0 < last; q0 += FLUSH) {
-    T a1 = T{}, a2 = T{};
-    for (int64_t q = q0; q < std::min(last, q0 + FLUSH); ++q) {
-      const T d = load<T>(x + q * C + c0) - sh;
-      a1 += d;
-      a2 += d * d;
+  double a1[V] = {}, a2[V] = {};
+  float sh[V];
+  for (int v = 0; v < V; ++v) sh[v] = shift[c0 + v];
+  for (int64_t q = first; q < last; ++q) {
+    const float* __restrict__ in = x + q * C + c0;
+    for (int v = 0; v < V; ++v) {
+      const double d = double(in[v] - sh[v]);
+      a1[v] += d;
+      a2[v] += d * d;
     }
-    add_to(slot + c0, a1);
-    add_to(slot + C + c0, a2);
+  }
+  for (int v = 0; v < V; ++v) {
+    slot[c0 + v] += a1[v];
+    slot[C + c0 + v] += a2[v];
   }
 }
 
@@ -384,8 +388,8 @@ void stats_cl(const float* x, const Shape& s, const float* shift, std::vector<do
       const int64_t first = task * t.rows * s.W, last = std::min(s.N * s.H, (task + 1) * t.rows) * s.W;
       double* slot = part.data() + task * 2 * s.C;
       int64_t c0 = 0;
-      for (; c0 + VL <= s.C; c0 += VL) stats_block_cl<vec>(x, shift, slot, s.C, first, last, c0);
-      for (; c0 < s.C; ++c0) stats_block_cl<float>(x, shift, slot, s.C, first, last, c0);
+      for (; c0 + VL <= s.C; c0 += VL) stats_block_cl<VL>(x, shift, slot, s.C, first, last, c0);
+      for (; c0 < s.C; ++c0) stats_block_cl<1>(x, shift, slot, s.C, first, last, c0);
     }
   });
 }
@@ -512,18 +516,13 @@ void stats_nchw(const float* x, const Shape& s, const float* shift, std::vector<
   at::parallel_for(0, s.N * s.C, 1, [&](int64_t begin, int64_t end) {
     for (int64_t plane = begin; plane < end; ++plane) {
       const float m = shift[plane % s.C];
-      double p1 = 0, p2 = 0;
-      for (int64_t h = 0; h < s.H; ++h) {
-        const float* __restrict__ in = x + (plane * s.H + h) * s.W;
-        float a1 = 0.f, a2 = 0.f;
-#pragma omp simd reduction(+ : a1, a2)
-        for (int64_t w = 0; w < s.W; ++w) {
-          const float d = in[w] - m;
-          a1 += d;
-          a2 += d * d;
-        }
-        p1 += a1;
-        p2 += a2;
+      double p1 = 0, p2 = 0;  // in double, as the channels_last statistics
+      const float* __restrict__ in = x + plane * s.H * s.W;
+#pragma omp simd reduction(+ : p1, p2)
+      for (int64_t q = 0; q < s.H * s.W; ++q) {
+        const double d = double(in[q] - m);
+        p1 += d;
+        p2 += d * d;
       }
       part[plane * 2] = p1;
       part[plane * 2 + 1] = p2;
