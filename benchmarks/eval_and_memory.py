@@ -13,8 +13,10 @@ Memory of a training step, for BN, BNET through the composed path (BN then the c
 maps per layer) and BNET one-map (the default, `bnet_fastai.nn.compute.one_map`): the peak, on a GPU
 `torch.cuda.max_memory_allocated` around one step, on a CPU the peak resident set size (Linux VmHWM, reset
 through /proc/self/clear_refs before the step) above the size before it; and the activations saved for the
-backward, exact (`bnet_fastai.speed.saved_activation_bytes`). On a GPU also BNET through the fused Triton
-kernels (`impl="triton"`): a ``bnet triton`` row in both tables (eval forward unfused, and the training step).
+backward, exact (`bnet_fastai.speed.saved_activation_bytes`). ``bnet unfused`` and ``bnet one-map`` are the torch
+path (`impl="torch"`); on a CPU also BNET through the fused C++ kernels (`impl="cpp"`, what "auto" runs there) and
+on a GPU through the fused Triton kernels (`impl="triton"`): ``bnet cpp`` and ``bnet triton`` rows in both tables
+(eval forward unfused, and the training step).
 """
 from __future__ import annotations
 
@@ -33,6 +35,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import device, interleaved, machine, precision, write_json  # noqa: E402
 
 from bnet_fastai import create_model, fuse_bn, fuse_bnet  # noqa: E402
+from bnet_fastai.nn.compute import cpp_bnet  # noqa: E402
 from bnet_fastai.nn.layers import set_impl, set_one_map  # noqa: E402
 from bnet_fastai.speed import saved_activation_bytes  # noqa: E402
 
@@ -108,16 +111,21 @@ def main(argv: list[str] | None = None) -> None:
         x = torch.randn(bs, 3, args.size, args.size, device=where).to(memory_format=memory_format)
         y = torch.randint(0, 10, (bs,), device=where)
         bn, bnet = (create_model(arch, norm).to(where, memory_format=memory_format) for norm in ("bn", "bnet"))
-        composed = set_one_map(copy.deepcopy(bnet), False)
+        torch_path = set_impl(copy.deepcopy(bnet), "torch")
+        composed = set_one_map(copy.deepcopy(torch_path), False)
         # the fused Triton kernels (`bnet_fastai.nn.compute.triton_bnet`): compiled for CUDA tensors, so on a GPU only
         triton = set_impl(copy.deepcopy(bnet), "triton") if where.type == "cuda" else None
-        trained = (("bn", bn), ("bnet composed", composed), ("bnet one-map", bnet), ("bnet triton", triton))
+        # the fused C++ kernels (`bnet_fastai.nn.compute.cpp_bnet`, "auto" on a CPU): float32 CPU maps
+        cpp = set_impl(copy.deepcopy(bnet), "cpp") if where.type == "cpu" and cpp_bnet.load() is not None else None
+        trained = (("bn", bn), ("bnet composed", composed), ("bnet one-map", torch_path), ("bnet cpp", cpp),
+                   ("bnet triton", triton))
         for name, m in trained:
             if m is not None:
                 memory.append((arch, name, peak_step_mib(m, x, y, dtype),
                                saved_activation_bytes(m, x, y, dtype) / 2**20))
-        models = {"bn": bn.eval(), "bn folded": fuse_bn(bn), "bnet unfused": bnet.eval(),
-                  "bnet fused": fuse_bnet(bnet), **({"bnet triton": triton.eval()} if triton is not None else {})}
+        models = {"bn": bn.eval(), "bn folded": fuse_bn(bn), "bnet unfused": torch_path.eval(),
+                  "bnet fused": fuse_bnet(bnet), **({"bnet cpp": cpp.eval()} if cpp is not None else {}),
+                  **({"bnet triton": triton.eval()} if triton is not None else {})}
         with torch.no_grad(), torch.autocast(where.type, dtype=dtype or torch.float32, enabled=dtype is not None):
             times = interleaved({name: (lambda m=m: m(x)) for name, m in models.items()}, rounds=args.rounds,
                                 device=where)

@@ -25,9 +25,12 @@ cost ratio: rows carry the arch, size, batch, memory format and the report's var
 from __future__ import annotations
 
 import argparse
+import statistics
 import sys
 from pathlib import Path
 
+import numpy as np
+import scipy.stats
 import torch
 from torch import nn
 
@@ -138,7 +141,11 @@ def main(argv: list[str] | None = None) -> None:
                         f"{CPU_DEFAULTS['archs']} on a CPU")
     parser.add_argument("--size", type=int, default=128)
     parser.add_argument("--bs", type=int, default=None, help="default: 64 on a GPU, 32 on a CPU")
-    parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--rounds", type=int, default=5, help="interleaved rounds per block (default: 5)")
+    parser.add_argument("--blocks", type=int, default=1, help="independent blocks (fresh models and batch, their "
+                        "own rounds); 2 or more give each ratio a 95%% interval, as a budget study's cost.json wants "
+                        "(default: 1)")
+    parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's, the cores)")
     parser.add_argument("--formats", default="nchw,channels_last")
     parser.add_argument("--device", default="auto", help="auto (the GPU when there is one), cpu, cuda or cuda:N")
     parser.add_argument("--amp", default="auto", choices=("auto", "on", "off"),
@@ -153,6 +160,10 @@ def main(argv: list[str] | None = None) -> None:
                         "momentum 0.9) or adam (fastai's, as runs train; a budget study's cost ratio)")
     parser.add_argument("--json", default=None, metavar="PATH", help="also write the table as JSON to PATH")
     args = parser.parse_args(argv)
+    if args.blocks < 1 or args.rounds < 1:
+        parser.error("--blocks and --rounds must be at least 1")
+    if args.threads:
+        torch.set_num_threads(args.threads)
     where = device(args.device)
     defaults = GPU_DEFAULTS if where.type == "cuda" else CPU_DEFAULTS
     archs, bs = args.archs or defaults["archs"], args.bs or defaults["bs"]
@@ -168,27 +179,53 @@ def main(argv: list[str] | None = None) -> None:
     print(f"# one {args.opt.upper() if args.opt == 'sgd' else 'Adam (fastai)'} training step on {where}, {amp}, batch {bs}, {args.size} px, median of {args.rounds} "
           f"interleaved rounds")
     rows = []
-    print(f"{'arch':<12} {'format':<14} {'variant':<18} {'ms/step':>9} {'vs bn':>7}")
+    interval = f", [95% interval over {args.blocks} blocks]" if args.blocks > 1 else ""
+    print(f"{'arch':<12} {'format':<14} {'variant':<18} {'ms/step':>9} {'vs bn':>7}{interval}")
     for arch in archs.split(","):
         for fmt in args.formats.split(","):
             memory_format = torch.channels_last if fmt == "channels_last" else torch.contiguous_format
-            torch.manual_seed(0)
-            x = torch.randn(bs, 3, args.size, args.size, device=where).to(memory_format=memory_format)
-            y = torch.randint(0, 10, (bs,), device=where)
-            steps = {name: training_step(m.to(where, memory_format=memory_format).train(), x, y, dtype,
-                                         opt=args.opt, no_decay=no_decay_params(m))
-                     for name, m in variants(arch, args.compile, only).items()}
-            times = interleaved(steps, rounds=args.rounds, device=where)
-            for name, seconds in times.items():
-                print(f"{arch:<12} {fmt:<14} {name:<18} {seconds * 1e3:9.1f} {seconds / times['bn']:7.3f}",
-                      flush=True)
+            blocks = []
+            for block in range(args.blocks):  # each block: fresh models and batch, its own interleaved rounds
+                torch.manual_seed(block)
+                x = torch.randn(bs, 3, args.size, args.size, device=where).to(memory_format=memory_format)
+                y = torch.randint(0, 10, (bs,), device=where)
+                steps = {name: training_step(m.to(where, memory_format=memory_format).train(), x, y, dtype,
+                                             opt=args.opt, no_decay=no_decay_params(m))
+                         for name, m in variants(arch, args.compile, only).items()}
+                blocks.append(interleaved(steps, rounds=args.rounds, device=where))
+                del steps
+            for name in blocks[0]:
+                ratios = [b[name] / b["bn"] for b in blocks]
+                ratio, low, high = ratio_interval(ratios)
+                seconds = statistics.median(b[name] for b in blocks)
+                shown = f"  [{low:.3f}, {high:.3f}]" if args.blocks > 1 else ""
+                print(f"{arch:<12} {fmt:<14} {name:<18} {seconds * 1e3:9.1f} {ratio:7.3f}{shown}", flush=True)
                 rows.append({"arch": arch, "size": args.size, "bs": bs, "format": fmt, "label": name,
                              "variant": REPORT_NAMES.get(name, name), "ms_per_step": seconds * 1e3,
-                             "images_per_second": bs / seconds, "ratio_to_bn": seconds / times["bn"]})
+                             "images_per_second": bs / seconds, "ratio_to_bn": ratio,
+                             **({"ratio_low": low, "ratio_high": high, "block_ratios": ratios}
+                                if args.blocks > 1 else {})})
     optimizer = "SGD" if args.opt == "sgd" else "fastai Adam"
-    write_json(args.json, "train_step", argv, f"median of {args.rounds} interleaved rounds of one {optimizer} "
-               f"step (forward, backward, update) on {where}, {amp}", rows, device=str(where), precision=amp,
-               optimizer=args.opt)
+    measure = (f"median of {args.rounds} interleaved rounds of one {optimizer} step (forward, backward, update) on "
+               f"{where}, {amp}, {torch.get_num_threads()} torch threads")
+    if args.blocks > 1:
+        measure += (f"; in {args.blocks} independent blocks (fresh models and batch each): ratio_to_bn is the "
+                    f"geometric mean of the blocks' ratios, ratio_low/ratio_high {RATIO_INTERVAL}")
+    write_json(args.json, "train_step", argv, measure, rows, device=str(where), precision=amp,
+               optimizer=args.opt, threads=torch.get_num_threads(), blocks=args.blocks)
+
+
+RATIO_INTERVAL = "its 95% t interval (the mean of the log ratios ± t(0.975, blocks − 1) × their standard error)"
+
+
+def ratio_interval(ratios: list[float]) -> tuple[float, float, float]:
+    """The geometric mean of block ratios and its 95% t interval (on the log scale); one block: no interval."""
+    logs = np.log(np.asarray(ratios, dtype=float))
+    mean = float(logs.mean())
+    if len(logs) < 2:
+        return float(np.exp(mean)), float("nan"), float("nan")
+    half = float(scipy.stats.t.ppf(0.975, len(logs) - 1) * logs.std(ddof=1) / np.sqrt(len(logs)))
+    return float(np.exp(mean)), float(np.exp(mean - half)), float(np.exp(mean + half))
 
 
 if __name__ == "__main__":

@@ -6,7 +6,9 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
+import scipy.stats
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -73,17 +75,43 @@ def test_inference_json_has_the_deploy_vs_deploy_row(tmp_path):
     saved = _bench("eval_and_memory", "--archs", "xmininet", "--size", "16", "--bs", "4", "--rounds", "1",
                    tmp_path=tmp_path)
     rows = {r["model"]: r for r in saved["rows"]}
-    assert list(rows) == ["bn", "bn folded", "bnet unfused", "bnet fused"]
+    assert list(rows) == ["bn", "bn folded", "bnet unfused", "bnet fused", "bnet cpp"]
     fused, folded, bn = rows["bnet fused"], rows["bn folded"], rows["bn"]
+    assert rows["bnet cpp"]["ratio_to_bn"] == pytest.approx(rows["bnet cpp"]["ms_per_batch"] / bn["ms_per_batch"])
     assert fused["ratio_to_bn_folded"] == pytest.approx(fused["ms_per_batch"] / folded["ms_per_batch"])
     assert fused["ratio_to_bn"] == pytest.approx(fused["ms_per_batch"] / bn["ms_per_batch"])
-    assert [m["model"] for m in saved["memory"]] == ["bn", "bnet composed", "bnet one-map"]
-    (base, composed, one_map) = saved["memory"]
+    assert [m["model"] for m in saved["memory"]] == ["bn", "bnet composed", "bnet one-map", "bnet cpp"]
+    (base, composed, one_map, cpp) = saved["memory"]
+    assert cpp["saved_ratio_to_bn"] <= 1.05  # the C++ kernels keep x and two vectors per layer, as BN
     # a step this small may fit in what the process holds: then no ratio, never a division by zero
     assert one_map["ratio_to_bn"] == (pytest.approx(one_map["mib"] / base["mib"]) if base["mib"] >= 1.0 else None)
     # the saved activations are exact: the composed path keeps two maps per BNET, one-map one, as BN
     assert one_map["saved_ratio_to_bn"] == pytest.approx(one_map["saved_mib"] / base["saved_mib"])
     assert one_map["saved_ratio_to_bn"] <= 1.05 and composed["saved_ratio_to_bn"] >= 1.3
+
+
+def test_layer_json_times_bn_the_torch_path_and_the_kernels_per_map(tmp_path):
+    saved = _bench("bnet_layer", "--maps", "4x8x5x5,2x16x1x1", "--k", "1,3", "--rounds", "1", tmp_path=tmp_path)
+    assert [(r["map"], r["k"]) for r in saved["rows"]] == [("4x8x5x5", 1), ("4x8x5x5", 3), ("2x16x1x1", 1),
+                                                            ("2x16x1x1", 3)]
+    for r in saved["rows"]:
+        for impl in ("torch", "cpp"):
+            assert r[f"{impl}_train_ratio"] == pytest.approx(r[f"{impl}_train_ms"] / r["bn_train_ms"])
+            assert r[f"{impl}_eval_ratio"] == pytest.approx(r[f"{impl}_eval_ms"] / r["bn_eval_ms"])
+
+
+def test_train_step_blocks_give_each_ratio_its_interval(tmp_path):
+    saved = _bench("train_step", "--archs", "xmininet", "--size", "16", "--bs", "4", "--rounds", "1", "--blocks",
+                   "3", "--formats", "channels_last", "--opt", "adam", "--variants", "bnet-k3-all,bnet-k3-all-torch",
+                   tmp_path=tmp_path)
+    assert saved["blocks"] == 3 and "geometric mean of the blocks' ratios" in saved["measure"]
+    for row in saved["rows"][1:]:
+        ratios = np.asarray(row["block_ratios"])
+        assert len(ratios) == 3
+        assert row["ratio_to_bn"] == pytest.approx(float(np.exp(np.log(ratios).mean())))
+        half = scipy.stats.t.ppf(0.975, 2) * np.log(ratios).std(ddof=1) / np.sqrt(3)
+        assert row["ratio_low"] == pytest.approx(row["ratio_to_bn"] * np.exp(-half))
+        assert row["ratio_high"] == pytest.approx(row["ratio_to_bn"] * np.exp(half))
 
 
 @pytest.mark.slow

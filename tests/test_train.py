@@ -52,7 +52,9 @@ def test_config_json_records_everything(tmp_path):
     assert written["weight_decay_rule"].startswith("no decay for BN gamma/beta, BNET kernel/bias")
     env = written["environment"]
     assert {"torch", "fastai", "timm", "python", "git_commit", "device"} <= set(env) and env["device"].startswith("cpu")
-    assert written["training"] == {"schedule": "fit_one_cycle", "fp16": False, "world_size": 1, "device": "cpu"}
+    assert written["training"] == {"schedule": "fit_one_cycle", "fp16": False, "world_size": 1, "device": "cpu",
+                                   "bnet_impl": "cpp"}  # "auto" resolved: the C++ kernels on this CPU
+    assert json.loads(open(f"{result['run_dir']}/status.json").read())["bnet_impls_used"] == ["cpp"]
 
 
 def test_the_commit_recorded_is_the_one_the_process_imported_not_a_later_head(monkeypatch):

@@ -105,7 +105,7 @@ def test_reductions_are_deterministic_and_the_layer_keeps_one_map(device):
 
 
 def test_impl_is_checked_where_it_enters():
-    with pytest.raises(ValueError, match="unknown BNET impl 'cuda'; valid choices: auto, torch, triton"):
+    with pytest.raises(ValueError, match="unknown BNET impl 'cuda'; valid choices: auto, torch, cpp, triton"):
         BNET2d(4, impl="cuda")
     with pytest.raises(ValueError, match="impl='triton' is BNET2d's"):
         BNET1d(4, impl="triton")
@@ -135,7 +135,7 @@ def test_a_run_records_its_impl_and_the_default_keeps_every_run_id(tmp_path, mon
     assert dataclasses.replace(base, bnet_impl="auto").run_id == base.run_id  # published run folders keep names
     assert dataclasses.replace(base, bnet_impl="triton").run_id != base.run_id
     assert RunConfig(norm="bn", bnet_impl="triton").run_id == RunConfig(norm="bn").run_id  # BN has no BNET
-    with pytest.raises(ValueError, match="unknown bnet_impl 'fast'; valid choices: auto, torch, triton"):
+    with pytest.raises(ValueError, match="unknown bnet_impl 'fast'; valid choices: auto, torch, cpp, triton"):
         dataclasses.replace(base, bnet_impl="fast").validate()
     monkeypatch.setenv("BNET_FASTAI_DATA", str(tmp_path / "data"))
     monkeypatch.setenv("TRITON_INTERPRET", "0")

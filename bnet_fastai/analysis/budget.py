@@ -91,7 +91,7 @@ def break_even(per_run: pd.DataFrame, cost: list[dict] | float | None = None, bo
     docstring), its bootstrap interval, and this machine's measured ratio (`cost`) beside it."""
     rows = []
     for keys, variant, seeds, bn_budgets, bn, budgets, bnet in paired_arms(per_run):
-        ratio, source = cost_ratio(cost, keys, variant)
+        ratio, low_ratio, high_ratio, source = cost_ratio(cost, keys, variant)
         draws = np.random.default_rng(seed).integers(0, len(seeds), size=(boot, len(seeds)))
         low_bound, high_bound = bn_budgets.min(), bn_budgets.max()
         for j, budget in enumerate(budgets):
@@ -110,7 +110,8 @@ def break_even(per_run: pd.DataFrame, cost: list[dict] | float | None = None, bo
                          "break_even": bn_match / budget, "ci_low": low / budget, "ci_high": high / budget,
                          "ci_low_bound": _bound(low, low_bound, high_bound),
                          "ci_high_bound": _bound(high, low_bound, high_bound),
-                         "cost_ratio": ratio, "cost_source": source,
+                         "cost_ratio": ratio, "cost_ratio_low": low_ratio, "cost_ratio_high": high_ratio,
+                         "cost_source": source,
                          "ci_method": f"95% percentile bootstrap over seeds ({boot} resamples, seed {seed}); a "
                                       f"resample beyond BN's budgets counts as the bound"})
     return pd.DataFrame(rows)
@@ -145,55 +146,129 @@ def epochs_to_match(per_run: pd.DataFrame, boot: int = BOOT, seed: int = 0) -> p
     return pd.DataFrame(rows)
 
 
+_COST_KEYS = ("arch", "size", "bs", "format", "variant", "ratio_to_bn")
+
+
+def _positive(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and np.isfinite(value) and value > 0
+
+
 def read_cost(path: str | Path) -> list[dict]:
-    """The rows of a ``benchmarks/train_step.py --json`` file, each with the file's command and machine;
-    ValueError in one line when it is missing or not such a file."""
+    """The rows of a ``benchmarks/train_step.py --json`` file, each with the file's command, machine and how its
+    interval was measured; ValueError in one line, naming the file and the row, when it is missing, not such a
+    file, or a ratio is not a number > 0 (a ratio_low/ratio_high pair must hold the ratio between them)."""
     try:
         data = json.loads(Path(path).read_text())
         rows = data["rows"]
+        if not isinstance(rows, list):
+            raise TypeError("rows is not a list")
     except (OSError, ValueError, KeyError, TypeError) as e:
         raise ValueError(f"cannot read the cost ratios in {path} ({type(e).__name__}): give the JSON that "
                          f"benchmarks/train_step.py --json writes, or --cost-ratio R") from None
-    return [{**row, "source": data.get("command", str(path)), "machine": data.get("machine", "")}
-            for row in rows]
+    for i, row in enumerate(rows):
+        where = f"{path}, row {i}"
+        missing = [k for k in _COST_KEYS if not isinstance(row, dict) or k not in row]
+        if missing:
+            raise ValueError(f"{where} lacks {', '.join(missing)}: give the JSON benchmarks/train_step.py --json writes")
+        ends = [row.get("ratio_low"), row.get("ratio_high")]
+        if not _positive(row["ratio_to_bn"]) or any(e is not None and not _positive(e) for e in ends):
+            raise ValueError(f"{where} ({row['variant']}): a step-time ratio must be a number > 0, got "
+                             f"ratio_to_bn={row['ratio_to_bn']!r}, ratio_low={ends[0]!r}, ratio_high={ends[1]!r}")
+        if (ends[0] is None) != (ends[1] is None) or (ends[0] is not None and not ends[0] <= row["ratio_to_bn"] <= ends[1]):
+            raise ValueError(f"{where} ({row['variant']}): ratio_low <= ratio_to_bn <= ratio_high must hold, got "
+                             f"{ends[0]!r}, {row['ratio_to_bn']!r}, {ends[1]!r}")
+    return [{**row, "source": data.get("command", str(path)), "machine": data.get("machine", ""),
+             "measure": data.get("measure", "")} for row in rows]
 
 
-def cost_ratio(cost: list[dict] | float | None, keys: dict, variant: str) -> tuple[float, str]:
-    """BNET/BN step-time ratio for this arch, size, batch and memory format, and where it came from."""
+def cost_ratio(cost: list[dict] | float | None, keys: dict, variant: str) -> tuple[float, float, float, str]:
+    """BNET/BN step-time ratio for this arch, size, batch and memory format, its 95% interval (the ratio itself
+    at both ends where the measurement has none), and where it came from."""
     if cost is None:
-        return float("nan"), "no cost measurement"
+        return float("nan"), float("nan"), float("nan"), "no cost measurement"
     if isinstance(cost, (int, float)):
-        if not (np.isfinite(cost) and cost > 0):
+        if not _positive(cost):
             raise ValueError(f"the cost ratio must be a number > 0, got {cost!r}")
-        return float(cost), "given as --cost-ratio"
+        return float(cost), float(cost), float(cost), "given as --cost-ratio"
     settings = dict(item.split("=", 1) for item in keys["recipe"].split())
     fmt = "channels_last" if settings.get("channels_last", "True") == "True" else "nchw"
     for row in cost:
         if (row["arch"], row["size"], str(row["bs"]), row["format"], row["variant"]) == (
                 keys["arch"], keys["size"], settings.get("bs"), fmt, variant):
-            return float(row["ratio_to_bn"]), f"{row['source']} ({row['machine']})"
-    return float("nan"), (f"no measurement for {keys['arch']} {variant} at {keys['size']} px, batch "
-                          f"{settings.get('bs')}, {fmt}")
+            ratio = float(row["ratio_to_bn"])
+            return (ratio, float(row.get("ratio_low", ratio)), float(row.get("ratio_high", ratio)),
+                    f"{row['source']} ({row['machine']})")
+    return float("nan"), float("nan"), float("nan"), (f"no measurement for {keys['arch']} {variant} at "
+                                                      f"{keys['size']} px, batch {settings.get('bs')}, {fmt}")
 
 
-def equal_cost(per_run: pd.DataFrame, cost: list[dict] | float | None) -> pd.DataFrame:
-    """One row per budget study × BNET variant × BNET budget: BNET at E vs BN interpolated at ratio × E."""
+def _equal_cost_row(bn_budgets, bn, bnet_j, budget, ratio) -> dict | str:
+    """BNET at `budget` against BN interpolated per seed at ratio × budget: the paired comparison, or why not."""
+    at = ratio * budget
+    if not np.isfinite(at):
+        return "no ratio"
+    if not bn_budgets.min() <= at <= bn_budgets.max():
+        return f"not computed: BN's budgets are {int(bn_budgets.min())}-{int(bn_budgets.max())} epochs"
+    bn_at = np.array([np.interp(at, bn_budgets, curve) for curve in bn])
+    diff = bnet_j - bn_at
+    low, high = stats.bounded_t_interval(diff, -1.0, 1.0)
+    p, method = stats.sign_flip_p(diff)
+    return {"bn_accuracy_mean": bn_at.mean(), "diff_mean": diff.mean(), "diff_ci_low": low, "diff_ci_high": high,
+            "p": p, "p_method": method}
+
+
+def equal_cost(per_run: pd.DataFrame, cost: list[dict] | float | None, end: float | None = None) -> pd.DataFrame:
+    """One row per budget study × BNET variant × BNET budget: BNET at E vs BN interpolated at ratio × E.
+
+    `end` prices every variant at a point of its ratio's interval instead of the ratio: 0 its low end, 1 its
+    high end, linear between (`price_verdicts`)."""
     rows = []
     for keys, variant, seeds, bn_budgets, bn, budgets, bnet in paired_arms(per_run):
-        ratio, source = cost_ratio(cost, keys, variant)
+        ratio, low, high, source = cost_ratio(cost, keys, variant)
+        if end is not None:
+            ratio = low + end * (high - low)
         for j, budget in enumerate(budgets):
-            at = ratio * budget
             row = {**keys, "variant": variant, "n_pairs": len(seeds), "seeds": ",".join(map(str, seeds)),
-                   "bnet_epochs": int(budget), "cost_ratio": ratio, "cost_source": source,
-                   "bn_epochs_equal_cost": at, "bnet_accuracy_mean": bnet[:, j].mean()}
-            if not (np.isfinite(at) and bn_budgets.min() <= at <= bn_budgets.max()):
-                rows.append({**row, "note": f"not computed: BN's budgets are {int(bn_budgets.min())}-"
-                             f"{int(bn_budgets.max())} epochs" if np.isfinite(at) else source})
-                continue
-            bn_at = np.array([np.interp(at, bn_budgets, curve) for curve in bn])
-            diff = bnet[:, j] - bn_at
-            low, high = stats.bounded_t_interval(diff, -1.0, 1.0)
-            p, method = stats.sign_flip_p(diff)
-            rows.append({**row, "bn_accuracy_mean": bn_at.mean(), "diff_mean": diff.mean(),
-                         "diff_ci_low": low, "diff_ci_high": high, "p": p, "p_method": method, "note": ""})
+                   "bnet_epochs": int(budget), "cost_ratio": ratio, "cost_ratio_low": low, "cost_ratio_high": high,
+                   "cost_source": source, "bn_epochs_equal_cost": ratio * budget,
+                   "bnet_accuracy_mean": bnet[:, j].mean()}
+            compared = _equal_cost_row(bn_budgets, bn, bnet[:, j], budget, ratio)
+            rows.append({**row, "note": source if compared == "no ratio" else compared}
+                        if isinstance(compared, str) else {**row, **compared, "note": ""})
     return pd.DataFrame(rows)
+
+
+def _holm_verdicts(table: pd.DataFrame) -> list[str]:
+    """Each row's verdict from Holm over the table's comparisons (one family), "" where none was made."""
+    if table.empty or "p" not in table:
+        return [""] * len(table)
+    adjusted = stats.holm(table["p"])
+    return ["" if note else stats.verdict(m, q) for m, q, note in zip(table["diff_mean"], adjusted, table["note"])]
+
+
+def price_verdicts(table: pd.DataFrame, per_run: pd.DataFrame, cost: list[dict] | float | None,
+                   steps: int = 40) -> pd.DataFrame:
+    """`table` (`equal_cost` at the measured ratios, with its Holm verdicts) with the verdict at both ends of every
+    ratio's 95% interval (each end a family of its own, Holm over it). Where the ends disagree the row's verdict is
+    "depends on the price", and ``flip_ratio`` is where it changes: every variant priced at the same point of its
+    interval, searched on a grid of `steps` points from the low end."""
+    if table.empty:
+        return table.assign(verdict_low=pd.Series(dtype=str), verdict_high=pd.Series(dtype=str),
+                            flip_ratio=pd.Series(dtype=float))
+    grid = [equal_cost(per_run, cost, end=t / steps) for t in range(steps + 1)]
+    verdicts = np.array([_holm_verdicts(g) for g in grid])  # grid point x row
+    table = table.copy()
+    table["verdict_low"], table["verdict_high"] = verdicts[0], verdicts[-1]
+    flips, final = [], []
+    for i, row in enumerate(table.itertuples()):
+        column = verdicts[:, i]
+        changed = np.flatnonzero(column != column[0])
+        if row.note or not len(changed) and column[0] == row.verdict:
+            flips.append(float("nan"))
+            final.append(row.verdict)
+            continue
+        at = changed[0] if len(changed) else 0
+        flips.append(float(grid[at]["cost_ratio"].iloc[i]))
+        final.append("depends on the price")
+    table["flip_ratio"], table["verdict"] = flips, final
+    return table

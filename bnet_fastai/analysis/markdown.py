@@ -15,6 +15,23 @@ def _number(value: float) -> str:
     return "—" if pd.isna(value) else f"{value:.2f}"
 
 
+def _price(r) -> str:
+    """A measured step-cost ratio with its 95% interval where it has one: "1.025 [1.011, 1.040]"."""
+    if pd.isna(r.cost_ratio):
+        return "—"
+    low, high = getattr(r, "cost_ratio_low", r.cost_ratio), getattr(r, "cost_ratio_high", r.cost_ratio)
+    if pd.isna(low) or low == high:
+        return f"{r.cost_ratio:.3f}"
+    return f"{r.cost_ratio:.3f} [{low:.3f}, {high:.3f}]"
+
+
+def _priced_verdict(r) -> str:
+    """An equal-cost verdict; one that changes inside the ratio's interval says where."""
+    if r.verdict != "depends on the price":
+        return r.verdict
+    return f"depends on the price: {r.verdict_low} up to ratio {r.flip_ratio:.3f}, {r.verdict_high} at {r.cost_ratio_high:.3f}"
+
+
 def _se(value: float) -> str:
     return "—" if pd.isna(value) else f"{value:.4f}"
 
@@ -119,20 +136,22 @@ def budget_markdown(tables: dict[str, pd.DataFrame]) -> str:
     if len(cost):
         done = cost[cost["note"] == ""]
         lines += ["", f"**Equal cost**: BNET at E epochs against BN at ratio × E epochs, BN's per-seed "
-                      f"accuracy interpolated linearly between its budgets (ratio: BNET/BN training-step time, "
-                      f"`{cost['cost_source'].iloc[0]}`; Holm over the {len(done)} equal-cost comparisons):", "",
-                  "| arch | variant | BNET epochs | ratio | BN epochs at equal cost | BNET | BN (interpolated) | "
-                  "BNET − BN [95% interval] | p | Holm p | verdict |", "|---" * 11 + "|"]
+                      f"accuracy interpolated linearly between its budgets (ratio: BNET/BN training-step time "
+                      f"[95% interval], `{cost['cost_source'].iloc[0]}`; Holm over the {len(done)} equal-cost "
+                      f"comparisons; a verdict stands only where it holds at both ends of the ratio's interval, "
+                      f"each end a Holm family of its own):", "",
+                  "| arch | variant | BNET epochs | ratio [95% interval] | BN epochs at equal cost | BNET | "
+                  "BN (interpolated) | BNET − BN [95% interval] | p | Holm p | verdict |", "|---" * 11 + "|"]
         for r in cost.itertuples():
             if r.note:
-                lines.append(f"| {r.arch} | {r.variant} | {r.bnet_epochs} | {r.cost_ratio:.3f} | "
+                lines.append(f"| {r.arch} | {r.variant} | {r.bnet_epochs} | {_price(r)} | "
                              f"{r.bn_epochs_equal_cost:.2f} | {r.bnet_accuracy_mean:.4f} | {r.note} | — | — | "
                              f"— | — |")
                 continue
-            lines.append(f"| {r.arch} | {r.variant} | {r.bnet_epochs} | {r.cost_ratio:.3f} | "
+            lines.append(f"| {r.arch} | {r.variant} | {r.bnet_epochs} | {_price(r)} | "
                          f"{r.bn_epochs_equal_cost:.2f} | {r.bnet_accuracy_mean:.4f} | {r.bn_accuracy_mean:.4f} | "
                          f"{_mean_interval(r.diff_mean, r.diff_ci_low, r.diff_ci_high, True)} | {_p(r.p)} | "
-                         f"{_p(r.p_holm)} | {r.verdict} |")
+                         f"{_p(r.p_holm)} | {_priced_verdict(r)} |")
     if len(tables.get("break_even", [])):
         lines += ["", break_even_markdown(tables["break_even"])]
     return "\n".join(lines)
@@ -172,12 +191,12 @@ def break_even_markdown(even: pd.DataFrame) -> str:
              f"BNET step costs less than this many BN steps: the BN budget whose mean accuracy equals BNET's at E "
              f"(BN's budgets {even['bn_budgets'].iloc[0]}, linear between them, never extrapolated: ≥ and ≤ are "
              f"bounds at BN's largest and smallest budget), divided by E. Interval: {even['ci_method'].iloc[0]}. "
-             f"Beside it, the ratio measured on this machine (`cost.json`):", "",
+             f"Beside it, the ratio measured on this machine (`cost.json`, with its 95% interval):", "",
              "| arch | variant | BNET epochs | BNET accuracy | BN epochs to match it | break-even ratio [95% interval] "
              "| measured ratio here |", "|---|---|---|---|---|---|---|"]
     for r in even.itertuples():
         lines.append(f"| {r.arch} | {_variant(r.variant)} | {r.bnet_epochs} | {r.bnet_accuracy_mean:.4f} | "
-                     f"{_ratio(r.bn_epochs_to_match, r.bound)} | {_break_even(r)} | {_number(r.cost_ratio)} |")
+                     f"{_ratio(r.bn_epochs_to_match, r.bound)} | {_break_even(r)} | {_price(r)} |")
     return "\n".join(lines)
 
 
@@ -230,7 +249,7 @@ def answers_markdown(tables: dict[str, pd.DataFrame], command: str) -> str:
     for r in real:
         e = one(cost, r, "bnet_epochs")
         c.append(f"{name(r)} " + ("not compared" if e is None or e.note else
-                                    f"{100 * e.diff_mean:+.2f} pt at ratio {e.cost_ratio:.2f} ({e.verdict})"))
+                                    f"{100 * e.diff_mean:+.2f} pt at ratio {_price(e)} ({_priced_verdict(e)})"))
     d = [f"{name(r)} {_ratio(x.break_even, x.bound)}×" for r in real if (x := one(even, r, "bnet_epochs")) is not None]
     families = f"Holm over all {len(p)} equal-epoch and {int((cost['note'] == '').sum())} equal-cost comparisons"
     lines = [f"At {budget} epochs, the largest budget every arm trained, {n_pairs} paired seeds, BNET − BN in "
@@ -249,8 +268,8 @@ def answers_markdown(tables: dict[str, pd.DataFrame], command: str) -> str:
                   f"measured ratio on this CPU | at equal time here | for your GPU |", "|---|---|---|---|---|---|"]
     for r in real:
         x, e = one(even, r, "bnet_epochs"), one(cost, r, "bnet_epochs")
-        here = "—" if e is None or e.note else e.verdict
+        here = "—" if e is None or e.note else _priced_verdict(e)
         lines.append(f"| {name(r)} | {_points(r.final_accuracy_diff_mean, r.final_accuracy_diff_ci_low, r.final_accuracy_diff_ci_high)} {r.verdict} | "
-                     f"{_break_even(x)} | {_number(x.cost_ratio)} | {here} | {_advice(r, x)} |")
+                     f"{_break_even(x)} | {_price(x)} | {here} | {_advice(r, x)} |")
     lines += ["", f"(`{command}`)"]
     return "\n".join(lines)

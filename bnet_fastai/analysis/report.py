@@ -18,7 +18,10 @@ Definitions (each per run, then summarised across seeds of one dataset Ã— size Ã
 - p, adjusted p, verdict (`bnet_fastai.analysis.stats`): every paired comparison has an exact sign-flip p-value; Holm's
   adjustment runs over a family, and the verdict follows the adjusted p at 0.05. Families: "equal epochs"
   (every final-accuracy row of paired.csv, at every budget) and, for budget studies, "equal cost" (every row
-  of equal_cost.csv). AUC differences carry an unadjusted p, as a secondary measure.
+  of equal_cost.csv). AUC differences carry an unadjusted p, as a secondary measure. An equal-cost verdict
+  holds only where it holds at both ends of the step-cost ratio's 95% interval (cost.json's ratio_low and
+  ratio_high; each end a Holm family of its own); otherwise it reads "depends on the price", with the ratio
+  where it changes (`budget.price_verdicts`).
 
 Runs of one recipe that differ only in `epochs` form a budget study (`bnet_fastai.analysis.budget`): each budget keeps
 its rows in summary.csv and paired.csv, and epochs_to_match.csv, equal_cost.csv, break_even.csv and budget.png
@@ -318,7 +321,8 @@ def report(experiments: str | Path | list, target: float | None = None,
     one_per_run = per_run(runs.history, target)
     if budget.budget_studies(one_per_run):
         tables["epochs_to_match"] = budget.epochs_to_match(one_per_run)
-        tables["equal_cost"] = adjust(budget.equal_cost(one_per_run, cost), "p", "diff_mean", "equal cost")
+        tables["equal_cost"] = budget.price_verdicts(
+            adjust(budget.equal_cost(one_per_run, cost), "p", "diff_mean", "equal cost"), one_per_run, cost)
         tables["break_even"] = budget.break_even(one_per_run, cost)
         for name in ("epochs_to_match", "equal_cost", "break_even"):
             atomic_write(experiment / f"{name}.csv", tables[name].to_csv(index=False))

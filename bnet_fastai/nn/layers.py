@@ -266,17 +266,16 @@ class _BNETNd(nn.Module):
         norm._check_input_dim(x)
         if self._batch_stats:
             factor, running_mean, running_var = self._batch_step()
-            return cpp_bnet.CppBNET.apply(x, self.weight, self.bias, running_mean, running_var, factor, norm.eps,
-                                          self._name)
+            return cpp_bnet.train(x, self.weight, self.bias, running_mean, running_var, factor, norm.eps, self._name)
         invstd = torch.rsqrt(norm.running_var + norm.eps)  # eval: the running statistics, as BN's eval
         return cpp_bnet.forward(x, norm.running_mean, invstd, self.weight, self.bias)
 
     def _ran(self, impl: str) -> None:
         """Record the computation this forward runs (in training mode also as the one that trains the layer)."""
-        if not torch.compiler.is_compiling():
-            self.last_impl = impl
+        if not torch.compiler.is_compiling():  # plain attributes: written past nn.Module.__setattr__'s checks
+            self.__dict__["last_impl"] = impl
             if self.training:
-                self.train_impl = impl
+                self.__dict__["train_impl"] = impl
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self._use_triton(x):

@@ -52,7 +52,8 @@ class RunConfig:
     fp16: str = "auto"  # mixed precision: "auto" (on when a GPU is used), "on" or "off"
     pipeline: str = "cached"  # "cached": decoded once, augmented as tensors (bnet_fastai.data.cache); "fastai": PIL
     compile: bool = False  # torch.compile the model; off by default, see benchmarks/README.md
-    bnet_impl: str = "auto"  # how BNET2d computes: "torch", "triton" (fused kernels, CUDA) or "auto" (torch for now)
+    bnet_impl: str = "auto"  # how BNET2d computes: "torch", "cpp" (fused C++ kernels, CPU), "triton" (fused kernels,
+    # CUDA) or "auto" ("cpp" on a CPU where they build, else "torch"); config.json records what it resolved to
     workers: int | None = None  # DataLoader worker processes; None: up to 8 (does not change results)
     keep_weights: bool = True  # keep model.pth when the run finishes; false saves disk (does not change results)
 

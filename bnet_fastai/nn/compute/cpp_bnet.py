@@ -87,8 +87,9 @@ def load(quiet: bool = False):
             try:
                 _state["module"] = _build(quiet)
             except Exception as e:  # noqa: BLE001  (any failing build: the torch path computes the same)
-                lines = [line for line in str(e).strip().splitlines() if line.strip()]
-                why = f"the build failed ({type(e).__name__}: {lines[-1] if lines else ''})"
+                lines = [line.strip() for line in str(e).strip().splitlines() if line.strip()]
+                errors = [line for line in lines if "error:" in line]  # the compiler's first error, else the last line
+                why = f"the build failed ({type(e).__name__}: {(errors or lines or [''])[0 if errors else -1]})"
         if why is not None:
             _state["error"] = why
             notice(f"BNET: the C++ kernels cannot be built here: {why}; BNET2d computes through the torch path")
@@ -159,25 +160,17 @@ def forward(x: torch.Tensor, mean: torch.Tensor, invstd: torch.Tensor, weight: t
     return y.contiguous() if back else y
 
 
-class CppBNET(torch.autograd.Function):
-    """BNET2d's training step through the C++ kernels: saves x and the per-channel statistics only."""
+_NO_STATISTICS = torch.empty(0)  # the running statistics' place where a layer keeps none (or is not updating them)
 
-    @staticmethod
-    def forward(ctx, x, weight, bias, running_mean, running_var, factor: float, eps: float, layer: str):
-        if x.numel() // x.shape[1] <= 1:  # as torch.batch_norm refuses it (a variance of one value)
-            raise ValueError(f"Expected more than 1 value per channel when training, got input size {list(x.shape)}")
-        x, back = _layout(x)
-        y, mean, invstd = load().forward_train(x, weight.detach(), bias.detach(), running_mean, running_var,
-                                                float(factor), float(eps))
-        ctx.save_for_backward(x, mean, invstd, weight)  # x in the layout computed: still one map
-        ctx.layer = layer
-        return y.contiguous() if back else y
 
-    @staticmethod
-    def backward(ctx, dy):
-        if torch.is_grad_enabled():  # backward(create_graph=True)
-            raise RuntimeError(f"{ctx.layer}: BNET's C++ backward is not differentiable twice (create_graph=True): "
-                               f"use impl='torch' (`bnet_fastai.nn.layers.set_impl(model, 'torch')`)")
-        x, mean, invstd, weight = ctx.saved_tensors
-        dx, dweight, dbias = load().backward(dy, x, mean, invstd, weight.detach(), ctx.needs_input_grad[0])
-        return (dx if ctx.needs_input_grad[0] else None, dweight, dbias, None, None, None, None, None)
+def train(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, running_mean: torch.Tensor | None,
+          running_var: torch.Tensor | None, factor: float, eps: float, layer: str) -> torch.Tensor:
+    """BNET2d's training step (batch statistics; running statistics updated in place as torch's BatchNorm does),
+    differentiable once: an autograd function written in C++ that saves x and the per-channel mean and invstd only.
+    One value per channel is refused as BN refuses it (ValueError); a double backward stops in one line naming
+    `layer`."""
+    x, back = _layout(x)
+    update = running_mean is not None
+    y = load().train(x, weight, bias, running_mean if update else _NO_STATISTICS,
+                     running_var if update else _NO_STATISTICS, update, float(factor), float(eps), layer)
+    return y.contiguous() if back else y

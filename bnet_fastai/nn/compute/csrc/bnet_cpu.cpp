@@ -656,7 +656,7 @@ Tensor forward_eval(const Tensor& x, const Tensor& mean, const Tensor& invstd, c
 std::vector<Tensor> backward_taps(const Tensor& dy_in, const Tensor& x, const Tensor& mean, const Tensor& invstd,
                                   const Tensor& weight, bool need_dx);
 
-std::vector<Tensor> backward(const Tensor& dy_in, const Tensor& x, const Tensor& mean, const Tensor& invstd,
+std::vector<Tensor> grads_of(const Tensor& dy_in, const Tensor& x, const Tensor& mean, const Tensor& invstd,
                              const Tensor& weight, bool need_dx) {
   check(x, weight);
   const Tensor seen = seen_taps(x, weight);
@@ -730,10 +730,45 @@ std::vector<Tensor> backward_taps(const Tensor& dy_in, const Tensor& x, const Te
   return {dx, dweight, dbias};
 }
 
+// The training step as an autograd function in C++ (no Python in the forward's bookkeeping or in the backward):
+// saves x (in the layout computed) and the two per-channel vectors. `update`: whether the running statistics
+// (always passed, for autograd's argument list) are updated.
+struct TrainFunction : public torch::autograd::Function<TrainFunction> {
+  static Tensor forward(torch::autograd::AutogradContext* ctx, const Tensor& x, const Tensor& weight,
+                        const Tensor& bias, const Tensor& running_mean, const Tensor& running_var, bool update,
+                        double factor, double eps, const std::string& layer) {
+    at::AutoDispatchBelowADInplaceOrView guard;
+    auto out = forward_train(x, weight, bias, update ? c10::optional<Tensor>(running_mean) : c10::nullopt,
+                             update ? c10::optional<Tensor>(running_var) : c10::nullopt, factor, eps);
+    ctx->save_for_backward({x, out[1], out[2], weight});
+    ctx->saved_data["layer"] = layer;
+    return out[0];
+  }
+
+  static torch::autograd::variable_list backward(torch::autograd::AutogradContext* ctx,
+                                                 torch::autograd::variable_list grads) {
+    TORCH_CHECK(!at::GradMode::is_enabled(), ctx->saved_data["layer"].toStringRef(),
+                ": BNET's C++ backward is not differentiable twice (create_graph=True): use impl='torch' "
+                "(`bnet_fastai.nn.layers.set_impl(model, 'torch')`)");
+    auto saved = ctx->get_saved_variables();
+    const bool need_dx = ctx->needs_input_grad(0);
+    auto g = grads_of(grads[0], saved[0], saved[1], saved[2], saved[3], need_dx);
+    return {need_dx ? g[0] : Tensor(), g[1], g[2], Tensor(), Tensor(), Tensor(), Tensor(), Tensor(), Tensor()};
+  }
+};
+
+Tensor train(const Tensor& x, const Tensor& weight, const Tensor& bias, const Tensor& running_mean,
+             const Tensor& running_var, bool update, double factor, double eps, const std::string& layer) {
+  TORCH_CHECK_VALUE(x.numel() / x.size(1) > 1, "Expected more than 1 value per channel when training, got input size ",
+              x.sizes());
+  return TrainFunction::apply(x, weight, bias, running_mean, running_var, update, factor, eps, layer);
+}
+
 }  // namespace
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("forward_train", &forward_train, "BNET2d training forward: (y, mean, invstd); running statistics updated");
   m.def("forward_eval", &forward_eval, "BNET2d forward with given statistics");
-  m.def("backward", &backward, "BNET2d backward: (dx, dweight, dbias)");
+  m.def("backward", &grads_of, "BNET2d backward: (dx, dweight, dbias)");
+  m.def("train", &train, "BNET2d training step with batch statistics, differentiable (autograd in C++)");
 }
