@@ -5,6 +5,7 @@ import numpy as np
 import pytest
 
 from bnet_fastai.app.cli import main
+from bnet_fastai.analysis.budget import read_cost
 from bnet_fastai.analysis.markdown import budget_markdown
 from bnet_fastai.analysis.report import report
 
@@ -175,7 +176,7 @@ def test_answers_name_every_variant_the_placebo_and_the_break_even_ratio(variant
     assert "bnet-k3-all 1.25×; bnet-k5-last ≥ 1.33× (table below)." in d
     placebo = next(line for line in lines if line.startswith("- **Placebo**"))
     assert placebo.startswith("- **Placebo** (bnet-k1-all: BN computed through BNET's code): -6.00 pt")
-    assert "| bnet-k3-all | +3.00 pt [" in text and "| 1.25 [1.25, 1.25] | 1.30 |" in text
+    assert "| bnet-k3-all | +3.00 pt [" in text and "| 1.25 [1.25, 1.25] | 1.300 |" in text  # no interval measured
     # with 3 seeds no verdict is possible: the advice says so instead of a price
     assert "No gain shown at equal epochs" in text
 
@@ -190,3 +191,60 @@ def test_answers_of_a_study_of_two_archs_keep_each_archs_numbers(variants):
     a = next(line for line in text.splitlines() if line.startswith("- **(a)"))
     assert "mininest bnet-k3-all -2.00 pt" in a and "xmininet bnet-k3-all +3.00 pt" in a
     assert "| xmininet bnet-k3-all | +3.00 pt [" in text and "| mininest bnet-k3-all | -2.00 pt [" in text
+
+
+# seven seeds (an exact sign-flip p can reach 2/128) whose BNET - BN differences at equal cost change sign inside
+# the price's interval: BN 0.70, 0.76, 0.82 at 2, 3, 4 epochs; BNET 0.73 and 0.77 at 2 and 3 (plus a little noise)
+OFFSETS = [0.00, 0.01, -0.01, 0.02, -0.02, 0.005, -0.005]
+NOISE = [0.001, -0.001, 0.002, -0.002, 0.0, 0.001, -0.001]
+
+
+def _priced_study(tmp_path, low, ratio, high):
+    bn = {e: [a + o for o in OFFSETS] for e, a in ((2, 0.70), (3, 0.76), (4, 0.82))}
+    bnet = {e: [a + o + n for o, n in zip(OFFSETS, NOISE)] for e, a in ((2, 0.73), (3, 0.77))}
+    _runs(tmp_path, bn, "bn")
+    _runs(tmp_path, bnet, "bnet")
+    rows = [{"arch": "xmininet", "size": 32, "bs": 64, "format": "channels_last", "variant": "bnet-k3-all",
+             "ratio_to_bn": ratio, "ratio_low": low, "ratio_high": high}]
+    (tmp_path / "cost.json").write_text(json.dumps({"command": "python benchmarks/train_step.py --blocks 10",
+                                                    "machine": "test", "rows": rows}))
+    return report(tmp_path, target=0.7)
+
+
+def test_an_equal_cost_verdict_stands_only_where_it_holds_at_both_ends_of_the_prices_interval(tmp_path):
+    cost = _priced_study(tmp_path, 1.0, 1.1, 1.3)["equal_cost"].set_index("bnet_epochs")
+    assert list(cost["cost_ratio_low"]) == [1.0, 1.0] and list(cost["cost_ratio_high"]) == [1.3, 1.3]
+    # at ratio 1.0 every seed's BNET is above BN at both budgets; at 1.3 below: BN at 2.6 epochs is 0.736,
+    # at 3.9 epochs 0.814 (p 2/128 each, Holm over the two: 0.031)
+    assert list(cost["verdict_low"]) == ["BNET higher"] * 2 and list(cost["verdict_high"]) == ["BN higher"] * 2
+    assert list(cost["verdict"]) == ["depends on the price"] * 2
+    # where the verdict changes: at 2 epochs past 1.2 (mean difference 0.03 - 0.12 (r - 1), the noisiest seed
+    # crosses zero at 1.233), at 3 epochs past 1.03 (0.01 - 0.18 (r - 1), 1.044); found on a grid of 0.0075
+    assert 1.20 <= cost.loc[2, "flip_ratio"] <= 1.26 and 1.02 <= cost.loc[3, "flip_ratio"] <= 1.10
+    text = budget_markdown(report(tmp_path, target=0.7))
+    assert "| 1.100 [1.000, 1.300] |" in text and "depends on the price: BNET higher below ratio" in text
+
+
+def test_a_verdict_that_holds_across_the_interval_stands(tmp_path):
+    cost = _priced_study(tmp_path, 0.98, 1.0, 1.02)["equal_cost"].set_index("bnet_epochs")
+    assert list(cost["verdict"]) == ["BNET higher"] * 2 and cost["flip_ratio"].isna().all()
+
+
+@pytest.mark.parametrize("row,message", [
+    ({"ratio_to_bn": -1.2}, "row 0 (bnet-k3-all): a step-time ratio must be a number > 0, got ratio_to_bn=-1.2"),
+    ({"ratio_to_bn": "1.2"}, "a step-time ratio must be a number > 0, got ratio_to_bn='1.2'"),
+    ({"ratio_to_bn": float("nan")}, "a step-time ratio must be a number > 0"),
+    ({"ratio_low": 1.3, "ratio_high": 1.4}, "ratio_low <= ratio_to_bn <= ratio_high must hold, got 1.3, 1.2, 1.4"),
+    ({"ratio_low": 1.1}, "ratio_low <= ratio_to_bn <= ratio_high must hold"),
+    ({"variant": None, "arch": None}, "lacks"),
+])
+def test_a_malformed_cost_file_is_refused_in_one_line_naming_the_file_and_row(tmp_path, row, message):
+    good = {"arch": "xmininet", "size": 32, "bs": 64, "format": "channels_last", "variant": "bnet-k3-all",
+            "ratio_to_bn": 1.2}
+    bad = {k: v for k, v in {**good, **row}.items() if v is not None}
+    path = tmp_path / "cost.json"
+    path.write_text(json.dumps({"rows": [bad]}))
+    with pytest.raises(ValueError) as error:
+        read_cost(path)
+    assert str(error.value).startswith(f"{path}, row 0") and message in str(error.value)
+    assert "\n" not in str(error.value)

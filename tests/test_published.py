@@ -49,10 +49,14 @@ def test_readme_budget_study_equals_the_report_of_the_committed_runs(budget_tabl
     paired = tables["paired"]
     assert set(paired["variant"]) == VARIANTS and len(paired) == 4 * 3  # every variant at 3 budgets
     assert (paired["n_pairs"] == 12).all()  # 12 paired seeds each
-    # every variant costed at its own measured ratio, every equal-cost comparison inside BN's budgets
+    # every variant costed at its own measured ratio (with its interval), every equal-cost comparison inside BN's
+    # budgets but the placebo's at 2 epochs: with the C++ kernels its step costs 0.96x BN's, below BN's 2 epochs
     cost = tables["equal_cost"]
     assert cost.groupby("variant")["cost_ratio"].nunique().eq(1).all() and cost["cost_ratio"].nunique() == 4
-    assert (cost["note"] == "").all() and set(tables["break_even"]["variant"]) == VARIANTS
+    assert (cost["cost_ratio_low"] < cost["cost_ratio"]).all() and (cost["cost_ratio"] < cost["cost_ratio_high"]).all()
+    skipped = cost[cost["note"] != ""]
+    assert list(zip(skipped["variant"], skipped["bnet_epochs"])) == [("bnet-k1-all", 2)]
+    assert set(tables["break_even"]["variant"]) == VARIANTS
     assert budget_markdown(tables).strip() == _between("convergence")
     assert (CONVERGENCE / "budget.png").read_bytes()[:4] == b"\x89PNG"
     assert "](docs/fashion-mnist-convergence/budget.png)" in (ROOT / "README.md").read_text()

@@ -249,9 +249,11 @@ def _holm_verdicts(table: pd.DataFrame) -> list[str]:
 def price_verdicts(table: pd.DataFrame, per_run: pd.DataFrame, cost: list[dict] | float | None,
                    steps: int = 40) -> pd.DataFrame:
     """`table` (`equal_cost` at the measured ratios, with its Holm verdicts) with the verdict at both ends of every
-    ratio's 95% interval (each end a family of its own, Holm over it). Where the ends disagree the row's verdict is
-    "depends on the price", and ``flip_ratio`` is where it changes: every variant priced at the same point of its
-    interval, searched on a grid of `steps` points from the low end."""
+    ratio's 95% interval (each end a family of its own, Holm over it). Where the verdicts inside the interval
+    disagree the row's verdict is "depends on the price", and ``flip_ratio`` is where it first changes: every
+    variant priced at the same point of its interval, searched on a grid of `steps` points from the low end. A
+    point where the comparison cannot be made (BN's budgets do not reach ratio × E) neither confirms nor
+    contradicts; its verdict reads ""."""
     if table.empty:
         return table.assign(verdict_low=pd.Series(dtype=str), verdict_high=pd.Series(dtype=str),
                             flip_ratio=pd.Series(dtype=float))
@@ -261,13 +263,12 @@ def price_verdicts(table: pd.DataFrame, per_run: pd.DataFrame, cost: list[dict] 
     table["verdict_low"], table["verdict_high"] = verdicts[0], verdicts[-1]
     flips, final = [], []
     for i, row in enumerate(table.itertuples()):
-        column = verdicts[:, i]
-        changed = np.flatnonzero(column != column[0])
-        if row.note or not len(changed) and column[0] == row.verdict:
+        made = [(t, v) for t, v in enumerate(verdicts[:, i]) if v]  # the grid points where it was compared
+        if row.note or all(v == row.verdict for _, v in made):
             flips.append(float("nan"))
             final.append(row.verdict)
             continue
-        at = changed[0] if len(changed) else 0
+        at = next(t for t, v in made if v != made[0][1]) if any(v != made[0][1] for _, v in made) else made[0][0]
         flips.append(float(grid[at]["cost_ratio"].iloc[i]))
         final.append("depends on the price")
     table["flip_ratio"], table["verdict"] = flips, final

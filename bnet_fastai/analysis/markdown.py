@@ -29,7 +29,7 @@ def _priced_verdict(r) -> str:
     """An equal-cost verdict; one that changes inside the ratio's interval says where."""
     if r.verdict != "depends on the price":
         return r.verdict
-    return f"depends on the price: {r.verdict_low} up to ratio {r.flip_ratio:.3f}, {r.verdict_high} at {r.cost_ratio_high:.3f}"
+    return f"depends on the price: {r.verdict_low} below ratio {r.flip_ratio:.3f}, {r.verdict_high} at {r.cost_ratio_high:.3f}"
 
 
 def _se(value: float) -> str:

@@ -13,11 +13,14 @@ conv's two gradients, then BN's: about ten passes over each map where BN makes f
                             kernel; Σdx̂·x̂ = Σ_t W[t]·dW[t] and Σdx̂ = Σ_t W[t]·S[t] exactly, so dx̂ is
                             never stored:                                           read dy, x, write dx
 
-Each input row is normalised once into a small zero-padded ring of k rows that every tap reads; channels_last maps
-(the runs' format) are vectorised over channels, contiguous maps over columns. Rows run in parallel on torch's own
-thread pool (`at::parallel_for`: one OpenMP runtime). Reductions write a slot per task, tasks depend on the shape
-alone, and slots combine in order in double (sums shifted by a sample of each channel): results are bit-identical
-run to run and whatever the number of threads. The layer saves x and two per-channel vectors: one map, as BN.
+Each input row is normalised once into a zero-padded buffer (a task's rows, about 128 KiB) that every tap reads;
+channels_last maps (the runs' format) are vectorised over channels, contiguous maps over columns (those narrower
+than 16 columns are computed in channels_last). A map smaller than the kernel runs only the taps that can see it
+(a 1x1 map: the centre tap). Tasks run in parallel on torch's own thread pool (`at::parallel_for`: one OpenMP
+runtime). Reductions write a slot per task, tasks depend on the shape alone, and slots combine in order in double
+(the statistics shifted by a sample of each channel and accumulated in double): results are bit-identical run to
+run and whatever the number of threads. The training step is an autograd function written in C++; it saves x and
+two per-channel vectors: one map, as BN.
 
 Float32 only, kernel sizes 1, 3, 5 and 7 (compiled as templates); `_BNETNd` sends anything else through the
 torch path. The extension is built at first use with ``torch.utils.cpp_extension`` (ninja, -O3, OpenMP,

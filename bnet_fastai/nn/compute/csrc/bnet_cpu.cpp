@@ -10,11 +10,11 @@
 //                          dxhat = the conv of dy with the flipped kernel, sum dxhat = sum_t W[t] S[t] and
 //                          sum dxhat * xhat = sum_t W[t] dW[t] (so dxhat is never stored): read dy, x, write dx
 //
-// Each pass walks the map row by row; a row is normalised (or copied, for dy) once into a zero-padded ring of
-// k rows, so every tap reads from that ring. channels_last maps are vectorised over channels, contiguous (NCHW)
-// maps over columns. Rows run in parallel through at::parallel_for (torch's own thread pool). The reductions
-// write one slot per task, and tasks depend on the shape alone, then combine in task order in double: results
-// are bit-identical whatever the number of threads.
+// channels_last maps: a task's rows are normalised (or copied, for dy) once into a zero-padded buffer of about
+// 128 KiB that every tap reads, vectorised over channels (k = 1 needs no buffer). Contiguous (NCHW) maps: a ring of
+// k rows per (n, c) plane, vectorised over columns. Tasks run in parallel through at::parallel_for (torch's own
+// thread pool). The reductions write one slot per task, tasks depend on the shape alone, and slots combine in
+// task order in double: results are bit-identical whatever the number of threads.
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
 
