@@ -248,3 +248,12 @@ def test_a_malformed_cost_file_is_refused_in_one_line_naming_the_file_and_row(tm
         read_cost(path)
     assert str(error.value).startswith(f"{path}, row 0") and message in str(error.value)
     assert "\n" not in str(error.value)
+
+
+def test_a_budget_study_without_a_cost_measurement_compares_nothing_at_equal_cost(study):
+    (study / "cost.json").unlink()
+    tables = report(study, target=0.7)
+    cost = tables["equal_cost"]
+    assert len(cost) == 2 and (cost["note"] == "no cost measurement").all() and "p" not in cost
+    assert cost["flip_ratio"].isna().all()
+    assert "| no cost measurement |" in budget_markdown(tables)

@@ -254,9 +254,8 @@ def price_verdicts(table: pd.DataFrame, per_run: pd.DataFrame, cost: list[dict] 
     variant priced at the same point of its interval, searched on a grid of `steps` points from the low end. A
     point where the comparison cannot be made (BN's budgets do not reach ratio × E) neither confirms nor
     contradicts; its verdict reads ""."""
-    if table.empty:
-        return table.assign(verdict_low=pd.Series(dtype=str), verdict_high=pd.Series(dtype=str),
-                            flip_ratio=pd.Series(dtype=float))
+    if table.empty or "verdict" not in table:  # nothing compared (no cost measurement): nothing to price
+        return table.assign(verdict_low="", verdict_high="", flip_ratio=float("nan"))
     grid = [equal_cost(per_run, cost, end=t / steps) for t in range(steps + 1)]
     verdicts = np.array([_holm_verdicts(g) for g in grid])  # grid point x row
     table = table.copy()
