@@ -1,7 +1,12 @@
 """Helpers shared by the tests."""
 import torch
 
+from bnet_fastai.nn.compute import cpp_bnet
 from bnet_fastai.nn.layers import _BNETNd
+
+# what BNET2d's impl="auto" computes through on this machine's CPU: the C++ kernels where a compiler, Python's headers
+# and ninja are there (a failing build with them there fails tests/test_cpp_bnet.py), else the torch path
+CPU_IMPL = "cpp" if cpp_bnet.missing() is None else "torch"
 
 
 def perturb_bnets(model: torch.nn.Module, scale: float = 0.1) -> torch.nn.Module:

@@ -10,6 +10,8 @@ from bnet_fastai.nn.layers import BNET2d, impls_used
 from bnet_fastai.runs.config import RunConfig
 from bnet_fastai.runs.learner import build_learner
 
+from .helpers import CPU_IMPL
+
 PLACEBO = dict(arch="xmininet", dataset="sample", size=16, bs=32, epochs=1, fraction=0.5, workers=0, seed=3)
 
 
@@ -42,7 +44,8 @@ def _as_bn(state: dict, model) -> dict:
     return out
 
 
-@pytest.mark.parametrize("impl", ["torch", "cpp"])
+@pytest.mark.parametrize("impl", ["torch", pytest.param("cpp", marks=pytest.mark.skipif(
+    CPU_IMPL != "cpp", reason="the C++ kernels cannot be built here (tests/test_cpp_bnet.py says why)"))])
 def test_a_fresh_k1_bnet_model_is_the_bn_model_and_one_learner_step_keeps_them_equal(tmp_path, monkeypatch, impl):
     monkeypatch.setenv("BNET_FASTAI_DATA", str(tmp_path / "data"))
     monkeypatch.setenv("BNET_FASTAI_CACHE", str(tmp_path / "cache"))

@@ -10,6 +10,8 @@ import torch
 from bnet_fastai.app import cli, ddp_check, preflight
 from bnet_fastai.speed import amp_dtype, interleaved, training_step
 
+from .helpers import CPU_IMPL
+
 
 @pytest.mark.slow
 def test_check_passes_on_this_cpu_and_writes_its_table(tmp_path, monkeypatch, capsys):
@@ -35,7 +37,7 @@ def test_check_passes_on_this_cpu_and_writes_its_table(tmp_path, monkeypatch, ca
     speed = results["speed"]["numbers"]
     assert speed["ratio"] == pytest.approx(speed["ms_per_step"]["bnet"] / speed["ms_per_step"]["bn"])
     assert speed["images_per_second"]["bn"] == pytest.approx(speed["bs"] / speed["ms_per_step"]["bn"] * 1e3)
-    assert speed["bnet_impl"] == "cpp" and "BNET through cpp" in results["speed"]["measured"]  # what it timed
+    assert speed["bnet_impl"] == CPU_IMPL and f"BNET through {CPU_IMPL}" in results["speed"]["measured"]  # timed
     assert "needs 2 GPUs" in results["ddp"]["measured"]
     assert list((tmp_path / "tmp").iterdir()) == []  # the runs, data and cache went with the folder
     assert not (tmp_path / "data").exists() and not (tmp_path / "results").exists()

@@ -9,6 +9,8 @@ from bnet_fastai.runs.runstate import read_status, run_lock, write_status
 from bnet_fastai.runs.config import RunConfig
 from bnet_fastai.runs.train import run
 
+from .helpers import CPU_IMPL
+
 QUICK = dict(dataset="sample", size=16, bs=64, epochs=2, fraction=0.3, workers=0, arch="xmininet")
 
 
@@ -53,8 +55,8 @@ def test_config_json_records_everything(tmp_path):
     env = written["environment"]
     assert {"torch", "fastai", "timm", "python", "git_commit", "device"} <= set(env) and env["device"].startswith("cpu")
     assert written["training"] == {"schedule": "fit_one_cycle", "fp16": False, "world_size": 1, "device": "cpu",
-                                   "bnet_impl": "cpp"}  # "auto" resolved: the C++ kernels on this CPU
-    assert json.loads(open(f"{result['run_dir']}/status.json").read())["bnet_impls_used"] == ["cpp"]
+                                   "bnet_impl": CPU_IMPL}  # "auto" resolved: the C++ kernels on this CPU
+    assert json.loads(open(f"{result['run_dir']}/status.json").read())["bnet_impls_used"] == [CPU_IMPL]
 
 
 def test_the_commit_recorded_is_the_one_the_process_imported_not_a_later_head(monkeypatch):
