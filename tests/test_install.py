@@ -13,6 +13,8 @@ from pathlib import Path
 
 import pytest
 
+from .helpers import CPU_IMPL
+
 ROOT = Path(__file__).resolve().parents[1]
 # each extra and the top-level modules its packages install
 EXTRA_MODULES = {"lab": ["papermill", "nbconvert", "ipykernel", "ipywidgets", "jupyterlab"],
@@ -49,6 +51,7 @@ out["converted"] = count_norms(swap_norm(timm.create_model("resnet18"), "bnet"))
 config = RunConfig(arch="xmininet", norm="bnet", dataset="sample", epochs=1, size=16, fraction=0.2, workers=0)
 result = run(config, sys.argv[1])
 out["status"] = result["status"]
+out["impls"] = result.get("bnet_impls_used")  # the C++ kernels, built from the installed package's source
 out["files"] = sorted(p.name for p in (__import__("pathlib").Path(sys.argv[1]) / config.run_id).iterdir())
 errors = []
 try:
@@ -74,6 +77,7 @@ def test_without_the_extras_the_layers_convert_and_train_and_the_notebook_names_
     out = json.loads(done.stdout.split("RESULT", 1)[1])
     assert out["layer"] == [2, 8, 5, 5] and out["converted"] == {"bn": 0, "bnet": 20}
     assert out["status"] == "finished" and "history.csv" in out["files"] and "model.pth" in out["files"]
+    assert out["impls"] == [CPU_IMPL]
     assert not any(f.startswith("events.out.tfevents") for f in out["files"])
     assert done.stderr.count("TensorBoard is not installed: runs write no event files") == 1
     assert out["errors"] == [
@@ -107,4 +111,5 @@ def test_a_fresh_venv_with_the_core_install_trains_and_names_the_notebook_extra(
     assert done.returncode == 0, done.stderr[-2000:]
     out = json.loads(done.stdout.split("RESULT", 1)[1])
     assert out["converted"] == {"bn": 0, "bnet": 20} and out["status"] == "finished"
+    assert out["impls"] == [CPU_IMPL]  # the installed package ships the kernels' source (package data)
     assert out["errors"][0].endswith("pip install 'bnet-fastai[lab]' (from a checkout: pip install '.[lab]')")
