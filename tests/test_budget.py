@@ -257,3 +257,10 @@ def test_a_budget_study_without_a_cost_measurement_compares_nothing_at_equal_cos
     assert len(cost) == 2 and (cost["note"] == "no cost measurement").all() and "p" not in cost
     assert cost["flip_ratio"].isna().all()
     assert "| no cost measurement |" in budget_markdown(tables)
+
+
+def test_null_interval_ends_read_as_no_interval(tmp_path):
+    tables = _priced_study(tmp_path, None, 1.1, None)
+    cost = tables["equal_cost"]
+    assert (cost["cost_ratio_low"] == 1.1).all() and (cost["cost_ratio_high"] == 1.1).all()
+    assert cost["flip_ratio"].isna().all()

@@ -237,3 +237,17 @@ def test_a_fastai_run_trains_through_the_kernels_and_records_it(tmp_path, monkey
     assert json.loads((folder / "config.json").read_text())["training"]["bnet_impl"] == "cpp"
     assert json.loads((folder / "status.json").read_text())["bnet_impls_used"] == ["cpp"]
     assert abs(result["accuracy"] - result["fused_accuracy"]) < 0.02
+
+
+def test_empty_maps_tracing_and_vmap_take_the_torch_path():
+    layer = BNET2d(4, impl="auto").eval()
+    with torch.no_grad():
+        assert layer(torch.randn(0, 4, 8, 8)).shape == (0, 4, 8, 8) and layer.last_impl == "torch"
+        x = torch.randn(3, 4, 6, 6)
+        # the tracer records no raw-memory kernel: the torch path's ops (its own check re-runs the layer untraced)
+        traced = torch.jit.trace(layer, (x,), check_trace=False)
+        assert layer.last_impl == "torch"
+        torch.testing.assert_close(traced(x), layer(x))
+        assert layer.last_impl == "cpp"
+        batched = torch.vmap(layer)(x.unsqueeze(1))
+    torch.testing.assert_close(batched.squeeze(1), torch.cat([layer(x[i:i + 1]) for i in range(3)]))

@@ -196,7 +196,8 @@ def cost_ratio(cost: list[dict] | float | None, keys: dict, variant: str) -> tup
         if (row["arch"], row["size"], str(row["bs"]), row["format"], row["variant"]) == (
                 keys["arch"], keys["size"], settings.get("bs"), fmt, variant):
             ratio = float(row["ratio_to_bn"])
-            return (ratio, float(row.get("ratio_low", ratio)), float(row.get("ratio_high", ratio)),
+            low, high = row.get("ratio_low"), row.get("ratio_high")  # absent or null: no interval measured
+            return (ratio, ratio if low is None else float(low), ratio if high is None else float(high),
                     f"{row['source']} ({row['machine']})")
     return float("nan"), float("nan"), float("nan"), (f"no measurement for {keys['arch']} {variant} at "
                                                       f"{keys['size']} px, batch {settings.get('bs')}, {fmt}")
@@ -248,27 +249,29 @@ def _holm_verdicts(table: pd.DataFrame) -> list[str]:
 
 def price_verdicts(table: pd.DataFrame, per_run: pd.DataFrame, cost: list[dict] | float | None,
                    steps: int = 40) -> pd.DataFrame:
-    """`table` (`equal_cost` at the measured ratios, with its Holm verdicts) with the verdict at both ends of every
-    ratio's 95% interval (each end a family of its own, Holm over it). Where the verdicts inside the interval
-    disagree the row's verdict is "depends on the price", and ``flip_ratio`` is where it first changes: every
-    variant priced at the same point of its interval, searched on a grid of `steps` points from the low end. A
-    point where the comparison cannot be made (BN's budgets do not reach ratio × E) neither confirms nor
-    contradicts; its verdict reads ""."""
+    """`table` (`equal_cost` at the measured ratios, with its Holm verdicts) priced over every ratio's 95% interval:
+    every variant at the same point of its interval, on a grid of `steps` + 1 points from the low end to the high
+    end, each point a Holm family of its own (the comparisons made there: a point where BN's budgets do not reach
+    ratio × E makes none, and the family is the smaller by it). Where every compared point agrees, that is the row's
+    verdict; otherwise it is "depends on the price", ``flip_ratio`` is the first ratio at which it changes, and
+    ``verdict_low`` / ``verdict_high`` are the verdicts at the lowest and highest compared points."""
     if table.empty or "verdict" not in table:  # nothing compared (no cost measurement): nothing to price
         return table.assign(verdict_low="", verdict_high="", flip_ratio=float("nan"))
     grid = [equal_cost(per_run, cost, end=t / steps) for t in range(steps + 1)]
     verdicts = np.array([_holm_verdicts(g) for g in grid])  # grid point x row
     table = table.copy()
-    table["verdict_low"], table["verdict_high"] = verdicts[0], verdicts[-1]
-    flips, final = [], []
+    lows, highs, flips, final = [], [], [], []
     for i, row in enumerate(table.itertuples()):
         made = [(t, v) for t, v in enumerate(verdicts[:, i]) if v]  # the grid points where it was compared
-        if row.note or all(v == row.verdict for _, v in made):
+        lows.append(made[0][1] if made else "")
+        highs.append(made[-1][1] if made else "")
+        if row.note or not made or all(v == made[0][1] for _, v in made):
             flips.append(float("nan"))
-            final.append(row.verdict)
+            final.append(row.verdict if row.note or not made else made[0][1])
             continue
-        at = next(t for t, v in made if v != made[0][1]) if any(v != made[0][1] for _, v in made) else made[0][0]
+        at = next(t for t, v in made if v != made[0][1])
         flips.append(float(grid[at]["cost_ratio"].iloc[i]))
         final.append("depends on the price")
+    table["verdict_low"], table["verdict_high"] = lows, highs
     table["flip_ratio"], table["verdict"] = flips, final
     return table

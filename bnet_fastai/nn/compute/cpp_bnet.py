@@ -135,11 +135,19 @@ def build_seconds() -> float | None:
     return _state["seconds"]
 
 
+def _functorch_wrapped(x: torch.Tensor) -> bool:
+    """Whether `x` is a torch.func transform's tensor (vmap, grad): the kernels read raw memory, so they don't take it."""
+    check = getattr(getattr(torch._C, "_functorch", None), "is_functorch_wrapped_tensor", None)
+    return bool(check(x)) if check is not None else False
+
+
 def supports(x: torch.Tensor, weight: torch.Tensor) -> bool:
-    """Whether the kernels compute this BNET2d input: a 4-D float32 CPU map, float32 kernel of size 1/3/5/7,
-    outside autocast."""
-    return (x.device.type == "cpu" and x.dtype == torch.float32 and x.dim() == 4 and weight.dtype == torch.float32
-            and weight.shape[-1] in KERNEL_SIZES and not torch.is_autocast_enabled("cpu"))
+    """Whether the kernels compute this BNET2d input: a non-empty 4-D float32 CPU map, float32 kernel of size 1/3/5/7,
+    outside autocast, tracing (`torch.jit.trace` and the ONNX exporter built on it record no raw-memory kernel) and
+    torch.func transforms."""
+    return (x.device.type == "cpu" and x.dtype == torch.float32 and x.dim() == 4 and x.numel() > 0
+            and weight.dtype == torch.float32 and weight.shape[-1] in KERNEL_SIZES
+            and not torch.is_autocast_enabled("cpu") and not torch.jit.is_tracing() and not _functorch_wrapped(x))
 
 
 NCHW_MIN_WIDTH = 16  # contiguous maps narrower than this are computed in channels_last (vectors over channels)
