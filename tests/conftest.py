@@ -41,3 +41,13 @@ def read_only_bind(tmp_path):
     yield mount
     for ro in mounted:
         subprocess.run(["umount", "-l", str(ro)], check=False)
+
+
+def pytest_sessionstart(session):
+    """BNET's C++ kernels built once, before any test, where the machine has what the build needs: the subprocesses
+    tests start (benchmarks, sweeps, a fresh venv) then load them from torch's extension cache instead of each paying
+    for the build inside its own time limit. A failing build fails tests/test_cpp_bnet.py, which says why."""
+    from bnet_fastai.nn.compute import cpp_bnet
+
+    if cpp_bnet.missing() is None:
+        cpp_bnet.load()
