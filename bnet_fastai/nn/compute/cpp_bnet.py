@@ -38,7 +38,6 @@ import shutil
 import sys
 import sysconfig
 import threading
-import time
 from pathlib import Path
 
 import torch
@@ -50,7 +49,7 @@ CFLAGS = ["-O3", "-march=native", "-fopenmp", "-DNDEBUG"] + (["-mprefer-vector-w
 LDFLAGS = ["-fopenmp"]  # libgomp.so.1: torch's own copy, already loaded under that soname
 KERNEL_SIZES = (1, 3, 5, 7)
 _lock = threading.Lock()
-_state: dict = {"module": None, "error": None, "seconds": None}
+_state: dict = {"module": None, "error": None}
 
 
 def _cpu() -> str:
@@ -107,7 +106,6 @@ def _build(quiet: bool):
     built = any(folder.glob(f"{name}*.so"))
     if not built and not quiet:
         notice(f"BNET: building its C++ kernels for this CPU (once, about a minute) in {folder}")
-    start = time.perf_counter()
     # torch's build reads the ninja on PATH: the one this environment installed
     path = os.environ.get("PATH", "")
     os.environ["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{path}"
@@ -116,23 +114,12 @@ def _build(quiet: bool):
                                     verbose=False)
     finally:
         os.environ["PATH"] = path
-    _state["seconds"] = None if built else time.perf_counter() - start
     return module
-
-
-def available() -> bool:
-    """Whether the kernels run here (building them on first call)."""
-    return load() is not None
 
 
 def unavailable_reason() -> str | None:
     """Why the kernels do not run here (after `load`), or None."""
     return _state["error"]
-
-
-def build_seconds() -> float | None:
-    """Seconds this process spent building the extension (None: it was built before, or not at all)."""
-    return _state["seconds"]
 
 
 def _functorch_wrapped(x: torch.Tensor) -> bool:

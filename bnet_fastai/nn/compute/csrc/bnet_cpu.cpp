@@ -767,8 +767,6 @@ Tensor train(const Tensor& x, const Tensor& weight, const Tensor& bias, const Te
 }  // namespace
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
-  m.def("forward_train", &forward_train, "BNET2d training forward: (y, mean, invstd); running statistics updated");
-  m.def("forward_eval", &forward_eval, "BNET2d forward with given statistics");
-  m.def("backward", &grads_of, "BNET2d backward: (dx, dweight, dbias)");
+  m.def("forward_eval", &forward_eval, "BNET2d forward with given statistics (eval)");
   m.def("train", &train, "BNET2d training step with batch statistics, differentiable (autograd in C++)");
 }
