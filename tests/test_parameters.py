@@ -102,7 +102,7 @@ def test_the_convergence_profile_is_a_budget_study_with_bn_alone_at_the_extra_bu
     configs = study.configs()
     variants = ["bnet-k3-all", "bnet-k3-last", "bnet-k5-last", "bnet-k1-all"]
     assert study.dataset == "fashion-mnist" and study.norms == ["bn", *variants]
-    assert len(configs) == 12 * (5 + 4 * 3)
+    assert len(configs) == 20 * (5 + 4 * 3)
     budgets = {name: sorted({c.epochs for c in configs if c.run_id.split("_")[1] == name}) for name in ("bn", *variants)}
     assert budgets == {"bn": [2, 3, 4, 5, 6], **{name: [2, 3, 4] for name in variants}}
     assert {(c.k, c.placement) for c in configs if c.norm == "bnet"} == {(3, "all"), (3, "last"), (5, "last"),
