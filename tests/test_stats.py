@@ -2,7 +2,7 @@
 import numpy as np
 import pytest
 
-from bnet_fastai.analysis.stats import binomial_se, holm, sign_flip_p, verdict
+from bnet_fastai.analysis.stats import binomial_se, holm, sign_flip_p, to_counts, verdict
 
 
 class TestSignFlip:
@@ -23,13 +23,34 @@ class TestSignFlip:
         assert sign_flip_p([1, 1, -1, 0])[0] == 1.0  # every pattern of 1, 1, -1 has |sum| >= 1
         assert sign_flip_p([0, 0, 0])[0] == 1.0
 
-    def test_beyond_sixteen_pairs_a_seeded_monte_carlo_that_is_never_zero(self):
+    def test_twenty_pairs_are_counted_exactly(self):
         d = np.full(20, 0.01)
+        assert sign_flip_p(d) == (2 / 2 ** 20, "exact, 2^20 patterns")
+        # 19 of +1 and one -1: sum 18; k plus signs give 2k - 20, |2k - 20| >= 18 for k in 0, 1, 19, 20
+        assert sign_flip_p([1] * 19 + [-1])[0] == (1 + 20 + 20 + 1) / 2 ** 20
+
+    def test_beyond_forty_pairs_a_seeded_monte_carlo_that_is_never_zero(self):
+        d = np.full(41, 0.01)
         p, method = sign_flip_p(d, draws=20_000)
         assert method == "Monte-Carlo, 20000 draws, seed 0" and p == sign_flip_p(d, draws=20_000)[0]
-        assert p == pytest.approx(1 / 20_001, abs=2e-4)  # exact: 2 / 2**20, so almost surely no hit
-        mixed = np.array([1.0, -1.0] * 10)  # sum 0: every pattern reaches it
+        assert p == 1 / 20_001  # exact: 2 / 2**41, so no hit
+        mixed = np.array([1.0, -1.0] * 21)  # sum 0: every pattern reaches it
         assert sign_flip_p(mixed, draws=1000)[0] == 1.0
+
+    def test_ties_between_counts_are_exact_where_stored_float32_accuracies_missed_them(self):
+        # BNET - BN in correct images out of 10,000: -3, +3, +3, +3, +6, sum 12. By hand, |±3 ±3 ±3 ±3 ±6| >= 12:
+        # all five one sign (±18: 2 patterns) and 6 with three of the 3s against one (±12: 4 + 4 patterns)
+        counts = np.array([-3, 3, 3, 3, 6])
+        assert sign_flip_p(counts) == (10 / 32, "exact, 2^5 patterns")
+        # the same runs' accuracies as history.csv stores them (float32): the ±12 ties now differ in the 16th
+        # digit, beyond a relative 1e-9 tolerance, and were missed (0.25 = 8 / 32); as counts they are exact
+        bn = np.array([8086, 7936, 7922, 7926, 8045])
+        bnet_acc, bn_acc = np.float32((bn + counts) / 1e4).astype(float), np.float32(bn / 1e4).astype(float)
+        signs = 1 - 2 * ((np.arange(32)[:, None] >> np.arange(5)) & 1)
+        d = bnet_acc - bn_acc
+        assert np.mean(np.abs(signs @ d) >= abs(d.sum()) - 1e-9 * np.abs(d).sum()) == 8 / 32  # the old rule
+        assert (to_counts(bnet_acc, 10_000) - to_counts(bn_acc, 10_000)).tolist() == counts.tolist()
+        assert to_counts([0.80035], 10_000) is None and to_counts([0.8], float("nan")) is None
 
     def test_agrees_with_full_enumeration_written_out(self):
         rng = np.random.default_rng(3)

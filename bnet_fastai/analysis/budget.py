@@ -203,8 +203,10 @@ def cost_ratio(cost: list[dict] | float | None, keys: dict, variant: str) -> tup
                                                       f"{keys['size']} px, batch {settings.get('bs')}, {fmt}")
 
 
-def _equal_cost_row(bn_budgets, bn, bnet_j, budget, ratio) -> dict | str:
-    """BNET at `budget` against BN interpolated per seed at ratio × budget: the paired comparison, or why not."""
+def _equal_cost_row(bn_budgets, bn, bnet_j, budget, ratio, n_valid: float) -> dict | str:
+    """BNET at `budget` against BN interpolated per seed at ratio × budget: the paired comparison, or why not.
+    Its p is computed on counts of correct test images (BN's interpolated) where the accuracies are counts of
+    `n_valid` images (`stats.to_counts`)."""
     at = ratio * budget
     if not np.isfinite(at):
         return "no ratio"
@@ -213,9 +215,19 @@ def _equal_cost_row(bn_budgets, bn, bnet_j, budget, ratio) -> dict | str:
     bn_at = np.array([np.interp(at, bn_budgets, curve) for curve in bn])
     diff = bnet_j - bn_at
     low, high = stats.bounded_t_interval(diff, -1.0, 1.0)
-    p, method = stats.sign_flip_p(diff)
+    bn_counts, bnet_counts = stats.to_counts(bn, n_valid), stats.to_counts(bnet_j, n_valid)
+    counted = None if bn_counts is None or bnet_counts is None else \
+        bnet_counts - np.array([np.interp(at, bn_budgets, curve) for curve in bn_counts])
+    p, method = stats.sign_flip_p(diff if counted is None else counted)
+    on = "on accuracies" if counted is None else "on counts of correct test images"
     return {"bn_accuracy_mean": bn_at.mean(), "diff_mean": diff.mean(), "diff_ci_low": low, "diff_ci_high": high,
-            "p": p, "p_method": method}
+            "p": p, "p_method": f"{method}, {on}"}
+
+
+def _n_valid(per_run: pd.DataFrame, keys: dict) -> float:
+    """The number of validation images of a budget study's runs (NaN when unknown or not one number)."""
+    values = per_run.merge(pd.DataFrame([keys]))["n_valid"].unique() if "n_valid" in per_run else []
+    return float(values[0]) if len(values) == 1 else float("nan")
 
 
 def equal_cost(per_run: pd.DataFrame, cost: list[dict] | float | None, end: float | None = None) -> pd.DataFrame:
@@ -226,6 +238,7 @@ def equal_cost(per_run: pd.DataFrame, cost: list[dict] | float | None, end: floa
     rows = []
     for keys, variant, seeds, bn_budgets, bn, budgets, bnet in paired_arms(per_run):
         ratio, low, high, source = cost_ratio(cost, keys, variant)
+        n_valid = _n_valid(per_run, keys)
         if end is not None:
             ratio = low + end * (high - low)
         for j, budget in enumerate(budgets):
@@ -233,7 +246,7 @@ def equal_cost(per_run: pd.DataFrame, cost: list[dict] | float | None, end: floa
                    "bnet_epochs": int(budget), "cost_ratio": ratio, "cost_ratio_low": low, "cost_ratio_high": high,
                    "cost_source": source, "bn_epochs_equal_cost": ratio * budget,
                    "bnet_accuracy_mean": bnet[:, j].mean()}
-            compared = _equal_cost_row(bn_budgets, bn, bnet[:, j], budget, ratio)
+            compared = _equal_cost_row(bn_budgets, bn, bnet[:, j], budget, ratio, n_valid)
             rows.append({**row, "note": source if compared == "no ratio" else compared}
                         if isinstance(compared, str) else {**row, **compared, "note": ""})
     return pd.DataFrame(rows)

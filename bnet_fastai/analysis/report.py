@@ -167,8 +167,10 @@ def per_run(history: pd.DataFrame, target: float | dict[str, float]) -> pd.DataF
     for values, run in history.groupby(keys):
         run = run.sort_values("epoch")
         reached = run[run["accuracy"] >= _target_of(target, values[0])]
+        counts = stats.to_counts(run["accuracy"], run["n_valid"])  # None: not counts of n_valid images
         rows.append({**dict(zip(keys, values)), "final_accuracy": run["accuracy"].iloc[-1],
-                     "auc": run["accuracy"].mean(),
+                     "correct": np.nan if counts is None else counts[-1],
+                     "auc": run["accuracy"].mean(), "auc_correct": np.nan if counts is None else counts.sum(),
                      "epochs_to_target": reached["epoch"].iloc[0] if len(reached) else np.nan,
                      "seconds_to_target": reached["seconds"].iloc[0] if len(reached) else np.nan,
                      "final_valid_loss": run["valid_loss"].iloc[-1],
@@ -228,13 +230,15 @@ def paired_differences(history: pd.DataFrame, target: float | dict[str, float] =
         pairs = group.merge(bn, left_index=True, right_index=True, suffixes=("", "_bn"))
         row = {**dict(zip(GROUP_KEYS, keys)), "n_pairs": len(pairs),
                "seeds": ",".join(str(i[-1]) for i in pairs.index)}
-        for metric in ("final_accuracy", "auc"):
+        for metric, count in (("final_accuracy", "correct"), ("auc", "auc_correct")):
             diff = pairs[metric] - pairs[f"{metric}_bn"]
+            counted = pairs[count] - pairs[f"{count}_bn"]  # whole numbers: ties are found exactly
             low, high = bounded_t_interval(diff, -1.0, 1.0)
-            p, method = stats.sign_flip_p(diff)
+            p, method = stats.sign_flip_p(counted if counted.notna().all() else diff)
             row.update({f"{metric}_diff_mean": diff.mean(), f"{metric}_diff_ci_low": low,
                         f"{metric}_diff_ci_high": high, f"{metric}_p": p})
-        rows.append({**row, "ci_method": CI_METHOD, "p_method": f"{stats.P_METHOD} ({method})"})
+        on = "on counts of correct test images" if counted.notna().all() else "on accuracies"
+        rows.append({**row, "ci_method": CI_METHOD, "p_method": f"{stats.P_METHOD} ({method}, {on})"})
     return _recipe_last(pd.DataFrame(rows, columns=PAIRED_COLUMNS))  # no BNET arm: the header alone
 
 

@@ -7,8 +7,13 @@ The choices, as every table names them:
   nothing about another test set, whose own sampling error is `binomial_se`;
 - p-values: the two-sided sign-flip (paired permutation) test of "the mean difference is 0": under that
   hypothesis each seed's difference is as likely to have either sign, so p is the share of all 2**n sign
-  patterns whose |sum| is at least the observed one. Exact up to n = `EXACT_MAX` (65,536 patterns), a seeded
-  Monte-Carlo estimate beyond (`(1 + hits) / (1 + draws)`, never 0). Zero differences count in n and flip to
+  patterns whose |sum| is at least the observed one. Every pattern is counted up to n = `EXACT_MAX` (2**40
+  patterns, by meeting in the middle: the 2**(n/2) sums of each half, one half sorted), a seeded Monte-Carlo
+  estimate beyond (`(1 + hits) / (1 + draws)`, never 0). Ties decide p: the report passes differences in
+  *counts of correct test images* (`to_counts`), whole numbers, and whole-number differences are compared
+  exactly (two sums that differ differ by at least 1). Other differences reach the observed sum when within
+  1e-9 of Σ|d| of it, far above float64's rounding of such sums (an equal-cost difference, BN interpolated
+  between budgets, is a count plus a fraction of a count). Zero differences count in n and flip to
   themselves; with n seeds no p-value can be below 2 / 2**n (0.0625 for 5 seeds, 0.0078 for 8);
 - multiple comparisons: Holm's step-down adjustment over a family (the comparisons that answer one question
   in one report); a verdict is "BNET higher" or "BN higher" when the adjusted p is below `ALPHA`, else
@@ -20,7 +25,7 @@ import numpy as np
 from scipy import stats as scipy_stats
 
 ALPHA = 0.05
-EXACT_MAX = 16  # up to 2**16 sign patterns are enumerated; beyond, Monte-Carlo
+EXACT_MAX = 40  # up to 2**40 sign patterns are counted (two halves of 2**20 sums); beyond, Monte-Carlo
 DRAWS = 100_000  # Monte-Carlo sign patterns beyond EXACT_MAX
 CI_METHOD = "95% Student-t on the logit scale"  # named in every table that carries an interval
 P_METHOD = "two-sided sign-flip permutation"
@@ -45,25 +50,54 @@ def bounded_t_interval(values, low: float = 0.0, high: float = 1.0) -> tuple[flo
     return tuple(float(low + (high - low) / (1 + np.exp(-v))) for v in (lo, hi))
 
 
+def _half_sums(d: np.ndarray) -> np.ndarray:
+    """The 2**len(d) sums of ±d."""
+    sums = np.zeros(1)
+    for value in d:
+        sums = np.concatenate([sums + value, sums - value])
+    return sums
+
+
 def sign_flip_p(differences, exact_max: int = EXACT_MAX, draws: int = DRAWS, seed: int = 0) -> tuple[float, str]:
     """Two-sided sign-flip p-value of paired `differences` and how it was computed ("exact, 2^n patterns"
-    or "Monte-Carlo, N draws, seed S"); NaN for no differences."""
+    or "Monte-Carlo, N draws, seed S"); NaN for no differences. Whole-number differences (counts) are
+    compared exactly; others with a tolerance of 1e-9 of Σ|d| (see the module docstring)."""
     d = np.asarray(differences, dtype=float)
     n = len(d)
     if n == 0:
         return float("nan"), "no pairs"
+    if not np.isfinite(d).all():
+        raise ValueError(f"sign-flip p of differences that are not finite numbers: {d.tolist()}")
     observed = abs(d.sum())
-    tolerance = 1e-9 * max(np.abs(d).sum(), 1e-300)  # sums equal up to rounding count as reaching it
+    whole = bool(np.all(d == np.round(d))) and np.abs(d).sum() < 2 ** 52
+    # whole numbers: sums are exact in float64, and a sum that is not a tie is at least 1 away
+    reach = observed - (0.5 if whole else 1e-9 * max(np.abs(d).sum(), 1e-300))
+    if reach <= 0:  # every pattern reaches |sum| >= 0
+        return 1.0, f"exact, 2^{n} patterns"
     if n <= exact_max:
-        signs = 1 - 2 * ((np.arange(2 ** n)[:, None] >> np.arange(n)) & 1)
-        return float(np.mean(np.abs(signs @ d) >= observed - tolerance)), f"exact, 2^{n} patterns"
+        left, right = _half_sums(d[: n // 2]), np.sort(_half_sums(d[n // 2:]))
+        # pairs whose total is >= reach or <= -reach (disjoint, as reach > 0)
+        hits = (len(right) - np.searchsorted(right, reach - left, side="left")).sum() \
+            + np.searchsorted(right, -reach - left, side="right").sum()
+        return float(int(hits) / 2 ** n), f"exact, 2^{n} patterns"
     rng, hits, left = np.random.default_rng(seed), 0, draws
     while left:
         batch = min(left, 10_000)
         signs = rng.choice((-1.0, 1.0), size=(batch, n))
-        hits += int(np.sum(np.abs(signs @ d) >= observed - tolerance))
+        hits += int(np.sum(np.abs(signs @ d) >= reach))
         left -= batch
     return (1 + hits) / (1 + draws), f"Monte-Carlo, {draws} draws, seed {seed}"
+
+
+def to_counts(accuracies, n_valid) -> np.ndarray | None:
+    """Accuracies as counts of correct test images (accuracy × n_valid, rounded), or None when they are not
+    such counts: n_valid unknown, or an accuracy more than 0.01 image from a whole count (a stored float32
+    accuracy of a count out of 10,000 images is within 0.001 of it)."""
+    a, n = np.asarray(accuracies, dtype=float), np.asarray(n_valid, dtype=float)
+    if not (np.isfinite(n).all() and (n > 0).all() and np.isfinite(a).all()):
+        return None
+    counts = np.round(a * n)
+    return counts if np.all(np.abs(a * n - counts) <= 0.01) else None
 
 
 def holm(pvalues) -> np.ndarray:
