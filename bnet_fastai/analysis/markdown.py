@@ -67,6 +67,53 @@ def _methods(tables: dict[str, pd.DataFrame]) -> str:
             f"family named; verdict from the Holm p at 0.05.")
 
 
+def _kept(r) -> str:
+    """How often a verdict survives dropping one seed: "12/12", or "—" where no comparison was made."""
+    kept, drops = getattr(r, "kept_dropping_one", float("nan")), getattr(r, "n_drops", float("nan"))
+    return "—" if pd.isna(kept) or pd.isna(drops) else f"{int(kept)}/{int(drops)}"
+
+
+def _family(table: pd.DataFrame, question: str) -> str:
+    """ "Holm over the 12 equal-epoch comparisons", naming every dataset the family spans when it spans more
+    than the rows shown (`by_dataset` shows one dataset's rows of a family computed over all)."""
+    size = int(table["family_size"].iloc[0]) if "family_size" in table and len(table) else len(table)
+    shown = int(table["p" if "p" in table else "final_accuracy_p"].notna().sum())
+    spans = "" if size == shown else f", every dataset of this report ({shown} of them in this section)"
+    return f"Holm over the {size} {question} comparisons{spans}"
+
+
+DROP_ONE = ("kept dropping one seed: of the n ways to drop one seed from every comparison (the family recomputed), "
+            "in how many the verdict stays the same")
+
+
+def left_out_markdown(tables: dict[str, pd.DataFrame]) -> str:
+    """The runs a report did not compute from, one per line with why; "" when none."""
+    skipped = tables.get("skipped", pd.DataFrame())
+    if skipped is None or skipped.empty:
+        return ""
+    lines = [f"**Left out** ({len(skipped)} run{'s' if len(skipped) > 1 else ''}, in no number above):", ""]
+    lines += [f"- {r.run_id}: {r.status}{': ' + r.reason if r.reason else ''}" for r in skipped.itertuples()]
+    return "\n".join(lines)
+
+
+def pooled_note(history: pd.DataFrame) -> str:
+    """What the runs were trained with where it varies (commits, torch threads, BNET's implementation): "" when
+    all alike. Such runs are pooled (none of these changes the recipe), so a reader should know."""
+    if history.empty:
+        return ""
+    runs = history.drop_duplicates("run_id")
+    parts = []
+    for column, what in (("git_commit", "commits"), ("torch_threads", "torch thread counts"),
+                         ("bnet_impl", "BNET implementations")):
+        if column not in runs:
+            continue
+        values = runs[column] if column != "bnet_impl" else runs.loc[runs[column] != "", column]
+        counts = values.fillna("not recorded").astype(str).replace("", "not recorded").value_counts()
+        if len(counts) > 1:
+            parts.append(f"{len(counts)} {what} ({', '.join(f'{v}: {n} runs' for v, n in counts.sort_index().items())})")
+    return f"Pooled: runs from {'; '.join(parts)}." if parts else ""
+
+
 def results_markdown(tables: dict[str, pd.DataFrame]) -> str:
     """The summary and paired tables of `report` as Markdown."""
     s, p = tables["summary"], tables["paired"]
@@ -81,18 +128,19 @@ def results_markdown(tables: dict[str, pd.DataFrame]) -> str:
                      f"{_se(r.test_se)} | "
                      f"{_number(r.epochs_to_target_mean)} ({r.n_reached}/{r.n_seeds}) | {r.auc_mean:.4f} | "
                      f"{r.valid_loss_spread:.4f} |")
+    extra = [t for t in (left_out_markdown(tables), pooled_note(tables.get("history", pd.DataFrame()))) if t]
     if p.empty:
-        return "\n".join(lines + ["", "No BNET arm paired with BN by seed: no paired comparison."])
-    family = p["family"].iloc[0]
-    lines += ["", f"| dataset | arch | variant − bn | pairs | final accuracy difference [95% interval] | p | Holm p "
-                  f"({family}, {len(p)} comparisons) | AUC difference [95% interval] | AUC p | verdict |",
-              "|---|---|---|---|---|---|---|---|---|---|"]
+        return "\n\n".join(["\n".join(lines + ["", "No BNET arm paired with BN by seed: no paired comparison."]), *extra])
+    lines += ["", f"{_family(p, p['family'].iloc[0])}; {DROP_ONE}.", "",
+              "| dataset | arch | variant − bn | pairs | final accuracy difference [95% interval] | p | Holm p "
+              "| AUC difference [95% interval] | AUC p | verdict | kept dropping one seed |",
+              "|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in p.itertuples():
         lines.append(f"| {r.dataset} | {r.arch} | {r.variant} | {r.n_pairs} | {_difference(r)} | {_p(r.final_accuracy_p)} | "
                      f"{_p(r.p_holm)} | "
                      f"{_mean_interval(r.auc_diff_mean, r.auc_diff_ci_low, r.auc_diff_ci_high, True)} | "
-                     f"{_p(r.auc_p)} | {r.verdict} |")
-    return "\n".join(lines)
+                     f"{_p(r.auc_p)} | {r.verdict} | {_kept(r)} |")
+    return "\n\n".join(["\n".join(lines), *extra])
 
 
 def by_dataset(tables: dict[str, pd.DataFrame]) -> dict[str, dict[str, pd.DataFrame]]:
@@ -108,21 +156,25 @@ def budget_markdown(tables: dict[str, pd.DataFrame]) -> str:
     s, p = tables["summary"], tables["paired"]
     match, cost = tables["epochs_to_match"], tables["equal_cost"]
     lines = [_methods(tables), "",
-             f"**At every budget** (each a complete schedule; Holm over the {len(p)} equal-epoch comparisons):", "",
+             f"**At every budget** (each a complete schedule; {_family(p, 'equal-epoch')}; {DROP_ONE}):", "",
              "| arch | epochs | BN, mean [95% interval] | BNET variant | BNET, mean [95% interval] | test SE | "
-             "BNET − BN [95% interval] | p | Holm p | verdict |", "|---|---|---|---|---|---|---|---|---|---|"]
+             "BNET − BN [95% interval] | p | Holm p | verdict | kept dropping one seed |", "|---" * 11 + "|"]
     bn = s[s["variant"] == "bn"].set_index(["arch", "epochs"])
     for (arch, epochs), row in bn.sort_index().iterrows():
         pair = p[(p["arch"] == arch) & (p["epochs"] == epochs)]
         bn_cell = _accuracy(row)
-        if pair.empty:
+        trained = s[(s["arch"] == arch) & (s["epochs"] == epochs) & (s["variant"] != "bn")]
+        if pair.empty and trained.empty:
             lines.append(f"| {arch} | {epochs} | {bn_cell} | — (BN only) | — | {_se(row.test_se)} | "
-                         f"— | — | — | — |")
+                         f"— | — | — | — | — |")
         for r in pair.itertuples():
             other = s[(s["arch"] == arch) & (s["epochs"] == epochs) & (s["variant"] == r.variant)].iloc[0]
             lines.append(f"| {arch} | {epochs} | {bn_cell} | {r.variant} | {_accuracy(other)} | "
                          f"{_se(other.test_se)} | {_difference(r)} | {_p(r.final_accuracy_p)} | {_p(r.p_holm)} | "
-                         f"{r.verdict} |")
+                         f"{r.verdict} | {_kept(r)} |")
+        for other in trained[~trained["variant"].isin(pair["variant"])].itertuples():  # runs, but no seed paired
+            lines.append(f"| {arch} | {epochs} | {bn_cell} | {other.variant} | {_accuracy(other)} | "
+                         f"{_se(other.test_se)} | not compared: no seed with both arms | — | — | — | — |")
     if len(match):
         lines += ["", f"**Epochs to match** BN's mean final accuracy at each BN budget (BNET's budgets "
                       f"{match['bnet_budgets'].iloc[0]}, linear between them; interval: "
@@ -135,26 +187,29 @@ def budget_markdown(tables: dict[str, pd.DataFrame]) -> str:
                          f"{_number(r.ratio_to_bn_epochs)} |")
     if len(cost):
         done = cost[cost["note"] == ""]
+        family = _family(done, "equal-cost") if len(done) else "no comparison made"
         lines += ["", f"**Equal cost**: BNET at E epochs against BN at ratio × E epochs, BN's per-seed "
                       f"accuracy interpolated linearly between its budgets (ratio: BNET/BN training-step time "
-                      f"[95% interval], `{cost['cost_source'].iloc[0]}`; Holm over the {len(done)} equal-cost "
-                      f"comparisons; a verdict stands only where it holds at both ends of the ratio's interval, "
-                      f"each end a Holm family of its own):", "",
+                      f"[95% interval], `{cost['cost_source'].iloc[0]}`; {family} at the measured ratios; a "
+                      f"verdict stands only where it holds across the ratio's interval, each point of it a Holm "
+                      f"family of its own; {DROP_ONE}):", "",
                   "| arch | variant | BNET epochs | ratio [95% interval] | BN epochs at equal cost | BNET | "
-                  "BN (interpolated) | BNET − BN [95% interval] | p | Holm p | verdict |", "|---" * 11 + "|"]
+                  "BN (interpolated) | BNET − BN [95% interval] | p | Holm p | verdict | kept dropping one seed |",
+                  "|---" * 12 + "|"]
         for r in cost.itertuples():
             if r.note:
                 lines.append(f"| {r.arch} | {r.variant} | {r.bnet_epochs} | {_price(r)} | "
                              f"{r.bn_epochs_equal_cost:.2f} | {r.bnet_accuracy_mean:.4f} | {r.note} | — | — | "
-                             f"— | — |")
+                             f"— | — | — |")
                 continue
             lines.append(f"| {r.arch} | {r.variant} | {r.bnet_epochs} | {_price(r)} | "
                          f"{r.bn_epochs_equal_cost:.2f} | {r.bnet_accuracy_mean:.4f} | {r.bn_accuracy_mean:.4f} | "
                          f"{_mean_interval(r.diff_mean, r.diff_ci_low, r.diff_ci_high, True)} | {_p(r.p)} | "
-                         f"{_p(r.p_holm)} | {_priced_verdict(r)} |")
+                         f"{_p(r.p_holm)} | {_priced_verdict(r)} | {_kept(r)} |")
     if len(tables.get("break_even", [])):
         lines += ["", break_even_markdown(tables["break_even"])]
-    return "\n".join(lines)
+    extra = [t for t in (left_out_markdown(tables), pooled_note(tables.get("history", pd.DataFrame()))) if t]
+    return "\n\n".join(["\n".join(lines), *extra])
 
 
 def _match(r) -> str:
@@ -218,28 +273,53 @@ def _advice(gain, even) -> str:
             f"({even.ci_low:.2f} to be safe): measure yours with `benchmarks/train_step.py --opt adam`.")
 
 
+def _one_family_of_all(p: pd.DataFrame, cost: pd.DataFrame) -> int:
+    """How many verdicts (equal epochs, and equal cost at the measured ratios) would change were both questions
+    one Holm family."""
+    from bnet_fastai.analysis import stats
+
+    done = cost[cost["note"] == ""] if "note" in cost else cost
+    pvalues = [*p["final_accuracy_p"], *done["p"]] if len(done) else list(p["final_accuracy_p"])
+    means = [*p["final_accuracy_diff_mean"], *done["diff_mean"]] if len(done) else list(p["final_accuracy_diff_mean"])
+    apart = [*p["p_holm"], *done["p_holm"]] if len(done) else list(p["p_holm"])
+    joint = stats.holm(pvalues)
+    return sum(stats.verdict(m, a) != stats.verdict(m, j) for m, a, j in zip(means, apart, joint))
+
+
 def answers_markdown(tables: dict[str, pd.DataFrame], command: str) -> str:
     """The README's answers to (a) more accurate at equal epochs, (b) the same accuracy in fewer epochs, (c)
     better at equal training time here, (d) which BNET pays off at what price, and the placebo's result: one
-    short line each at the largest budget every arm trained, then the (d) table. `tables` is a budget study's
-    report; `command` the command that prints it (``bnet-fastai report DIR --markdown``)."""
+    short line each at the largest budget every arm trained (an arm without a paired seed there says so), then
+    the (d) table, the Holm families as computed, and the runs left out. `tables` is a budget study's report;
+    `command` the command that prints it (``bnet-fastai report DIR --markdown``)."""
     p, match, cost, even = tables["paired"], tables["epochs_to_match"], tables["equal_cost"], tables["break_even"]
-    budget = int(p["epochs"].max())
-    n_pairs = int(p["n_pairs"].min())
+    s = tables["summary"]
+    budget = int(s.groupby(["arch", "variant"])["epochs"].max().min())  # every arm, BN included, trained it
+    arms = s[(s["variant"] != "bn")][["arch", "variant"]].drop_duplicates().sort_values(["arch", "variant"])
     at = p[p["epochs"] == budget]
-    real = [r for r in at.itertuples() if not is_placebo(r.variant)]
-    placebos = [r for r in at.itertuples() if is_placebo(r.variant)]
-    several = p["arch"].nunique() > 1
+    several = s["arch"].nunique() > 1
 
     def name(r) -> str:  # the arm: its variant, and its arch when the study has several
         return f"{r.arch} {r.variant}" if several else r.variant
 
     def one(table: pd.DataFrame, r, column: str):
         """The row of `table` for `r`'s arch and variant at the answers' budget (in `column`), or None."""
+        if table.empty:
+            return None
         rows = table[(table["arch"] == r.arch) & (table["variant"] == r.variant) & (table[column] == budget)]
         return next(rows.itertuples(), None)
 
-    a = [f"{name(r)} {100 * r.final_accuracy_diff_mean:+.2f} pt ({r.verdict})" for r in real]
+    paired = {(r.arch, r.variant): r for r in at.itertuples() if r.n_pairs >= 2}
+    real = [paired[(a.arch, a.variant)] for a in arms.itertuples() if (a.arch, a.variant) in paired
+            and not is_placebo(a.variant)]
+    placebos = [paired[(a.arch, a.variant)] for a in arms.itertuples() if (a.arch, a.variant) in paired
+                and is_placebo(a.variant)]
+    unpaired = [a for a in arms.itertuples() if (a.arch, a.variant) not in paired]
+    counts = sorted({int(r.n_pairs) for r in paired.values()})
+    seeds = "no" if not counts else f"{counts[0]}" if len(counts) == 1 else f"{counts[0]}–{counts[-1]}"
+
+    a = [f"{name(r)} {100 * r.final_accuracy_diff_mean:+.2f} pt ({r.verdict}, kept in {_kept(r)} drop-one-seed "
+         f"checks)" for r in real]
     b = []
     for r in real:
         m = one(match, r, "bn_epochs")
@@ -251,25 +331,40 @@ def answers_markdown(tables: dict[str, pd.DataFrame], command: str) -> str:
         c.append(f"{name(r)} " + ("not compared" if e is None or e.note else
                                     f"{100 * e.diff_mean:+.2f} pt at ratio {_price(e)} ({_priced_verdict(e)})"))
     d = [f"{name(r)} {_ratio(x.break_even, x.bound)}×" for r in real if (x := one(even, r, "bnet_epochs")) is not None]
-    families = f"Holm over all {len(p)} equal-epoch and {int((cost['note'] == '').sum())} equal-cost comparisons"
-    lines = [f"At {budget} epochs, the largest budget every arm trained, {n_pairs} paired seeds, BNET − BN in "
-             f"accuracy points, verdicts from the Holm-adjusted exact sign-flip p ({families}):", "",
-             f"- **(a) More accurate at the same number of epochs?** {'; '.join(a)}.",
-             f"- **(b) The same accuracy in fewer epochs?** BN's {budget}-epoch accuracy reached by {'; '.join(b)}.",
-             f"- **(c) Better at equal training time, on this CPU?** {'; '.join(c)}.",
+    n_cost = int((cost["note"] == "").sum()) if "note" in cost else 0
+    lines = [f"At {budget} epochs, the largest budget every arm trained, {seeds} paired seeds, BNET − BN in "
+             f"accuracy points, verdicts from the Holm-adjusted exact sign-flip p (families below):", "",
+             f"- **(a) More accurate at the same number of epochs?** {'; '.join(a) or 'no arm compared'}.",
+             f"- **(b) The same accuracy in fewer epochs?** BN's {budget}-epoch accuracy reached by "
+             f"{'; '.join(b) or 'no arm compared'}.",
+             f"- **(c) Better at equal training time, on this CPU?** {'; '.join(c) or 'no arm compared'}.",
              f"- **(d) Which BNET, and at what price does it pay off?** It beats BN in the same time where one "
-             f"of its steps costs less than this many BN steps (its break-even ratio): {'; '.join(d)} (table "
-             f"below)."]
+             f"of its steps costs less than this many BN steps (its break-even ratio): "
+             f"{'; '.join(d) or 'none computed'} (table below)."]
     for r in placebos:
         verdicts = sorted(set(p[(p["arch"] == r.arch) & (p["variant"] == r.variant)]["verdict"]))
         lines.append(f"- **Placebo** ({name(r)}: BN computed through BNET's code): {_points(r.final_accuracy_diff_mean, r.final_accuracy_diff_ci_low, r.final_accuracy_diff_ci_high)} at {budget} epochs; "
                      f"verdict at every budget: {', '.join(verdicts)}.")
+    for r in unpaired:
+        trained = sorted(int(e) for e in s[(s["arch"] == r.arch) & (s["variant"] == r.variant)]["epochs"])
+        lines.append(f"- **Not compared**: {name(r)} has fewer than 2 seeds paired with BN at {budget} epochs "
+                     f"(its runs: {', '.join(map(str, trained))} epochs).")
     lines += ["", f"| variant | gain at {budget} epochs [95% interval] | break-even ratio [95% interval] | "
                   f"measured ratio on this CPU | at equal time here | for your GPU |", "|---|---|---|---|---|---|"]
     for r in real:
         x, e = one(even, r, "bnet_epochs"), one(cost, r, "bnet_epochs")
         here = "—" if e is None or e.note else _priced_verdict(e)
         lines.append(f"| {name(r)} | {_points(r.final_accuracy_diff_mean, r.final_accuracy_diff_ci_low, r.final_accuracy_diff_ci_high)} {r.verdict} | "
-                     f"{_break_even(x)} | {_price(x)} | {here} | {_advice(r, x)} |")
+                     f"{'—' if x is None else _break_even(x)} | {'—' if x is None else _price(x)} | {here} | "
+                     f"{'—' if x is None else _advice(r, x)} |")
+    changed = _one_family_of_all(p, cost)
+    lines += ["", f"Holm families, as computed: (a) over the {int(p['final_accuracy_p'].notna().sum())} equal-epoch "
+                  f"comparisons (every BNET variant, placebo included, × budget), (c) over the {n_cost} equal-cost "
+                  f"ones; each question is answered on its own, so each is its own family ((b) and (d) are "
+                  f"estimates with intervals, not tests). Taken as one family of "
+                  f"{int(p['final_accuracy_p'].notna().sum()) + n_cost}, {changed} verdict"
+                  f"{'' if changed == 1 else 's'} at the measured ratios would change."]
+    if len(tables.get("skipped", [])):
+        lines += ["", f"{len(tables['skipped'])} run(s) left out, listed below the tables."]
     lines += ["", f"(`{command}`)"]
     return "\n".join(lines)

@@ -103,7 +103,8 @@ def _run_dirs(experiments: list[Path]) -> tuple[list[Path], list[dict]]:
     Of the folders holding one run, the one named after its run_id wins over a renamed copy (a backup
     ``<run_id>.old`` counts nowhere, whatever it holds), then a finished, intact one over an unfinished or damaged
     one, then the first folder given; a renamed folder that is the only one holding its run is the run. A renamed
-    copy that loses is named in `skipped`; the same run in two experiment folders counts once."""
+    copy that loses is named in `skipped`; the same run in two experiment folders counts once, and the copy not
+    counted is named in `skipped` too."""
     groups: dict[str, list[Path]] = {}
     for experiment in experiments:
         for run_dir in sorted(p for p in experiment.iterdir() if p.is_dir() and not p.name.startswith(".")):
@@ -113,8 +114,10 @@ def _run_dirs(experiments: list[Path]) -> tuple[list[Path], list[dict]]:
         best = dirs[0] if len(dirs) == 1 else min(dirs, key=lambda d: (d.name != run_id, not _usable(d)))
         chosen.append(best)
         copies += [{"run_id": d.name, "status": "copy", "folder": str(d.parent),
-                    "reason": f"{d} is a copy of {best} (run_id {run_id}), counted once"}
-                   for d in dirs if d is not best and d.name != run_id]
+                    "reason": f"{d} is a copy of {best} (run_id {run_id}), counted once"
+                    if d.name != run_id else f"the same run as {best}, which is counted (the first folder given "
+                                             f"wins among intact copies)"}
+                   for d in dirs if d is not best]
     return chosen, copies
 
 
@@ -138,8 +141,12 @@ def load_runs(experiments: str | Path | list) -> Runs:
         written = json.loads((run_dir / "config.json").read_text())
         config = written["config"]
         keys = {k: config[k] for k in CONFIG_KEYS}
+        environment = written.get("environment", {})
         keys.update(variant=variant(config), recipe=recipe(config), run_id=run_dir.name,
-                    n_valid=written.get("dataset", {}).get("n_valid", np.nan))
+                    n_valid=written.get("dataset", {}).get("n_valid", np.nan),
+                    git_commit=str(environment.get("git_commit", ""))[:7], torch_threads=environment.get("torch_threads"),
+                    bnet_impl=written.get("training", {}).get("bnet_impl", "not recorded")
+                    if config["norm"] == "bnet" else "")
         history = pd.read_csv(run_dir / "history.csv")
         history["epoch"] = history["epoch"] + 1  # 1-based: the row after epoch 1 has epoch 1
         history["seconds"] = history["time"].map(_seconds).cumsum()
@@ -228,6 +235,8 @@ def paired_differences(history: pd.DataFrame, target: float | dict[str, float] =
     rows = []
     for keys, group in runs[runs["variant"] != "bn"].groupby(GROUP_KEYS):
         pairs = group.merge(bn, left_index=True, right_index=True, suffixes=("", "_bn"))
+        if pairs.empty:  # runs, but no seed with both arms: nothing to compare (the markdown says so)
+            continue
         row = {**dict(zip(GROUP_KEYS, keys)), "n_pairs": len(pairs),
                "seeds": ",".join(str(i[-1]) for i in pairs.index)}
         for metric, count in (("final_accuracy", "correct"), ("auc", "auc_correct")):
@@ -274,11 +283,33 @@ def adjust(table: pd.DataFrame, p_column: str, mean_column: str, family: str) ->
     if p_column not in table:
         return table
     if table.empty:  # the header alone, with the columns a family adds
-        return table.assign(family=pd.Series(dtype=str), p_holm=pd.Series(dtype=float), verdict=pd.Series(dtype=str))
+        return table.assign(family=pd.Series(dtype=str), family_size=pd.Series(dtype=int),
+                            p_holm=pd.Series(dtype=float), verdict=pd.Series(dtype=str))
     table = table.copy()
     table["family"] = family
+    table["family_size"] = int(table[p_column].notna().sum())  # the comparisons Holm adjusted over
     table["p_holm"] = stats.holm(table[p_column])
     table["verdict"] = [stats.verdict(m, q) for m, q in zip(table[mean_column], table["p_holm"])]
+    return table
+
+
+def drop_one_seed(table: pd.DataFrame, rebuild, keys: list[str], seeds, p_column: str = "p") -> pd.DataFrame:
+    """`table` with ``kept_dropping_one`` (of ``n_drops``): for how many of `seeds` the row's verdict stays the same
+    when that seed is dropped from every comparison at once and the family recomputed (`rebuild(seed)` gives the
+    table without it). A verdict kept under every drop does not hang on one seed."""
+    table = table.copy()
+    seeds = sorted(set(seeds))
+    if table.empty or "verdict" not in table:
+        return table.assign(kept_dropping_one=pd.Series(dtype=float), n_drops=pd.Series(dtype=float))
+    kept = np.zeros(len(table), dtype=int)
+    rows = list(table[keys].itertuples(index=False, name=None))
+    for seed in seeds:
+        other = rebuild(seed)
+        verdicts = dict(zip(other[keys].itertuples(index=False, name=None), other["verdict"])) if len(other) else {}
+        kept += [verdicts.get(row) == v for row, v in zip(rows, table["verdict"])]
+    compared = table[p_column].notna() if p_column in table else pd.Series(False, index=table.index)
+    table["kept_dropping_one"] = np.where(compared, kept, np.nan)
+    table["n_drops"] = np.where(compared, len(seeds), np.nan)
     return table
 
 
@@ -317,16 +348,25 @@ def report(experiments: str | Path | list, target: float | None = None,
                             + (f": {reasons}" if reasons else " (no run folder)"), runs.skipped)
     target = auto_targets(runs.history) if target is None else target  # one per dataset, or the one given
     summary = summarize(runs.history, target)
-    paired = adjust(paired_differences(runs.history, target), "final_accuracy_p", "final_accuracy_diff_mean",
-                    "equal epochs")
+    def equal_epochs(history: pd.DataFrame) -> pd.DataFrame:
+        return adjust(paired_differences(history, target), "final_accuracy_p", "final_accuracy_diff_mean",
+                      "equal epochs")
+
+    seeds = runs.history["seed"].unique()
+    paired = drop_one_seed(equal_epochs(runs.history), lambda s: equal_epochs(runs.history[runs.history["seed"] != s]),
+                           GROUP_KEYS, seeds, "final_accuracy_p")
     atomic_write(experiment / "summary.csv", summary.to_csv(index=False))
     atomic_write(experiment / "paired.csv", paired.to_csv(index=False))
     tables = {"summary": summary, "paired": paired, "skipped": runs.skipped, "history": runs.history}
     one_per_run = per_run(runs.history, target)
     if budget.budget_studies(one_per_run):
         tables["epochs_to_match"] = budget.epochs_to_match(one_per_run)
-        tables["equal_cost"] = budget.price_verdicts(
-            adjust(budget.equal_cost(one_per_run, cost), "p", "diff_mean", "equal cost"), one_per_run, cost)
+        def priced(runs_: pd.DataFrame) -> pd.DataFrame:
+            return budget.price_verdicts(adjust(budget.equal_cost(runs_, cost), "p", "diff_mean", "equal cost"),
+                                         runs_, cost)
+
+        tables["equal_cost"] = drop_one_seed(priced(one_per_run), lambda s: priced(one_per_run[one_per_run["seed"] != s]),
+                                             [*budget.BUDGET_KEYS, "variant", "bnet_epochs"], seeds)
         tables["break_even"] = budget.break_even(one_per_run, cost)
         for name in ("epochs_to_match", "equal_cost", "break_even"):
             atomic_write(experiment / f"{name}.csv", tables[name].to_csv(index=False))

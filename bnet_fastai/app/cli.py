@@ -172,8 +172,14 @@ def _study(args: argparse.Namespace) -> int:
         print(f"bnet-fastai study: {sum(r['status'] not in DONE for r in results)} run(s) did not finish; "
               f"run the same command again to resume them", file=sys.stderr)
         return EXIT_RUN_FAILED
-    report(out)
-    print(f"study done: {len(results)} runs; summary.csv, paired.csv and plots in {out}")
+    tables = report(out)
+    reused = sum(bool(r.get("reused")) for r in results)
+    counted = tables["history"]["run_id"].nunique()
+    others = counted - len({r["run_dir"] for r in results if r["status"] == "finished"})
+    print(f"study done: {len(results)} runs ({len(results) - reused} trained, {reused} reused); the report covers "
+          f"{counted} finished run(s) in {out}" + (f", {others} of them from outside this study" if others > 0 else "")
+          + (f", and leaves out {len(tables['skipped'])} (bnet-fastai report {out} names them)"
+             if len(tables["skipped"]) else "") + "; summary.csv, paired.csv and plots there")
     return 0
 
 

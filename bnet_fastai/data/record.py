@@ -51,8 +51,22 @@ def read(path: Path) -> dict | None:
     """The record of the dataset at `path`: beside its images, else in its state folder (a read-only root)."""
     for folder in (Path(path), state_folder(path)):
         if (folder / RECORD_FILE).is_file():
-            return json.loads((folder / RECORD_FILE).read_text())
+            return _valid(folder / RECORD_FILE)
     return None
+
+
+def _valid(file: Path) -> dict:
+    """The record in `file`; DatasetError in one line, naming the file and the fix, when it is damaged."""
+    try:
+        record = json.loads(file.read_text())
+        counts = record["counts"]
+        if not all(isinstance(n, int) and not isinstance(n, bool) for split in counts.values() for n in split.values()):
+            raise TypeError("a count is not a whole number")
+    except (OSError, UnicodeDecodeError, ValueError, KeyError, TypeError, AttributeError) as e:
+        what = "not valid JSON" if isinstance(e, ValueError) else f"{type(e).__name__}: {e}"
+        raise DatasetError(f"the dataset record {file} is damaged ({what}): delete it, and the next run records "
+                           f"the dataset's image counts again") from None
+    return record
 
 
 def key(record: dict) -> str:

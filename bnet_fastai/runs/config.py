@@ -123,6 +123,25 @@ def variant_fields(norm: str) -> dict:
     return {"norm": "bnet", "k": k, "placement": placement}
 
 
+def check_grid_axes(grid: dict[str, list]) -> None:
+    """ValueError in one line for a grid axis that would be dropped or would split an arm without a word: a k or
+    placement axis beside BNET variant names only (the variants fix their own), and several `bnet_impl` values
+    (how BNET is computed is no arm: BN would be trained once and paired with one of them)."""
+    impls = list(grid.get("bnet_impl", []))
+    if len(set(impls)) > 1:
+        raise ValueError(f"bnet_impl takes one value per grid, got {', '.join(map(str, impls))}: it is how BNET is "
+                         f"computed, not an arm (the results agree to float rounding: benchmarks/impl_agreement.py); "
+                         f"time the implementations with benchmarks/train_step.py --variants bnet-k3-all-torch,"
+                         f"bnet-k3-all-cpp")
+    norms = [n for n in grid.get("norm", []) if isinstance(n, str)]
+    variants = [n for n in norms if _VARIANT.fullmatch(n)]
+    axes = [axis for axis in ("k", "placement") if axis in grid]
+    if axes and variants and "bnet" not in norms:
+        raise ValueError(f"{' and '.join(axes)} appl{'y' if len(axes) > 1 else 'ies'} to norm 'bnet' only, and the norms are BNET variants that fix "
+                         f"their own ({', '.join(variants)}): name the variants you want (e.g. bnet-k5-last) or "
+                         f"add bnet to the norms")
+
+
 def expand_grid(base: RunConfig, grid: dict[str, list] | list[dict[str, list]]) -> list[RunConfig]:
     """Every combination of `grid` values applied to `base`, validated before anything runs.
 
@@ -135,6 +154,8 @@ def expand_grid(base: RunConfig, grid: dict[str, list] | list[dict[str, list]]) 
     unknown = sorted(set().union(*grids) - names)
     if unknown:
         raise ValueError(f"unknown RunConfig field(s) {', '.join(unknown)}; valid fields: {', '.join(sorted(names))}")
+    for g in grids:
+        check_grid_axes(g)
     configs = []
     for g in grids:
         for values in itertools.product(*(g[k] for k in g)):

@@ -24,7 +24,7 @@ from bnet_fastai._checks import check_choice, parse_parameter
 from bnet_fastai.data.available import auto_dataset
 from bnet_fastai.data.datasets import DATASETS
 from bnet_fastai.sweeps.sweep import expand_grid, sweep
-from bnet_fastai.runs.config import RunConfig
+from bnet_fastai.runs.config import RunConfig, check_grid_axes
 
 PROFILES: dict[str, dict] = {
     # GPU: the question on Imagenette-160 with this project's default recipe (Adam, one-cycle, ReLU), BNET in
@@ -162,6 +162,11 @@ def resolve(dataset: str = "auto", profile: str = "auto", archs: list[str] | Non
     norms = norms or settings.pop("norms", ["bn", "bnet"])
     settings.pop("archs", None), settings.pop("seeds", None), settings.pop("norms", None)
     bn_only = settings.pop("bn_only", {})
+    if "bnet" not in norms:  # variant names fix their own k and placement: the profile's axes do not apply
+        settings = {k: v for k, v in settings.items() if k not in ("k", "placement") or not isinstance(v, list)}
+        given = {k: v if isinstance(v, list) else [v] for k, v in overrides.items()
+                 if k in ("k", "placement") and v is not None}
+        check_grid_axes({"norm": norms, **given})  # --k / --placement beside variant names only: refused
     settings.update({k: v for k, v in overrides.items() if v is not None})
     bn_only = {k: v for k, v in bn_only.items() if k not in overrides or overrides[k] is None}  # overridden: gone
     axes = {k: list(v) for k, v in settings.items() if isinstance(v, (list, tuple))}
