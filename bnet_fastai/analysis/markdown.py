@@ -230,8 +230,11 @@ def _ratio(value: float, bound: str) -> str:
 
 
 def _break_even(r) -> str:
-    """A break-even row's ratio with its interval: "1.21 [1.16, 1.26]", "≥ 1.50 [1.38, ≥ 1.50]"."""
-    return f"{_ratio(r.break_even, r.bound)} [{_ratio(r.ci_low, r.ci_low_bound)}, {_ratio(r.ci_high, r.ci_high_bound)}]"
+    """A break-even row's ratio with its interval: "1.21 [1.16, 1.26]", "≥ 1.50 [1.38, ≥ 1.50]"; a * where
+    the interval is the percentile one (BCa undefined at a bound)."""
+    mark = "*" if str(getattr(r, "ci_how", "")).startswith("percentile") else ""
+    return (f"{_ratio(r.break_even, r.bound)} [{_ratio(r.ci_low, r.ci_low_bound)}, "
+            f"{_ratio(r.ci_high, r.ci_high_bound)}]{mark}")
 
 
 def _variant(name: str) -> str:
@@ -245,7 +248,8 @@ def break_even_markdown(even: pd.DataFrame) -> str:
     lines = [f"**Break-even step-cost ratio**: BNET at E epochs beats BN given the same training time when one "
              f"BNET step costs less than this many BN steps: the BN budget whose mean accuracy equals BNET's at E "
              f"(BN's budgets {even['bn_budgets'].iloc[0]}, linear between them, never extrapolated: ≥ and ≤ are "
-             f"bounds at BN's largest and smallest budget), divided by E. Interval: {even['ci_method'].iloc[0]}. "
+             f"bounds at BN's largest and smallest budget), divided by E. Interval: {even['ci_method'].iloc[0]} "
+             f"(* the percentile interval, where BCa is undefined at a bound). "
              f"Beside it, the ratio measured on this machine (`cost.json`, with its 95% interval):", "",
              "| arch | variant | BNET epochs | BNET accuracy | BN epochs to match it | break-even ratio [95% interval] "
              "| measured ratio here |", "|---|---|---|---|---|---|---|"]
@@ -270,7 +274,8 @@ def _advice(gain, even) -> str:
         return f"Pays off only where its step costs at most {even.break_even:.2f}× BN's: keep BN."
     at_least = "at least " if even.bound == ">=" else ""
     return (f"Worth it where its training step costs less than {at_least}{even.break_even:.2f}× BN's "
-            f"({even.ci_low:.2f} to be safe): measure yours with `benchmarks/train_step.py --opt adam`.")
+            f"({_ratio(even.ci_low, even.ci_low_bound)} to be safe): measure yours with "
+            f"`benchmarks/train_step.py --opt adam`.")
 
 
 def _one_family_of_all(p: pd.DataFrame, cost: pd.DataFrame) -> int:
