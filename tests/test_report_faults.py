@@ -8,13 +8,14 @@ import pytest
 
 from bnet_fastai.analysis.budget import bca_interval, bn_epochs_to_match, expanded_level
 from bnet_fastai.analysis.markdown import answers_markdown, budget_markdown, by_dataset, pooled_note, results_markdown
-from bnet_fastai.analysis.report import report
+from bnet_fastai.analysis.plots import plot_budgets
+from bnet_fastai.analysis.report import per_run, report
 from bnet_fastai.data import record
 from bnet_fastai.data.datasets import DatasetError
 from bnet_fastai.runs.config import RunConfig, expand_grid
 from bnet_fastai.sweeps.study import resolve
 
-from .test_budget import BN, BNET, _runs
+from .test_budget import BN, BNET, _cost, _runs
 from .test_report import _write_run
 
 
@@ -174,3 +175,18 @@ def test_the_break_even_interval_covers_95_percent_with_12_seeds_where_the_perce
         percentile += low <= 4.5 <= high
     assert expanded_level(12) == pytest.approx(0.9785, abs=1e-4) and expanded_level(20) == pytest.approx(0.9682, abs=1e-4)
     assert 0.94 <= covered / 1000 <= 0.97 and percentile / 1000 <= 0.935  # binomial SE of either: 0.007
+
+
+def test_the_budget_figure_shows_the_paired_difference_and_the_break_even_against_the_measured_ratio(tmp_path):
+    _runs(tmp_path, BN, "bn")
+    _runs(tmp_path, BNET, "bnet")
+    _cost(tmp_path / "cost.json", 1.25)
+    tables = report(tmp_path, target=0.7)
+    figure = plot_budgets(per_run(tables["history"], 0.7), tables["equal_cost"], tmp_path / "b.png", tables["paired"],
+                          tables["break_even"])
+    paired_axes, even_axes = figure.axes[2], figure.axes[3]
+    # BNET - BN: +5 and +3 points at 2 and 3 epochs (every seed alike), drawn in points
+    assert list(paired_axes.lines[1].get_ydata()) == pytest.approx([5.0, 3.0])
+    # break-even (2 + 5/6) / 2 and 3.75 / 3; the measured ratio 1.25 as a dashed line
+    assert list(even_axes.lines[1].get_ydata()) == pytest.approx([(2 + 5 / 6) / 2, 1.25])
+    assert [list(line.get_ydata()) for line in even_axes.lines if line.get_linestyle() == "--"] == [[1.25, 1.25]]

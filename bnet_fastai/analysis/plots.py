@@ -137,16 +137,20 @@ def plot_kernels(kernels: pd.DataFrame, title: str, path: Path) -> Figure | None
     return _save(fig, path)
 
 
-def plot_budgets(per_run: pd.DataFrame, equal_cost: pd.DataFrame, path: Path) -> Figure:
-    """Final accuracy against budget in epochs and against training cost in BN-epoch equivalents (BNET's
-    budgets times its measured cost ratio), per arch: mean over seeds with a 95% t band (bounded)."""
+def plot_budgets(per_run: pd.DataFrame, equal_cost: pd.DataFrame, path: Path, paired: pd.DataFrame | None = None,
+                 break_even: pd.DataFrame | None = None) -> Figure:
+    """Per arch, four panels: final accuracy against budget in epochs and against training cost in BN-epoch
+    equivalents (BNET's budgets times its measured cost ratio), mean over seeds with a 95% t band (bounded, each
+    arm's own: unpaired); the paired view, BNET − BN per budget with its paired 95% interval (what the verdicts
+    test); and the break-even ratio per BNET budget with its interval against the measured ratio with its own."""
     from bnet_fastai.analysis.budget import budget_studies, is_placebo
     from bnet_fastai.analysis.stats import CI_METHOD, bounded_t_interval
 
     studies = budget_studies(per_run)
-    fig = Figure(figsize=(10, 3.6 * len(studies) + 0.6), layout="constrained")
-    axes = fig.subplots(len(studies), 2, squeeze=False)
-    for row, (keys, runs) in enumerate(studies):
+    fig = Figure(figsize=(11, 7.4 * len(studies) + 0.6), layout="constrained")
+    axes = fig.subplots(2 * len(studies), 2, squeeze=False)
+    for number, (keys, runs) in enumerate(studies):
+        row = 2 * number
         variants = sorted(runs["variant"].unique())
         for variant, group in runs.groupby("variant"):
             by_budget = group.groupby("epochs")["final_accuracy"]
@@ -161,19 +165,82 @@ def plot_budgets(per_run: pd.DataFrame, equal_cost: pd.DataFrame, path: Path) ->
                 ax, colour = axes[row, col], _colour(variant, variants)
                 x = mean.index.to_numpy(dtype=float) * scale
                 label = f"{variant}{' (placebo)' if is_placebo(variant) else ''} (n={group['seed'].nunique()})" + (
-                    "" if col == 0 or variant == "bn" else f", ×{scale:.2f}")
+                    "" if col == 0 or variant == "bn" else f", ×{scale:.3f}")
                 ax.plot(x, mean.to_numpy(), marker="o", ms=4, color=colour, label=label,
                         ls=":" if is_placebo(variant) else "-")
                 ax.fill_between(x, bands[:, 0], bands[:, 1], color=colour, alpha=0.2, lw=0)
         axes[row, 0].set_xlabel("budget: epochs of a complete schedule")
         axes[row, 1].set_xlabel("training cost: BN-epoch equivalents (budget × BNET/BN step-time ratio)")
+        title = f"{keys['arch']} — {keys['dataset']}, {keys['size']} px"
         for ax in axes[row]:
             ax.set_ylabel("final validation accuracy")
-            ax.set_title(f"{keys['arch']} — {keys['dataset']}, {keys['size']} px", fontsize=9)
+            ax.set_title(f"{title}: each arm's mean, unpaired band", fontsize=9)
             ax.grid(alpha=0.3)
             ax.legend(fontsize=8)
         integer_epochs(axes[row, 0])
+        _paired_panel(axes[row + 1, 0], paired, keys, variants)
+        _break_even_panel(axes[row + 1, 1], break_even, keys, variants)
     seeds = ",".join(map(str, sorted(per_run["seed"].unique())))
-    fig.suptitle(f"Final accuracy against budget and against training cost; mean over seeds {seeds}, "
-                 f"band: {CI_METHOD} interval", fontsize=9)
+    fig.suptitle(f"Final accuracy against budget and training cost, BNET − BN paired by seed, and the break-even "
+                 f"step-cost ratio; seeds {seeds}; bands: {CI_METHOD} interval", fontsize=9)
     return _save(fig, path)
+
+
+def _study_rows(table: pd.DataFrame | None, keys: dict) -> pd.DataFrame:
+    if table is None or table.empty:
+        return pd.DataFrame()
+    return table.merge(pd.DataFrame([{k: keys[k] for k in ("dataset", "size", "recipe", "arch")}]))
+
+
+def _paired_panel(ax, paired: pd.DataFrame | None, keys: dict, variants: list[str]) -> None:
+    """BNET − BN in accuracy points per budget, with the paired 95% interval: above 0 where BNET is higher."""
+    from bnet_fastai.analysis.budget import is_placebo
+
+    rows = _study_rows(paired, keys)
+    ax.axhline(0, color="black", lw=0.8)
+    offsets = np.linspace(-0.15, 0.15, max(len(variants) - 1, 1))
+    for offset, (variant, group) in zip(offsets, rows.groupby("variant") if len(rows) else []):
+        group = group.sort_values("epochs")
+        x = group["epochs"].to_numpy(dtype=float) + offset
+        mean = 100 * group["final_accuracy_diff_mean"].to_numpy()
+        errors = 100 * np.abs(group[["final_accuracy_diff_ci_low", "final_accuracy_diff_ci_high"]].to_numpy().T
+                              - group["final_accuracy_diff_mean"].to_numpy())
+        ax.errorbar(x, mean, yerr=errors, marker="o", ms=4, capsize=3, color=_colour(variant, variants),
+                    ls=":" if is_placebo(variant) else "-",
+                    label=f"{variant}{' (placebo)' if is_placebo(variant) else ''} (pairs {group['n_pairs'].min()})")
+    ax.set_xlabel("budget: epochs of a complete schedule")
+    ax.set_ylabel("BNET − BN, accuracy points")
+    ax.set_title("BNET − BN paired by seed (95% interval)", fontsize=9)
+    ax.grid(alpha=0.3)
+    if len(rows):
+        ax.legend(fontsize=8)
+    integer_epochs(ax)
+
+
+def _break_even_panel(ax, even: pd.DataFrame | None, keys: dict, variants: list[str]) -> None:
+    """The break-even ratio per BNET budget with its interval (BNET pays off below it), and the measured
+    step-cost ratio with its interval as a band: where the band lies below the interval, BNET pays off here."""
+    rows = _study_rows(even, keys)
+    ax.axhline(1, color="black", lw=0.8)
+    offsets = np.linspace(-0.15, 0.15, max(len(variants) - 1, 1))
+    for offset, (variant, group) in zip(offsets, rows.groupby("variant") if len(rows) else []):
+        group = group.sort_values("bnet_epochs")
+        colour = _colour(variant, variants)
+        x = group["bnet_epochs"].to_numpy(dtype=float) + offset
+        value = group["break_even"].to_numpy()
+        errors = np.abs(group[["ci_low", "ci_high"]].to_numpy().T - value)
+        ax.errorbar(x, value, yerr=errors, marker="o", ms=4, capsize=3, color=colour, ls="none",
+                    label=f"{variant}: break-even")
+        measured = group.iloc[0]
+        if np.isfinite(measured["cost_ratio"]):
+            span = [group["bnet_epochs"].min() - 0.3, group["bnet_epochs"].max() + 0.3]
+            ax.plot(span, [measured["cost_ratio"]] * 2, color=colour, lw=1, ls="--")
+            ax.fill_between(span, measured["cost_ratio_low"], measured["cost_ratio_high"], color=colour, alpha=0.15,
+                            lw=0)
+    ax.set_xlabel("BNET budget: epochs")
+    ax.set_ylabel("BNET/BN step-time ratio (BNET pays off below its point)")
+    ax.set_title("break-even ratio (points, BCa interval) vs measured ratio (dashed, 95% band)", fontsize=9)
+    ax.grid(alpha=0.3)
+    if len(rows):
+        ax.legend(fontsize=8)
+    integer_epochs(ax)

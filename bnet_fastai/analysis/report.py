@@ -370,7 +370,7 @@ def report(experiments: str | Path | list, target: float | None = None,
         tables["break_even"] = budget.break_even(one_per_run, cost)
         for name in ("epochs_to_match", "equal_cost", "break_even"):
             atomic_write(experiment / f"{name}.csv", tables[name].to_csv(index=False))
-        plot_budgets(one_per_run, tables["equal_cost"], experiment / "budget.png")
+        plot_budgets(one_per_run, tables["equal_cost"], experiment / "budget.png", paired, tables["break_even"])
     studies = list(runs.history.groupby(STUDY_KEYS))
     for number, (keys, history) in enumerate(studies, 1):
         suffix = "" if len(studies) == 1 else f"_{number}"
