@@ -154,11 +154,18 @@ def test_study_options_are_checked_as_the_notebook_s_parameters(args, message, t
 
 
 @pytest.mark.slow
-def test_study_takes_the_notebook_s_parameters_on_the_command_line(tmp_path, monkeypatch):
+def test_study_takes_the_notebook_s_parameters_on_the_command_line(tmp_path, monkeypatch, capsys):
+    from .test_report import _write_run
+
     monkeypatch.setenv("BNET_FASTAI_DATA", str(tmp_path / "data"))
+    (tmp_path / "out").mkdir()
+    other = _write_run(tmp_path / "out", [0.5, 0.6], seed=7, norm="bn", epochs=2)  # another study's run, same folder
     args = dict(archs="xmininet", norms="bn,bnet-k5-last", seeds="0", epochs="1")
     assert main(["study", "quick", "--dataset", "sample", "--out", str(tmp_path / "out"),
                  *[x for name, value in args.items() for x in (f"--{name}", value)]]) == 0
     expected = resolve("sample", "quick", archs=["xmininet"], norms=["bn", "bnet-k5-last"], seeds=[0], epochs=1)
     assert sorted(p.name for p in (tmp_path / "out").iterdir() if p.is_dir()) == sorted(
-        c.run_id for c in expected.configs())
+        [other.name, *(c.run_id for c in expected.configs())])
+    # the report covers every run in the folder, and says so: not "study done: 2 runs"
+    assert (f"study done: 2 runs (2 trained, 0 reused); the report covers 3 finished run(s) in {tmp_path / 'out'}, "
+            f"1 of them from outside this study; summary.csv") in capsys.readouterr().out

@@ -84,3 +84,18 @@ def test_verdict_follows_the_adjusted_p_and_the_sign():
 def test_binomial_standard_error_of_a_test_set():
     assert binomial_se(0.84, 10_000) == pytest.approx(np.sqrt(0.84 * 0.16 / 10_000))
     assert np.isnan(binomial_se(0.8, np.nan))
+
+
+def test_power_of_the_sign_flip_test_by_hand():
+    from scipy.stats import norm
+
+    from bnet_fastai.analysis.stats import seeds_for_power, sign_flip_power
+
+    # 3 seeds at alpha 0.25: p <= 0.25 only when all three share a sign (p = 2/8), so the power is
+    # Phi(e)^3 + (1 - Phi(e))^3: 0.25 with no effect, 0.5995 with an effect of one SD
+    for effect in (0.0, 1.0):
+        exact = norm.cdf(effect) ** 3 + norm.cdf(-effect) ** 3
+        assert sign_flip_power(effect, 3, 0.25, draws=20_000) == pytest.approx(exact, abs=0.01)
+    assert sign_flip_power(5.0, 5, 0.05 / 8) == 0.0  # 5 seeds can never reach 0.00625: 2/32 is the least p
+    assert sign_flip_power(5.0, 10, 0.05 / 8) == 1.0
+    assert seeds_for_power(2.0, 0.05 / 8, draws=500) == 9  # 8 seeds cannot pass 0.05/8 at all (2/256 > 0.00625)

@@ -125,3 +125,18 @@ def binomial_se(accuracy: float, n: float) -> float:
     """Standard error of an accuracy measured on `n` test images: sqrt(a (1 - a) / n); the test set's own
     sampling error, which intervals over seeds on one fixed test set do not include."""
     return float(np.sqrt(accuracy * (1 - accuracy) / n)) if n and n > 0 else float("nan")
+
+
+def sign_flip_power(effect: float, n: int, alpha: float, draws: int = 2000, seed: int = 0) -> float:
+    """The share of `draws` simulated studies of n paired seeds, each difference Normal(effect, 1) (the effect in
+    units of the seed-to-seed SD of the difference), whose exact sign-flip p is at most `alpha`: the power to
+    reach a verdict. With Holm over m comparisons, alpha = 0.05 / m gives its lower bound (Holm's first step)."""
+    rng = np.random.default_rng(seed)
+    return float(np.mean([sign_flip_p(rng.normal(effect, 1.0, n))[0] <= alpha for _ in range(draws)]))
+
+
+def seeds_for_power(effect: float, alpha: float, power: float = 0.8, most: int = 30, draws: int = 2000) -> int | None:
+    """The fewest paired seeds whose `sign_flip_power` reaches `power` (None within `most`)."""
+    return next((n for n in range(2, most + 1) if 2 / 2 ** n <= alpha
+                 and sign_flip_power(effect, n, alpha, draws) >= power), None)
+

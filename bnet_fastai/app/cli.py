@@ -190,7 +190,7 @@ def _left_out(row) -> str:
 
 def _report(args: argparse.Namespace) -> int:
     check_output_folder(args.out or args.dirs[0])  # a read-only experiment folder: one line naming --out
-    from bnet_fastai.analysis.markdown import answers_markdown, budget_markdown, by_dataset, results_markdown
+    from bnet_fastai.analysis.markdown import answers_markdown, budget_markdown, by_dataset, pooled_note, results_markdown
     from bnet_fastai.analysis.report import NoFinishedRun, report
 
     try:
@@ -214,6 +214,8 @@ def _report(args: argparse.Namespace) -> int:
         return 0
     for row in tables["skipped"].itertuples():
         print(f"left out {_left_out(row)}")
+    if pooled_note(tables["history"]):
+        print(pooled_note(tables["history"]))
     columns = ["dataset", "arch", "variant", "n_seeds", "final_accuracy_mean", "final_accuracy_ci_low",
                "final_accuracy_ci_high", "epochs_to_target_mean", "auc_mean", "valid_loss_spread"]
     print(tables["summary"][columns].to_string(index=False, float_format="%.4f"))
