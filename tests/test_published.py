@@ -48,7 +48,7 @@ def test_readme_budget_study_equals_the_report_of_the_committed_runs(budget_tabl
     assert len(tables["skipped"]) == 0
     paired = tables["paired"]
     assert set(paired["variant"]) == VARIANTS and len(paired) == 4 * 3  # every variant at 3 budgets
-    assert (paired["n_pairs"] == 12).all()  # 12 paired seeds each
+    assert (paired["n_pairs"] == 20).all()  # 20 paired seeds each
     # every variant costed at its own measured ratio (with its interval), every equal-cost comparison inside BN's
     # budgets but the placebo's at 2 epochs: with the C++ kernels its step costs 0.96x BN's, below BN's 2 epochs
     cost = tables["equal_cost"]
@@ -73,14 +73,20 @@ def test_every_committed_run_records_its_thread_count_and_each_arm_one_commit():
     from bnet_fastai.analysis.report import variant
 
     configs = [json.loads(p.read_text()) for p in CONVERGENCE.glob("*/config.json")]
-    assert len(configs) == 12 * (5 + 4 * 3)
+    assert len(configs) == 20 * (5 + 4 * 3)
     assert {c["environment"]["torch_threads"] for c in configs} == {2}
-    # BN and bnet-k3-all at one commit (e29d60a). The three variants added later were trained by one process
-    # started at a29bacb, whose runs recorded the checkout's HEAD at each run's start while commits were made
-    # beside them (recorded at import since: runs/train.py `_COMMIT`); no file on the training path differs
-    # between those commits (docs/results.md says so, with the command that shows it)
-    commits = {}
+    # Seeds 0-11: BN and bnet-k3-all at one commit (e29d60a). The three variants added later were trained by one
+    # process started at a29bacb, whose runs recorded the checkout's HEAD at each run's start while commits were
+    # made beside them (recorded at import since: runs/train.py `_COMMIT`); no file on the training path differs
+    # between those commits (docs/results.md says so, with the command that shows it). Seeds 12-19 of every arm:
+    # one process at 18acbb1, BNET through the fused C++ kernels ("auto" on this CPU), recorded per run
+    commits, impls = {}, {}
     for c in configs:
-        commits.setdefault(variant(c["config"]), set()).add(c["environment"]["git_commit"][:7])
-    assert commits["bn"] == commits["bnet-k3-all"] == {"e29d60a"}
-    assert set().union(*(commits[v] for v in VARIANTS - {"bnet-k3-all"})) == {"a29bacb", "d6b66ee", "d6c4a40"}
+        early = c["config"]["seed"] < 12
+        commits.setdefault((variant(c["config"]), early), set()).add(c["environment"]["git_commit"][:7])
+        if c["config"]["norm"] == "bnet":
+            impls.setdefault(early, set()).add(c.get("training", {}).get("bnet_impl", "not recorded"))
+    assert commits[("bn", True)] == commits[("bnet-k3-all", True)] == {"e29d60a"}
+    assert set().union(*(commits[(v, True)] for v in VARIANTS - {"bnet-k3-all"})) == {"a29bacb", "d6b66ee", "d6c4a40"}
+    assert set().union(*(commits[(v, False)] for v in VARIANTS | {"bn"})) == {"18acbb1"}
+    assert impls == {True: {"not recorded"}, False: {"cpp"}}

@@ -190,3 +190,25 @@ def test_the_budget_figure_shows_the_paired_difference_and_the_break_even_agains
     # break-even (2 + 5/6) / 2 and 3.75 / 3; the measured ratio 1.25 as a dashed line
     assert list(even_axes.lines[1].get_ydata()) == pytest.approx([(2 + 5 / 6) / 2, 1.25])
     assert [list(line.get_ydata()) for line in even_axes.lines if line.get_linestyle() == "--"] == [[1.25, 1.25]]
+
+
+def test_a_bound_prints_as_a_bound_in_the_advice_never_as_a_value():
+    from types import SimpleNamespace
+
+    from bnet_fastai.analysis.markdown import _advice
+
+    gain = SimpleNamespace(verdict="BNET higher")
+    even = SimpleNamespace(bound="", break_even=1.2, ci_low=1.0, ci_low_bound="<=")
+    assert "(≤ 1.00 to be safe)" in _advice(gain, even)
+    assert "(1.16 to be safe)" in _advice(gain, SimpleNamespace(bound="", break_even=1.2, ci_low=1.16, ci_low_bound=""))
+
+
+def test_the_answers_state_both_holm_families_and_what_one_family_would_change(tmp_path):
+    _runs(tmp_path, BN, "bn")
+    _runs(tmp_path, BNET, "bnet")
+    _cost(tmp_path / "cost.json", 1.25)
+    text = answers_markdown(report(tmp_path, target=0.7), "bnet-fastai report DIR --markdown")
+    assert ("Holm families, as computed: (a) over the 2 equal-epoch comparisons (every BNET variant, placebo "
+            "included, × budget), (c) over the 2 equal-cost ones; each question is answered on its own, so each is "
+            "its own family ((b) and (d) are estimates with intervals, not tests). Taken as one family of 4, 0 "
+            "verdicts at the measured ratios would change.") in text

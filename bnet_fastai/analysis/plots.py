@@ -192,29 +192,44 @@ def _study_rows(table: pd.DataFrame | None, keys: dict) -> pd.DataFrame:
     return table.merge(pd.DataFrame([{k: keys[k] for k in ("dataset", "size", "recipe", "arch")}]))
 
 
+def _errorbars(ax, rows: pd.DataFrame, variants: list[str], columns: tuple[str, str, str, str], scale: float,
+               label) -> None:
+    """One point per row and budget with its interval (`columns`: budget, value, low, high; values × `scale`),
+    each variant in its colour, a little apart from the others so that the intervals stay readable."""
+    from bnet_fastai.analysis.budget import is_placebo
+
+    at, value, low, high = columns
+    offsets = np.linspace(-0.15, 0.15, max(len(variants) - 1, 1))
+    for offset, (variant, group) in zip(offsets, rows.groupby("variant") if len(rows) else []):
+        group = group.sort_values(at)
+        centre = group[value].to_numpy()
+        errors = scale * np.abs(group[[low, high]].to_numpy().T - centre)
+        ax.errorbar(group[at].to_numpy(dtype=float) + offset, scale * centre, yerr=errors, marker="o", ms=4,
+                    capsize=3, color=_colour(variant, variants), ls=":" if is_placebo(variant) else "-",
+                    label=label(variant, group))
+
+
+def _finish(ax, rows: pd.DataFrame, xlabel: str, ylabel: str, title: str) -> None:
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    ax.set_title(title, fontsize=9)
+    ax.grid(alpha=0.3)
+    if len(rows):
+        ax.legend(fontsize=8)
+    integer_epochs(ax)
+
+
 def _paired_panel(ax, paired: pd.DataFrame | None, keys: dict, variants: list[str]) -> None:
     """BNET − BN in accuracy points per budget, with the paired 95% interval: above 0 where BNET is higher."""
     from bnet_fastai.analysis.budget import is_placebo
 
     rows = _study_rows(paired, keys)
     ax.axhline(0, color="black", lw=0.8)
-    offsets = np.linspace(-0.15, 0.15, max(len(variants) - 1, 1))
-    for offset, (variant, group) in zip(offsets, rows.groupby("variant") if len(rows) else []):
-        group = group.sort_values("epochs")
-        x = group["epochs"].to_numpy(dtype=float) + offset
-        mean = 100 * group["final_accuracy_diff_mean"].to_numpy()
-        errors = 100 * np.abs(group[["final_accuracy_diff_ci_low", "final_accuracy_diff_ci_high"]].to_numpy().T
-                              - group["final_accuracy_diff_mean"].to_numpy())
-        ax.errorbar(x, mean, yerr=errors, marker="o", ms=4, capsize=3, color=_colour(variant, variants),
-                    ls=":" if is_placebo(variant) else "-",
-                    label=f"{variant}{' (placebo)' if is_placebo(variant) else ''} (pairs {group['n_pairs'].min()})")
-    ax.set_xlabel("budget: epochs of a complete schedule")
-    ax.set_ylabel("BNET − BN, accuracy points")
-    ax.set_title("BNET − BN paired by seed (95% interval)", fontsize=9)
-    ax.grid(alpha=0.3)
-    if len(rows):
-        ax.legend(fontsize=8)
-    integer_epochs(ax)
+    _errorbars(ax, rows, variants, ("epochs", "final_accuracy_diff_mean", "final_accuracy_diff_ci_low",
+                                    "final_accuracy_diff_ci_high"), 100,
+               lambda v, g: f"{v}{' (placebo)' if is_placebo(v) else ''} (pairs {g['n_pairs'].min()})")
+    _finish(ax, rows, "budget: epochs of a complete schedule", "BNET − BN, accuracy points",
+            "BNET − BN paired by seed (95% interval)")
 
 
 def _break_even_panel(ax, even: pd.DataFrame | None, keys: dict, variants: list[str]) -> None:
@@ -222,25 +237,14 @@ def _break_even_panel(ax, even: pd.DataFrame | None, keys: dict, variants: list[
     step-cost ratio with its interval as a band: where the band lies below the interval, BNET pays off here."""
     rows = _study_rows(even, keys)
     ax.axhline(1, color="black", lw=0.8)
-    offsets = np.linspace(-0.15, 0.15, max(len(variants) - 1, 1))
-    for offset, (variant, group) in zip(offsets, rows.groupby("variant") if len(rows) else []):
-        group = group.sort_values("bnet_epochs")
-        colour = _colour(variant, variants)
-        x = group["bnet_epochs"].to_numpy(dtype=float) + offset
-        value = group["break_even"].to_numpy()
-        errors = np.abs(group[["ci_low", "ci_high"]].to_numpy().T - value)
-        ax.errorbar(x, value, yerr=errors, marker="o", ms=4, capsize=3, color=colour, ls="none",
-                    label=f"{variant}: break-even")
-        measured = group.iloc[0]
+    _errorbars(ax, rows, variants, ("bnet_epochs", "break_even", "ci_low", "ci_high"), 1.0,
+               lambda v, g: f"{v}: break-even")
+    for variant, group in rows.groupby("variant") if len(rows) else []:
+        measured, colour = group.iloc[0], _colour(variant, variants)
         if np.isfinite(measured["cost_ratio"]):
             span = [group["bnet_epochs"].min() - 0.3, group["bnet_epochs"].max() + 0.3]
             ax.plot(span, [measured["cost_ratio"]] * 2, color=colour, lw=1, ls="--")
             ax.fill_between(span, measured["cost_ratio_low"], measured["cost_ratio_high"], color=colour, alpha=0.15,
                             lw=0)
-    ax.set_xlabel("BNET budget: epochs")
-    ax.set_ylabel("BNET/BN step-time ratio (BNET pays off below its point)")
-    ax.set_title("break-even ratio (points, BCa interval) vs measured ratio (dashed, 95% band)", fontsize=9)
-    ax.grid(alpha=0.3)
-    if len(rows):
-        ax.legend(fontsize=8)
-    integer_epochs(ax)
+    _finish(ax, rows, "BNET budget: epochs", "BNET/BN step-time ratio (BNET pays off below its point)",
+            "break-even ratio (points, BCa interval) vs measured ratio (dashed, 95% band)")

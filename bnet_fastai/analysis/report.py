@@ -145,7 +145,7 @@ def load_runs(experiments: str | Path | list) -> Runs:
         keys.update(variant=variant(config), recipe=recipe(config), run_id=run_dir.name,
                     n_valid=written.get("dataset", {}).get("n_valid", np.nan),
                     git_commit=str(environment.get("git_commit", ""))[:7], torch_threads=environment.get("torch_threads"),
-                    bnet_impl=written.get("training", {}).get("bnet_impl", "not recorded")
+                    bnet_impl=written.get("training", {}).get("bnet_impl", "torch (before bnet_impl was recorded)")
                     if config["norm"] == "bnet" else "")
         history = pd.read_csv(run_dir / "history.csv")
         history["epoch"] = history["epoch"] + 1  # 1-based: the row after epoch 1 has epoch 1
