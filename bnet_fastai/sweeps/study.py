@@ -2,7 +2,7 @@
 
 Profiles (``PROFILES``): ``quick`` (CPU, minutes), ``cpu`` (Fashion-MNIST, about an hour on 2 cores: the
 accuracy study at equal epochs, 5 seeds), ``convergence`` (Fashion-MNIST, a budget study: the same recipe
-trained as complete schedules of 2, 3 and 4 epochs, BN also at 5 and 6, 12 seeds, BNET in every norm, in the last
+trained as complete schedules of 2, 3 and 4 epochs, BN also at 5 and 6, 20 seeds, BNET in every norm, in the last
 norm of each block with k=3 and k=5, and a k=1 placebo: the README's answers (a)-(d)), ``full`` (GPU,
 Imagenette-160: 4 archs × BN, BNET all, BNET last × 10 seeds) and ``leaderboard`` (fastai's Imagenette 128 px /
 5 epoch leaderboard recipe, for BN and BNET, 8 seeds). ``PROFILE="auto"`` is ``full`` on a GPU and ``quick`` on
