@@ -260,7 +260,9 @@ def break_even_markdown(even: pd.DataFrame) -> str:
 
 
 def _points(mean: float, low: float, high: float) -> str:
-    """An accuracy difference in percentage points with its interval: "+0.76 pt [+0.53, +0.98]"."""
+    """An accuracy difference in percentage points with its interval: "+0.76 pt [+0.53, +0.98]" ("+0.00", never
+    "-0.00", for a difference that rounds to zero)."""
+    mean, low, high = (0.0 if round(100 * v, 2) == 0 else v for v in (mean, low, high))
     return f"{100 * mean:+.2f} pt [{100 * low:+.2f}, {100 * high:+.2f}]"
 
 
