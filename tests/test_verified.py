@@ -170,6 +170,8 @@ def test_combined_folders_use_the_intact_copy_of_a_run_found_twice(tmp_path):
     intact = _finish(_write_run(tmp_path / "b", BN[2], seed=2, norm="bn"))
     assert intact.name == damaged.name
     tables = report([tmp_path / "a", tmp_path / "b"], target=0.8, out=tmp_path / "combined")
-    assert tables["skipped"].empty
+    # the copy not counted is named, never dropped without a word
+    assert list(tables["skipped"]["status"]) == ["copy"]
+    assert tables["skipped"]["reason"].iloc[0].startswith(f"the same run as {intact}, which is counted")
     bn = tables["summary"].set_index("variant").loc["bn"]
     assert bn["n_seeds"] == 3 and bn["final_accuracy_mean"] == pytest.approx(0.8)

@@ -132,8 +132,8 @@ def bca_interval(statistic, n: int, boot: int = BOOT, seed: int = 0) -> tuple[fl
     draws = np.random.default_rng(seed).integers(0, n, size=(boot, n))
     values = statistic(draws)
     estimate = float(statistic(np.arange(n)))
-    if np.ptp(values) == 0:
-        return float(values[0]), float(values[0]), "all resamples equal"
+    if np.ptp(values) <= 1e-12 * max(1.0, abs(estimate)):  # equal up to float rounding: no spread to bootstrap
+        return estimate, estimate, "all resamples equal"
     with np.errstate(all="ignore"), warnings.catch_warnings():
         warnings.simplefilter("ignore")  # scipy warns where BCa is undefined: handled below
         result = scipy_stats.bootstrap((np.arange(n),), lambda idx, axis=-1: statistic(idx.astype(int)),

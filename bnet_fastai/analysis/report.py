@@ -299,8 +299,9 @@ def drop_one_seed(table: pd.DataFrame, rebuild, keys: list[str], seeds, p_column
     table without it). A verdict kept under every drop does not hang on one seed."""
     table = table.copy()
     seeds = sorted(set(seeds))
-    if table.empty or "verdict" not in table:
-        return table.assign(kept_dropping_one=pd.Series(dtype=float), n_drops=pd.Series(dtype=float))
+    if table.empty or "verdict" not in table or len(seeds) < 2:  # one seed: dropping it leaves nothing to compare
+        return table.assign(kept_dropping_one=np.nan, n_drops=np.nan) if len(table) else \
+            table.assign(kept_dropping_one=pd.Series(dtype=float), n_drops=pd.Series(dtype=float))
     kept = np.zeros(len(table), dtype=int)
     rows = list(table[keys].itertuples(index=False, name=None))
     for seed in seeds:
