@@ -129,16 +129,15 @@ def bca_interval(statistic, n: int, boot: int = BOOT, seed: int = 0) -> tuple[fl
     from scipy import stats as scipy_stats
 
     level = expanded_level(n)
-    draws = np.random.default_rng(seed).integers(0, n, size=(boot, n))
-    values = statistic(draws)
     estimate = float(statistic(np.arange(n)))
-    if np.ptp(values) <= 1e-12 * max(1.0, abs(estimate)):  # equal up to float rounding: no spread to bootstrap
-        return estimate, estimate, "all resamples equal"
     with np.errstate(all="ignore"), warnings.catch_warnings():
         warnings.simplefilter("ignore")  # scipy warns where BCa is undefined: handled below
         result = scipy_stats.bootstrap((np.arange(n),), lambda idx, axis=-1: statistic(idx.astype(int)),
                                        vectorized=True, n_resamples=boot, method="BCa", confidence_level=level,
                                        random_state=np.random.default_rng(seed))
+    values = result.bootstrap_distribution  # the same resamples serve the checks and the fallback
+    if np.ptp(values) <= 1e-12 * max(1.0, abs(estimate)):  # equal up to float rounding: no spread to bootstrap
+        return estimate, estimate, "all resamples equal"
     low, high = result.confidence_interval
     if np.isfinite(low) and np.isfinite(high) and low <= estimate <= high:
         return float(low), float(high), "BCa"
