@@ -19,7 +19,10 @@ import copy
 
 import torch
 from torch import nn
+from torch.nn.utils import parametrize, remove_spectral_norm, remove_weight_norm
 from torch.nn.utils.fusion import fuse_conv_bn_eval
+from torch.nn.utils.spectral_norm import SpectralNorm
+from torch.nn.utils.weight_norm import WeightNorm
 
 from bnet_fastai.nn import graph
 from bnet_fastai.nn.layers import _BNETNd
@@ -141,13 +144,37 @@ def fuse_bn(model: nn.Module) -> nn.Module:
     return fused
 
 
+_WEIGHT_HOOKS = {WeightNorm: remove_weight_norm, SpectralNorm: remove_spectral_norm}  # torch's hook-based forms
+
+
+def _plain(conv: nn.Module) -> bool:
+    """Make the fused copy's `conv` compute with plain weight and bias tensors, where that keeps its function:
+    a parametrization (``torch.nn.utils.parametrizations.weight_norm`` ...) is removed keeping its current value,
+    as are torch's hook-based weight and spectral norms (eval: the weight they computed). False (no fold: the BNET
+    stays a `FusedBNET`) where another hook runs around the conv, whose effect a fold could not carry."""
+    if parametrize.is_parametrized(conv):
+        # deepcopy keeps the injected class that the original shares, and removing a parametrization deletes its
+        # property from that class: the copy gets a class of its own first, so the original stays whole
+        cls = type(conv)
+        conv.__class__ = type(cls.__name__, cls.__bases__,
+                              {k: v for k, v in vars(cls).items() if k not in ("__dict__", "__weakref__")})
+        for name in list(conv.parametrizations):
+            parametrize.remove_parametrizations(conv, name, leave_parametrized=True)
+    for hook in list(conv._forward_pre_hooks.values()):
+        if type(hook) in _WEIGHT_HOOKS:
+            _WEIGHT_HOOKS[type(hook)](conv, hook.name)
+    return not (conv._forward_pre_hooks or conv._forward_hooks)
+
+
 @torch.no_grad()
 def _fold_into_conv(conv: nn.Module, bnet: _BNETNd) -> None:
+    """Scale `conv`'s output channels by BNET's inverse std and shift them by its mean, in new tensors: the conv's
+    weight may be a Parameter other convs share (TridentNet-style branches), which must keep their own values."""
     norm = bnet.norm  # computed in float64, then rounded once to the conv's dtype
     scale = torch.rsqrt(norm.running_var.double() + norm.eps)
     bias = conv.bias.double() if conv.bias is not None else torch.zeros_like(scale)
     weight = conv.weight.double() * scale.view(-1, *(1,) * (conv.weight.dim() - 1))
-    conv.weight.copy_(weight.to(conv.weight.dtype))
+    conv.weight = nn.Parameter(weight.to(conv.weight.dtype))
     conv.bias = nn.Parameter(((bias - norm.running_mean.double()) * scale).to(conv.weight.dtype))
 
 
@@ -164,7 +191,8 @@ def fuse_bnet(model: nn.Module) -> nn.Module:
     fused = copy.deepcopy(model).eval()
     for conv_name, bnet_name in _conv_norm_pairs(fused):
         bnet = fused.get_submodule(bnet_name)
-        if bnet.norm.track_running_stats and bnet.norm.running_var is not None:
+        if bnet.norm.track_running_stats and bnet.norm.running_var is not None and _plain(
+                fused.get_submodule(conv_name)):
             _fold_into_conv(fused.get_submodule(conv_name), bnet)
             fused.set_submodule(bnet_name, FusedDepthwise(bnet))
     for name, layer in list(_norms(fused)):

@@ -67,22 +67,50 @@ class Traced:
     opaque: dict[str, nn.Module] = field(default_factory=dict)
 
 
+def holds_norms(m: nn.Module) -> bool:
+    """A module that is no norm but holds some: where a graph treats it as a leaf, its norms are hidden in it."""
+    return not is_norm(m) and any(is_norm(c) for c in m.modules())
+
+
 def trace(model: nn.Module) -> Traced:
-    """Trace `model` whole if fx can; else every module fx can trace, untraceable ones as leaves."""
+    """Trace `model` whole if fx can; else every module fx can trace, untraceable ones as leaves. Either way, a
+    module timm marks not to trace (``register_notrace_module``: LiteMLA, LocalWindowAttention ...) that holds
+    norms is a leaf of the graph around it: it is listed in `opaque`, and its parts fx can trace are traced."""
     graph = _trace(model, set())
-    if graph is not None:
-        return Traced([("", model, graph)])
+    if graph is None:
+        return _trace_parts(model)
+    traced = Traced([("", model, graph)])
+    notrace = tuple(get_notrace_modules())
+    hidden = [n for n, m in model.named_modules() if n and isinstance(m, notrace) and holds_norms(m)]
+    for name in hidden:
+        if any(name.startswith(h + ".") for h in hidden):
+            continue  # inside another: traced with it
+        inner = _trace_parts(model.get_submodule(name), whole=False)
+        traced.units += [(_join(name, p), m, g) for p, m, g in inner.units]
+        traced.opaque.update({_join(name, n): m for n, m in inner.opaque.items()})
+    return traced
+
+
+def _join(prefix: str, name: str) -> str:
+    """The qualified name of `name` inside the module named `prefix`."""
+    return f"{prefix}.{name}" if prefix and name else prefix or name
+
+
+def _trace_parts(model: nn.Module, whole: bool = True) -> Traced:
+    """Every module of `model` fx can trace, untraceable ones (and `model` itself unless `whole`) as leaves."""
     named = [(n, m) for n, m in model.named_modules() if not is_norm(m)]
-    leaves: set[int] = set()
+    leaves: set[int] = set() if whole else {id(model)}
     graphs: dict[str, fx.Graph] = {}
-    probe = _Tracer(leaves)
+    probe, notrace = _Tracer(leaves), tuple(get_notrace_modules())
     for name, m in reversed(named):  # every descendant before its ancestors
         if isinstance(m, (nn.ModuleList, nn.ModuleDict)):  # never called: their children are traced on their own
             leaves.add(id(m))
             continue
         if probe.is_leaf_module(m, name) and name:
+            if isinstance(m, notrace) and holds_norms(m):
+                leaves.add(id(m))  # timm's not-to-trace module: a leaf around norms, whose parts are traced
             continue
-        g = _trace(m, leaves)
+        g = _trace(m, leaves) if name or whole else None
         if g is None:
             leaves.add(id(m))
         else:
@@ -90,8 +118,14 @@ def trace(model: nn.Module) -> Traced:
     traced = Traced()
     opaque_names = {n for n, m in named if id(m) in leaves}
     traced.opaque = {n: m for n, m in named if n in opaque_names}
+    containers = {n for n, m in named if isinstance(m, (nn.ModuleList, nn.ModuleDict))}
+
+    def caller(name: str) -> str:  # the module whose forward calls `name`: its parent, past containers
+        parent = name.rpartition(".")[0]
+        return caller(parent) if parent and parent in containers else parent
+
     for name, g in graphs.items():  # the outermost traced modules: the model, or those inside an untraced one
-        if not name or name.rpartition(".")[0] in opaque_names:
+        if not name or caller(name) in opaque_names:  # (a traced module's graph covers its containers' children)
             traced.units.append((name, model.get_submodule(name), g))
     return traced
 
@@ -111,8 +145,12 @@ def _is_add(node: fx.Node) -> bool:
             or (node.op == "call_method" and node.target in _ADD_METHODS))
 
 
-def _norm_nodes(nodes, root: nn.Module) -> list[fx.Node]:
-    return [n for n in nodes if n.op == "call_module" and is_norm(root.get_submodule(n.target))]
+def _norm_nodes(nodes, root: nn.Module, hidden: bool = False) -> list[fx.Node]:
+    """The calls of norms among `nodes`; `hidden`: also of leaf modules that hold norms (`holds_norms`)."""
+    def wanted(m: nn.Module) -> bool:
+        return is_norm(m) or (hidden and holds_norms(m))
+
+    return [n for n in nodes if n.op == "call_module" and wanted(root.get_submodule(n.target))]
 
 
 def _dominates(norm: fx.Node, end: fx.Node, own: set[fx.Node]) -> bool:
@@ -156,7 +194,9 @@ def residual_additions(root: nn.Module, graph: fx.Graph) -> Iterator[tuple[list[
     The last norm is the latest norm that every path of the main branch passes through, and not one applied
     to the block's raw input. So a main path that ends in a sum of parallel branches (re-parameterisable
     blocks: RepVGG, MobileOne, FastViT's RepMixer) has none, and neither does a pre-norm block whose only norm
-    normalises its input.
+    normalises its input. A leaf module holding norms (one fx cannot trace, or timm marks not to trace) counts
+    as a norm here: where it is the latest, the target given is that module's, and its own last norm is the
+    caller's to find (`holds_norms` tells the two apart).
     """
     order = {n: i for i, n in enumerate(graph.nodes)}
     for node in graph.nodes:
@@ -167,7 +207,7 @@ def residual_additions(root: nn.Module, graph: fx.Graph) -> Iterator[tuple[list[
             continue
         up = {a: _ancestors(a) | {a}, b: _ancestors(b) | {b}}
         own = {a: up[a] - up[b], b: up[b] - up[a]}
-        norms = {x: _norm_nodes(own[x], root) for x in (a, b)}
+        norms = {x: _norm_nodes(own[x], root, hidden=True) for x in (a, b)}
         main, short = (a, b) if len(norms[a]) > len(norms[b]) else (b, a)
         if len(norms[main]) == len(norms[short]):
             continue  # parallel branches (or no norm at all): no main path to speak of
@@ -175,7 +215,8 @@ def residual_additions(root: nn.Module, graph: fx.Graph) -> Iterator[tuple[list[
             continue
         ordered = sorted(norms[main], key=order.__getitem__)
         last = next((n for n in reversed(ordered) if _dominates(n, main, own[main])
-                     and all(i in own[main] for i in n.all_input_nodes)), None)
+                     and (all(i in own[main] for i in n.all_input_nodes)  # not a norm of the block's input ...
+                          or holds_norms(root.get_submodule(n.target)))), None)  # ... unless it hides the branch
         yield [n.target for n in ordered], None if last is None else last.target
 
 

@@ -189,9 +189,12 @@ class _BNETNd(nn.Module):
                                                   or self.bias.requires_grad)
         return self.one_map and self._batch_stats and wants_grad and self._fused_path_allowed
 
-    def _batch_step(self) -> tuple[float, torch.Tensor | None, torch.Tensor | None]:
+    def _batch_step(self, x: torch.Tensor) -> tuple[float, torch.Tensor | None, torch.Tensor | None]:
         """A batch-statistics step's running-average factor and the buffers it updates (None: none), counting
-        the batch, as `_BatchNorm.forward` does."""
+        the batch, as `_BatchNorm.forward` does; one value per channel is refused first, in BatchNorm's words
+        (its variance is undefined: the running variance would turn NaN and every later eval output with it)."""
+        if x.shape[0] * math.prod(x.shape[2:]) == 1:  # as torch.nn.functional.batch_norm verifies
+            raise ValueError(f"Expected more than 1 value per channel when training, got input size {x.size()}")
         norm = self.norm
         factor = 0.0 if norm.momentum is None else norm.momentum
         if norm.training and norm.track_running_stats and norm.num_batches_tracked is not None:
@@ -202,7 +205,7 @@ class _BNETNd(nn.Module):
 
     def _one_map_forward(self, x: torch.Tensor) -> torch.Tensor:
         self.norm._check_input_dim(x)
-        factor, running_mean, running_var = self._batch_step()
+        factor, running_mean, running_var = self._batch_step(x)
         return OneMapBNET.apply(x, self.weight, self.bias, running_mean, running_var, factor, self.norm.eps,
                                 self._name)
 
@@ -228,7 +231,7 @@ class _BNETNd(nn.Module):
         norm._check_input_dim(x)
         dtype = autocast_dtype(x)  # what the conv would return: autocast's dtype, else x's
         if self._batch_stats:
-            factor, running_mean, running_var = self._batch_step()
+            factor, running_mean, running_var = self._batch_step(x)
             return triton_bnet.TritonBNET.apply(x, self.weight, self.bias, running_mean, running_var, factor,
                                                 norm.eps, dtype, self._name)
         invstd = torch.rsqrt(norm.running_var.float() + norm.eps)  # eval: the running statistics
@@ -265,7 +268,7 @@ class _BNETNd(nn.Module):
         norm = self.norm
         norm._check_input_dim(x)
         if self._batch_stats:
-            factor, running_mean, running_var = self._batch_step()
+            factor, running_mean, running_var = self._batch_step(x)
             return cpp_bnet.train(x, self.weight, self.bias, running_mean, running_var, factor, norm.eps, self._name)
         invstd = torch.rsqrt(norm.running_var + norm.eps)  # eval: the running statistics, as BN's eval
         return cpp_bnet.forward(x, norm.running_mean, invstd, self.weight, self.bias)

@@ -22,6 +22,8 @@ from collections.abc import Callable, Iterator
 import torch
 from fastai.layers import ResBlock
 from timm.layers import BatchNormAct2d, SyncBatchNormAct
+from timm.models.efficientvit_mit import LiteMLA
+from timm.models.efficientvit_msra import LocalWindowAttention
 from timm.models.resnest import ResNestBottleneck
 from timm.models.resnet import BasicBlock, Bottleneck
 from torch import nn
@@ -31,6 +33,7 @@ from torchvision.ops.misc import FrozenBatchNorm2d
 from bnet_fastai.nn import graph
 from bnet_fastai import names
 from bnet_fastai._checks import check_choice, check_kernel_size
+from bnet_fastai.nn.graph import _join
 from bnet_fastai.nn.graph import is_norm as _is_norm
 from bnet_fastai.nn.layers import BNET1d, BNET2d, BNET3d, _BNETNd
 from bnet_fastai.nn.norm_act import BNETAct2d
@@ -62,6 +65,14 @@ RESIDUAL_BLOCKS: dict[type[nn.Module], str] = {
     BasicBlock: "downsample",  # timm ResNet
     Bottleneck: "downsample",
     ResNestBottleneck: "downsample",  # timm ResNeSt
+}
+
+# Modules that fx does not trace (timm marks them not to: `register_notrace_module`) ending a residual branch,
+# with the path of the last norm inside them, read from their forward (tests/test_conversions.py checks it is the
+# last norm each one calls). A branch ending in another such module is named in a warning and keeps BatchNorm.
+HIDDEN_LAST: dict[type[nn.Module], str] = {
+    LiteMLA: "proj.norm",  # EfficientViT (MIT): the output projection's ConvNormAct
+    LocalWindowAttention: "attn.proj.1.bn",  # EfficientViT (MSRA): cascaded group attention's projection
 }
 
 
@@ -110,10 +121,6 @@ def _norms(module: nn.Module, prefix: str = "", every_name: bool = False) -> Ite
             yield from _norms(child, full + ".", every_name)
 
 
-def _join(prefix: str, name: str) -> str:
-    return f"{prefix}.{name}" if prefix else name
-
-
 def _registered_block_last(name: str, block: nn.Module) -> str | None:
     """The last norm of a `RESIDUAL_BLOCKS` block's main path, by registration order."""
     shortcut = next(attr for cls, attr in RESIDUAL_BLOCKS.items() if isinstance(block, cls))
@@ -126,12 +133,16 @@ def _last_norms(model: nn.Module) -> tuple[set[str], int]:
     many residual additions have none (a sum of parallel branches, a pre-norm block)."""
     traced = graph.trace(model)
     found, seen, without = set(), set(), 0
+    undecided: list[str] = []  # modules on a main path that hide its last norm, and no rule to find it
     for prefix, root, g in traced.units:
         for _, last in graph.residual_additions(root, g):
             if last is None:
                 without += 1
-            else:
+            elif not graph.holds_norms(root.get_submodule(last)):
                 found.add(_join(prefix, last))
+            else:
+                inner = next((p for cls, p in HIDDEN_LAST.items() if isinstance(root.get_submodule(last), cls)), None)
+                (found.add(_join(_join(prefix, last), inner)) if inner else undecided.append(_join(prefix, last)))
         seen |= {_join(prefix, n.target) for n in g.nodes if n.op == "call_module"}
     registered = [n for n, m in traced.opaque.items() if isinstance(m, tuple(RESIDUAL_BLOCKS))]
     for name in registered:
@@ -142,6 +153,12 @@ def _last_norms(model: nn.Module) -> tuple[set[str], int]:
     def holder(name: str) -> str | None:  # the innermost untraceable module around `name`
         return max((o for o in traced.opaque if not o or name.startswith(o + ".")), key=len, default=None)
 
+    if undecided:
+        kinds = sorted({type(model.get_submodule(u)).__name__ for u in undecided})
+        warnings.warn(f"placement='last': {len(undecided)} residual branch(es) end in {', '.join(kinds)}, which "
+                      f"torch.fx does not trace, so their last norm was not decided and they keep BatchNorm "
+                      f"({undecided[0]} ...); add the class and the path of its last norm to "
+                      f"bnet_fastai.nn.norms.HIDDEN_LAST", stacklevel=3)
     unseen = [n for n, _ in _norms(model) if n not in seen and holder(n) is not None
               and not any(n.startswith(r + ".") for r in registered)]
     if unseen:  # a norm that is never called (dead code) is seen by no graph and has no untraceable holder
