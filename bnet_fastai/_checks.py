@@ -25,6 +25,14 @@ def check_kernel_size(k: object) -> None:
         raise ValueError(f"k must be a positive odd integer (1, 3, 5, 7, ...), got {k!r}")
 
 
+def check_type(fn: str, what: str, value: object, kind: type | tuple[type, ...], hint: str) -> None:
+    """Raise `TypeError` in one line unless `value` is a `kind`: names the function, the argument and what to pass.
+    (A bool is not taken for an int.)"""
+    if not isinstance(value, kind) or (isinstance(value, bool) and bool not in (kind if isinstance(kind, tuple)
+                                                                                 else (kind,))):
+        raise TypeError(f"{fn} takes {what}, got {type(value).__name__} {value!r:.60}; {hint}")
+
+
 def check_model_args(arch: str, norm: str, placement: str, k: int, act: str, bnet_init: str) -> None:
     """Raise ValueError naming the valid choices for any bad `create_model` argument."""
     check_choice("arch", arch, names.ARCHS)

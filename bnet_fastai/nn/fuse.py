@@ -24,6 +24,7 @@ from torch.nn.utils.fusion import fuse_conv_bn_eval
 from torch.nn.utils.spectral_norm import SpectralNorm
 from torch.nn.utils.weight_norm import WeightNorm
 
+from bnet_fastai._checks import check_type
 from bnet_fastai.nn import graph
 from bnet_fastai.nn.layers import _BNETNd
 from bnet_fastai.nn.norms import _join, _norms
@@ -186,9 +187,18 @@ def fuse_bnet(model: nn.Module) -> nn.Module:
     `BNETAct2d`'s drop and act, return the autocast dtype under autocast, and export with torch.export
     and ONNX at a dynamic input size.
     """
+    check_type("fuse_bnet", "a model (a torch nn.Module)", model, nn.Module,
+               "pass the trained model, e.g. fuse_bnet(model.eval())")
     if isinstance(model, _BNETNd):
         return FusedBNET(copy.deepcopy(model))  # a BNETAct2d's drop and act are the copy's, not the original's
-    fused = copy.deepcopy(model).eval()
+    try:
+        fused = copy.deepcopy(model).eval()
+    except RuntimeError as e:
+        if "deepcopy protocol" not in str(e):
+            raise
+        raise ValueError("fuse_bnet copies the model, and torch cannot copy one holding torch.nn.utils.weight_norm "
+                         "(the hook-based form): use torch.nn.utils.parametrizations.weight_norm, or call "
+                         "torch.nn.utils.remove_weight_norm on those modules first") from None
     for conv_name, bnet_name in _conv_norm_pairs(fused):
         bnet = fused.get_submodule(bnet_name)
         if bnet.norm.track_running_stats and bnet.norm.running_var is not None and _plain(

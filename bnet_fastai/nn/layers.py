@@ -27,12 +27,13 @@ import math
 import os
 
 import torch
+import torch.fx
 import torch.nn.functional as F
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
 from bnet_fastai import names
-from bnet_fastai._checks import check_choice, check_kernel_size
+from bnet_fastai._checks import check_choice, check_kernel_size, check_type
 from bnet_fastai.nn.compute import cpp_bnet
 from bnet_fastai.nn.compute.one_map import OneMapBNET
 
@@ -280,7 +281,21 @@ class _BNETNd(nn.Module):
             if self.training:
                 self.__dict__["train_impl"] = impl
 
+    def _traced_normalise(self, x: torch.fx.Proxy) -> torch.fx.Proxy:
+        norm = self.norm
+        return _normalise(x, norm.running_mean, norm.running_var, norm.num_batches_tracked, norm.training,
+                          norm.track_running_stats, norm.momentum, norm.eps)
+
+    def _traced_forward(self, x: torch.fx.Proxy) -> torch.fx.Proxy:
+        """What torch.fx records (symbolic_trace, torchvision's create_feature_extractor, timm's fx features): the
+        normaliser as one call of `_normalise` (the mode and the buffers of this layer; training mode updates them
+        when the graph runs), then the depthwise conv. Sizes are unknown here, so a 1x1 map takes the conv too
+        (the same values: only the centre tap meets data). No fused kernels: the graph runs the composed path."""
+        return self._conv(self._traced_normalise(x), self.weight, self.bias, padding=self.k // 2, groups=self.num_features)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if isinstance(x, torch.fx.Proxy):
+            return self._traced_forward(x)
         if self._use_triton(x):
             self._ran("triton")
             return self._triton_forward(x)
@@ -304,6 +319,24 @@ class _BNETNd(nn.Module):
     def extra_repr(self) -> str:
         impl = f", impl={self.impl!r}" if self.impl != "auto" else ""
         return f"{self.num_features}, k={self.k}, init={self.init!r}{impl}"
+
+
+def _normalise(x: torch.Tensor, running_mean: torch.Tensor | None, running_var: torch.Tensor | None,
+               num_batches_tracked: torch.Tensor | None, training: bool, track_running_stats: bool,
+               momentum: float | None, eps: float) -> torch.Tensor:
+    """What `_BatchNorm.forward` computes for an affine-free normaliser, as a function of its buffers: one node of a
+    torch.fx graph (`torch.fx.wrap`), where the module's forward would branch on tensors fx cannot see."""
+    factor = 0.0 if momentum is None else momentum
+    if training and track_running_stats and num_batches_tracked is not None:
+        num_batches_tracked.add_(1)
+        factor = 1.0 / float(num_batches_tracked) if momentum is None else momentum
+    batch_stats = training or (running_mean is None and running_var is None)
+    keep = not training or track_running_stats
+    return F.batch_norm(x, running_mean if keep else None, running_var if keep else None, None, None, batch_stats,
+                        factor, eps)
+
+
+torch.fx.wrap("_normalise")
 
 
 def triton_runs_on(device: torch.device) -> bool:
@@ -337,6 +370,7 @@ def impls_used(model: nn.Module, training: bool = False) -> list[str]:
 
 def set_impl(model: nn.Module, impl: str) -> nn.Module:
     """Every BNET2d of `model` computes through `impl` ("auto", "torch", "cpp" or "triton"); returns `model`."""
+    check_type("set_impl", "a model (a torch nn.Module)", model, nn.Module, "set_impl(model, 'torch')")
     check_choice("BNET impl", impl, BNET_IMPLS)
     for m in model.modules():
         if isinstance(m, _BNETNd) and m.ndim == 2:
@@ -347,6 +381,8 @@ def set_impl(model: nn.Module, impl: str) -> nn.Module:
 def set_one_map(model: nn.Module, enabled: bool) -> nn.Module:
     """Train every BNET layer of `model` through `OneMapBNET` (`enabled`, the default: one saved map, as BN) or
     through the composed path (BN, then the conv, through autograd: two saved maps, differentiable twice)."""
+    check_type("set_one_map", "a model (a torch nn.Module)", model, nn.Module, "set_one_map(model, False)")
+    check_type("set_one_map", "enabled as a bool", enabled, bool, "set_one_map(model, False) for the composed path")
     for m in model.modules():
         if isinstance(m, _BNETNd):
             m.one_map = enabled
@@ -365,8 +401,15 @@ class BNET1d(_BNETNd):
 
     ndim, _norm_cls, _conv = 1, BNETNorm1d, staticmethod(F.conv1d)
 
+    def _traced_forward(self, x: torch.fx.Proxy) -> torch.fx.Proxy:
+        """(N, C) or (N, C, L): the rank is unknown while tracing, so the conv sees (N, C, L or 1) either way."""
+        xhat = self._traced_normalise(x)
+        y = self._conv(xhat.reshape(xhat.shape[0], xhat.shape[1], -1), self.weight, self.bias, padding=self.k // 2,
+                       groups=self.num_features)
+        return y.reshape(xhat.shape)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if x.dim() == 2:
+        if not isinstance(x, torch.fx.Proxy) and x.dim() == 2:
             return super().forward(x.unsqueeze(-1)).squeeze(-1)
         return super().forward(x)
 

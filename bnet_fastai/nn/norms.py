@@ -32,7 +32,7 @@ from torchvision.ops.misc import FrozenBatchNorm2d
 
 from bnet_fastai.nn import graph
 from bnet_fastai import names
-from bnet_fastai._checks import check_choice, check_kernel_size
+from bnet_fastai._checks import check_choice, check_kernel_size, check_type
 from bnet_fastai.nn.graph import _join
 from bnet_fastai.nn.graph import is_norm as _is_norm
 from bnet_fastai.nn.layers import BNET1d, BNET2d, BNET3d, _BNETNd
@@ -195,10 +195,14 @@ _TIMM_NORM_MODULES = ("timm.layers.norm", "timm.layers.norm_act", "timm.layers.e
                       "timm.layers.filter_response_norm")
 
 
+def is_other_norm(m: nn.Module) -> bool:
+    """A normalisation layer that is not BatchNorm or BNET (LayerNorm, GroupNorm, FrozenBatchNorm2d, timm's)."""
+    return not _is_norm(m) and (isinstance(m, _OTHER_NORMS) or type(m).__module__ in _TIMM_NORM_MODULES)
+
+
 def _other_norms(model: nn.Module) -> list[str]:
     """Class names of the normalisation layers in `model` that are not BatchNorm or BNET."""
-    return sorted({type(m).__name__ for m in model.modules() if not _is_norm(m) and (
-        isinstance(m, _OTHER_NORMS) or type(m).__module__ in _TIMM_NORM_MODULES)})
+    return sorted({type(m).__name__ for m in model.modules() if is_other_norm(m)})
 
 
 def swap_norm(model: nn.Module, norm: str = "bnet", placement: str = "all", k: int = 3,
@@ -216,13 +220,15 @@ def swap_norm(model: nn.Module, norm: str = "bnet", placement: str = "all", k: i
     model), or one holding BNETs of another `k` raises ValueError and leaves the model as it was; a
     TorchScript module raises TypeError.
     """
+    if isinstance(model, torch.jit.ScriptModule):
+        raise TypeError("swap_norm takes an eager nn.Module, not a TorchScript module: convert the model first, "
+                        "then export it (torch.export, ONNX)")
+    check_type("swap_norm", "a model (a torch nn.Module)", model, nn.Module,
+               "build it first, e.g. swap_norm(timm.create_model('resnet18')), or use create_timm_model(name)")
     check_choice("norm", norm, NORM_LAYERS)
     check_choice("placement", placement, PLACEMENTS)
     check_kernel_size(k)
     check_choice("swap_norm init", init, SWAP_INITS)
-    if isinstance(model, torch.jit.ScriptModule):
-        raise TypeError("swap_norm takes an eager nn.Module, not a TorchScript module: convert the model first, "
-                        "then export it (torch.export, ONNX)")
     if norm == "bn":  # BN is what every supported library builds: nothing to convert.
         return model
     kernels = sorted({m.k for _, m in _norms(model) if isinstance(m, _BNETNd)} - {k})

@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import contextlib
 import io
+import os
 import random
 import signal
 import threading
@@ -41,6 +42,7 @@ from fastai.callback.core import Callback
 from fastai.callback.progress import CSVLogger
 from fastai.learner import Learner, Recorder, SkipToEpoch
 
+from bnet_fastai._checks import check_type
 from bnet_fastai._files import atomic_file
 from bnet_fastai._notice import notice
 
@@ -264,6 +266,8 @@ def load_model(run_dir: str | Path) -> torch.nn.Module:
     from bnet_fastai.nn.models import create_model
     from bnet_fastai.runs.runstate import file_differs, read_status
 
+    check_type("load_model", "a run folder (a path)", run_dir, (str, os.PathLike),
+               "pass <out>/<run_id>, e.g. load_model('results/<run_id>')")
     run_dir = Path(run_dir)
     if not (run_dir / "config.json").is_file():
         runs = sorted(p.parent for p in run_dir.glob("*/config.json"))
