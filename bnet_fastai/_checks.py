@@ -30,7 +30,8 @@ def check_type(fn: str, what: str, value: object, kind: type | tuple[type, ...],
     (A bool is not taken for an int.)"""
     if not isinstance(value, kind) or (isinstance(value, bool) and bool not in (kind if isinstance(kind, tuple)
                                                                                  else (kind,))):
-        raise TypeError(f"{fn} takes {what}, got {type(value).__name__} {value!r:.60}; {hint}")
+        shown = repr(value).splitlines()[0][:60] if repr(value) else ""
+        raise TypeError(f"{fn} takes {what}, got {type(value).__name__} {shown}; {hint}")
 
 
 def check_model_args(arch: str, norm: str, placement: str, k: int, act: str, bnet_init: str) -> None:

@@ -28,12 +28,23 @@ class Zoo:
     route_keeps: int = 0  # BatchNorms the norm_layer= route leaves in place (the builder makes its own)
     reparam: bool = False  # re-parameterisable blocks: reparameterize_model refuses once they hold BNET
     last_norm: bool = True  # placement="last" finds a last norm (not where every main path sums branches)
+    kwargs: tuple[tuple[str, object], ...] = ()  # passed to the builder (features_only=True ...)
+    input: tuple[int, ...] = (2, 3, 64, 64)  # the test input's shape: (N, C, T, H, W) for a 3-D network
+    any_size: bool = True  # the network takes any image size (export with a dynamic one); False: its own size
 
     @property
     def id(self) -> str:
-        return f"{'tv' if self.library == 'torchvision' else 'timm'}-{self.name}"
+        flags = "".join(f"-{k}" for k, v in self.kwargs if v is True)
+        return f"{'tv' if self.library == 'torchvision' else 'timm'}-{self.name}{flags}"
+
+    @property
+    def label(self) -> str:
+        """The network as the README's table names it: its name, and what the builder was given that counts."""
+        given = ", ".join(f"{k}={v}" for k, v in self.kwargs if v is not None)
+        return f"`{self.name}`" + (f" ({given})" if given else "")
 
     def build(self, **kw) -> nn.Module:
+        kw = {**dict(self.kwargs), **kw}
         if self.library == "torchvision":
             return torchvision.models.get_model(self.name, weights=None, **kw)
         return timm.create_model(self.name, pretrained=False, **kw)
@@ -64,6 +75,15 @@ ZOO = [
         reparam=True, slow=True),
     Zoo("timm", "repvgg_a0", "RepVGG blocks: 3x3, 1x1 and identity-BN branches summed", reparam=True,
         last_norm=False, slow=True),
+    Zoo("timm", "efficientvit_b0", "EfficientViT (MIT): LiteMLA attention that timm marks not to trace, MBConv",
+        route_keeps=1),
+    Zoo("timm", "efficientvit_m0", "EfficientViT (MSRA): cascaded group attention not to trace, ConvNorm; "
+        "attention biases fix the image size", route=False, any_size=False, slow=True),
+    Zoo("timm", "resnet18", "a `features_only` backbone: five feature maps out", kwargs=(("features_only", True),)),
+    Zoo("torchvision", "lraspp_mobilenet_v3_large", "segmentation: MobileNetV3 backbone, LR-ASPP head",
+        route=False, kwargs=(("weights_backbone", None),)),
+    Zoo("torchvision", "r3d_18", "3-D video ResNet: Conv3d, BatchNorm3d", route=False, slow=True,
+        input=(2, 3, 4, 64, 64)),
 ]
 # No BatchNorm at all: swap_norm refuses them, naming the norm they use.
 NO_BATCHNORM = [Zoo("timm", "convnext_atto", "LayerNorm2d"), Zoo("torchvision", "vit_b_16", "LayerNorm",
@@ -81,9 +101,10 @@ def table() -> str:
         route = ("the builder takes no `norm_layer`: use `swap_norm`" if not z.route else
                  f"keeps {z.route_keeps} BN: `create_timm_model` converts them" if z.route_keeps else "yes")
         fuse = "yes (`reparameterize_model` refused)" if z.reparam else "yes"
-        rows.append(f"| {z.library} | `{z.name}` | {z.kinds} | yes | {last} | {route} | {fuse} | yes |")
+        export = "yes" if z.any_size else "yes, at its image size"
+        rows.append(f"| {z.library} | {z.label} | {z.kinds} | yes | {last} | {route} | {fuse} | {export} |")
     for z in NO_BATCHNORM:
-        rows.append(f"| {z.library} | `{z.name}` | {z.kinds} | refused: no BatchNorm | refused | n/a | n/a | n/a |")
+        rows.append(f"| {z.library} | {z.label} | {z.kinds} | refused: no BatchNorm | refused | n/a | n/a | n/a |")
     return "\n".join(rows)
 
 
@@ -97,12 +118,13 @@ def numbers() -> None:
     from bnet_fastai import count_norms, fuse_bnet, swap_norm
 
     from .helpers import perturb_bnets
-    from .test_real_models import X, _rel, _trained_like
+    from .test_real_models import _input, _rel, _trained_like
 
     print("network | BN layers | copy, all | copy, last (BNETs) | fuse k=1 | k=3 | k=5")
     for z in ZOO:
         torch.manual_seed(0)
         model = _trained_like(z.build())
+        X = _input(z)
         with torch.no_grad():
             expected, row = model(X), [z.id, str(count_norms(model)["bn"])]
             for placement in ("all", "last") if z.residual and z.last_norm else ("all",):

@@ -19,7 +19,6 @@ from bnet_fastai.nn.layers import _BNETNd
 from .helpers import perturb_bnets
 from .model_zoo import NO_BATCHNORM, ZOO, table
 
-X = torch.randn(2, 3, 64, 64, generator=torch.Generator().manual_seed(0))
 
 
 def _params(zoo, where=lambda z: True):
@@ -44,17 +43,32 @@ def _bnets(model: torch.nn.Module) -> list[_BNETNd]:
     return [m for m in model.modules() if isinstance(m, _BNETNd)]
 
 
-def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
+def _flat(y) -> torch.Tensor:
+    """A network's output as one tensor: a tensor, or every tensor of a list (features_only) or dict (segmentation)."""
+    if isinstance(y, torch.Tensor):
+        return y
+    parts = y.values() if isinstance(y, dict) else y
+    return torch.cat([_flat(p).flatten() for p in parts])
+
+
+def _rel(a, b) -> float:
+    a, b = _flat(a), _flat(b)
     return ((a - b).abs().max() / b.abs().max()).item()
 
 
 @functools.cache
+def _input(z) -> torch.Tensor:
+    """The test input of network `z` (its `input` shape), the same on every call."""
+    return torch.randn(z.input, generator=torch.Generator().manual_seed(0))
+
+
+@functools.cache
 def _original(z):
-    """The BN network and its eval output on X (built once per network for all tests here)."""
+    """The BN network and its eval output on its input (built once per network for all tests here)."""
     torch.manual_seed(0)
     model = _trained_like(z.build())
     with torch.no_grad():
-        return model, model(X)
+        return model, model(_input(z))
 
 
 @pytest.mark.parametrize("z", _params(ZOO))
@@ -72,7 +86,7 @@ def test_init_copy_keeps_the_function_in_both_placements(z):
         assert counts["bn"] + counts["bnet"] == n_bn
         assert counts["bn"] == 0 if placement == "all" else 0 < counts["bnet"] < n_bn
         with torch.no_grad():
-            assert _rel(swapped(X), expected) <= 1e-5, placement
+            assert _rel(swapped(_input(z)), expected) <= 1e-5, placement
 
 
 @pytest.mark.parametrize("z", _params(ZOO))
@@ -81,7 +95,7 @@ def test_a_train_step_gives_every_bnet_kernel_a_gradient(z):
     # kernels away from the identity and from zero: a zero-initialised last kernel (timm's zero_init_last)
     # rightly blocks the first step's gradient to the rest of its branch
     model = perturb_bnets(swap_norm(z.build(), "bnet", k=3), scale=0.1).train()
-    model(X).float().pow(2).mean().backward()
+    _flat(model(_input(z))).float().pow(2).mean().backward()
     bnets = [m for m in model.modules() if isinstance(m, _BNETNd)]
     assert bnets and count_norms(model)["bn"] == 0
     for m in bnets:
@@ -96,10 +110,10 @@ def test_fuse_bnet_matches_the_unfused_network(z, k):
     torch.manual_seed(k)
     swapped = perturb_bnets(swap_norm(copy.deepcopy(model), "bnet", k=k, init="copy"), scale=0.1 / k**2).eval()
     with torch.no_grad():
-        expected = swapped(X)
+        expected = swapped(_input(z))
         fused = fuse_bnet(swapped)
         assert count_norms(fused)["bnet"] == 0
-        assert _rel(fused(X), expected) <= 1e-5
+        assert _rel(fused(_input(z)), expected) <= 1e-5
 
 
 @pytest.mark.parametrize("z", _params(ZOO, lambda z: z.route))
@@ -114,8 +128,8 @@ def test_the_norm_layer_route_builds_bnet_and_keeps_every_activation(z):
     if z.library == "timm":
         if z.route_keeps:
             with pytest.warns(UserWarning, match=f"^timm's {z.name} builder kept {z.route_keeps} BatchNorm layer"):
-                create_timm_model(z.name, leftover="keep")
-        routed = create_timm_model(z.name)  # the route, the family's eps and momentum, swap_norm on what it left
+                create_timm_model(z.name, leftover="keep", **dict(z.kwargs))
+        routed = create_timm_model(z.name, **dict(z.kwargs))  # the route, the family's eps and momentum, swap_norm on what it left
     else:  # eps is a constructor argument, not state: torchvision binds its own (MobileNetV3: 1e-3) in its default
         for mine, theirs in zip(_bnets(routed), _bnets(swapped)):
             mine.norm.eps, mine.norm.momentum = theirs.norm.eps, theirs.norm.momentum
@@ -125,7 +139,7 @@ def test_the_norm_layer_route_builds_bnet_and_keeps_every_activation(z):
     acts = [type(m) for m in swapped.modules() if not list(m.children())]
     assert [type(m) for m in routed.modules() if not list(m.children())] == acts
     with torch.no_grad():
-        assert _rel(routed.eval()(X), expected) <= 1e-5
+        assert _rel(routed.eval()(_input(z)), expected) <= 1e-5
 
 
 @pytest.mark.parametrize("z", _params(ZOO))
@@ -134,9 +148,10 @@ def test_the_fused_network_exports_at_a_dynamic_image_size(z):
     swapped = perturb_bnets(swap_norm(copy.deepcopy(model), "bnet", k=3, init="copy"), scale=0.05).eval()
     fused = fuse_bnet(swapped)
     # multiples of 32 from 64 px: the strides divide them, and no map shrinks to the 1 that export specialises
-    size = {2: 32 * Dim("h32", min=2, max=8), 3: 32 * Dim("w32", min=2, max=8)}
-    exported = torch.export.export(fused, (X,), dynamic_shapes=(size,)).module()
-    x = torch.randn(2, 3, 96, 128)
+    h, w = len(z.input) - 2, len(z.input) - 1  # the image's height and width (after a 3-D net's time)
+    size = {h: 32 * Dim("h32", min=2, max=8), w: 32 * Dim("w32", min=2, max=8)} if z.any_size else None
+    exported = torch.export.export(fused, (_input(z),), dynamic_shapes=(size,)).module()
+    x = torch.randn(*z.input[:-2], 96, 128) if z.any_size else torch.randn(z.input)
     with torch.no_grad():
         assert _rel(exported(x), swapped(x)) <= 1e-5
 
@@ -145,7 +160,7 @@ def test_the_fused_network_exports_at_a_dynamic_image_size(z):
 def test_reparameterize_model_folds_the_bn_network_and_refuses_bnet_in_one_line(z):
     model, expected = _original(z)
     with torch.no_grad():
-        assert _rel(reparameterize_model(model)(X), expected) <= 1e-5  # timm's folding, BN unchanged
+        assert _rel(reparameterize_model(model)(_input(z)), expected) <= 1e-5  # timm's folding, BN unchanged
     swapped = swap_norm(copy.deepcopy(model), "bnet", init="copy").eval()
     with pytest.raises(ValueError, match=r"^reparameterize_model: \S+ \(\w+\) holds BNET .*fuse_bnet\(model\)"):
         reparameterize_model(swapped)

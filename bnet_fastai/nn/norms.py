@@ -134,6 +134,7 @@ def _last_norms(model: nn.Module) -> tuple[set[str], int]:
     traced = graph.trace(model)
     found, seen, without = set(), set(), 0
     undecided: list[str] = []  # modules on a main path that hide its last norm, and no rule to find it
+    hiding: list[str] = []  # every module on a main path that hides its last norm: its norms are accounted for
     for prefix, root, g in traced.units:
         for _, last in graph.residual_additions(root, g):
             if last is None:
@@ -141,6 +142,7 @@ def _last_norms(model: nn.Module) -> tuple[set[str], int]:
             elif not graph.holds_norms(root.get_submodule(last)):
                 found.add(_join(prefix, last))
             else:
+                hiding.append(_join(prefix, last))
                 inner = next((p for cls, p in HIDDEN_LAST.items() if isinstance(root.get_submodule(last), cls)), None)
                 (found.add(_join(_join(prefix, last), inner)) if inner else undecided.append(_join(prefix, last)))
         seen |= {_join(prefix, n.target) for n in g.nodes if n.op == "call_module"}
@@ -160,7 +162,7 @@ def _last_norms(model: nn.Module) -> tuple[set[str], int]:
                       f"({undecided[0]} ...); add the class and the path of its last norm to "
                       f"bnet_fastai.nn.norms.HIDDEN_LAST", stacklevel=3)
     unseen = [n for n, _ in _norms(model) if n not in seen and holder(n) is not None
-              and not any(n.startswith(r + ".") for r in registered)]
+              and not any(n.startswith(r + ".") for r in registered + hiding)]
     if unseen:  # a norm that is never called (dead code) is seen by no graph and has no untraceable holder
         holders = sorted({type(traced.opaque[holder(u)]).__name__ for u in unseen})
         warnings.warn(f"placement='last': torch.fx cannot trace {', '.join(holders)}, so {len(unseen)} norm(s) "
