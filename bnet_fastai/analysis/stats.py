@@ -21,6 +21,8 @@ The choices, as every table names them:
 """
 from __future__ import annotations
 
+import math
+
 import numpy as np
 from scipy import stats as scipy_stats
 
@@ -140,3 +142,9 @@ def seeds_for_power(effect: float, alpha: float, power: float = 0.8, most: int =
     return next((n for n in range(2, most + 1) if 2 / 2 ** n <= alpha
                  and sign_flip_power(effect, n, alpha, draws) >= power), None)
 
+
+
+def seeds_needed(family_size: int, alpha: float = ALPHA) -> int:
+    """The fewest paired seeds whose smallest exact two-sided sign-flip p (2/2ⁿ, every seed on one side), times
+    the Holm family's size (Holm's first step), is below `alpha`: with fewer, no comparison can be decided."""
+    return max(1, math.floor(math.log2(2 * family_size / alpha)) + 1)

@@ -18,7 +18,7 @@ import sys
 
 from bnet_fastai import __version__, names
 from bnet_fastai._checks import check_choice, check_output_folder
-from bnet_fastai.runs.config import RunConfig, expand_grid
+from bnet_fastai.runs.config import FIELD_HELP, RunConfig, expand_grid
 from bnet_fastai.runs.runstate import DONE, RunFailed, RunLocked
 
 EXIT_BAD_INPUT, EXIT_RUN_FAILED, EXIT_INTERRUPTED = 2, 1, 130
@@ -70,7 +70,8 @@ def _add_config_options(parser: argparse.ArgumentParser, lists: bool) -> None:
     for f in dataclasses.fields(RunConfig):
         convert = _list_of(_TYPES[f.type]) if lists else _TYPES[f.type]
         parser.add_argument(f"--{f.name.replace('_', '-')}", dest=f.name, type=convert, default=None,
-                            metavar=f.name.upper(), help=f"default: {f.default}")
+                            metavar=f.name.upper(), help=f"{FIELD_HELP[f.name]} (default: {f.default})"
+                            + ("; comma-separated values make a grid axis" if lists else ""))
 
 
 def _config_args(args: argparse.Namespace) -> dict:
@@ -160,6 +161,7 @@ def _study(args: argparse.Namespace) -> int:
         check_output_folder(args.out)
     where = _executor_args(args)
     _plain_download_bars()
+    from bnet_fastai.analysis.answer import answer_lines
     from bnet_fastai.analysis.report import report
     from bnet_fastai.sweeps.study import resolve, run_study
 
@@ -173,6 +175,8 @@ def _study(args: argparse.Namespace) -> int:
               f"run the same command again to resume them", file=sys.stderr)
         return EXIT_RUN_FAILED
     tables = report(out)
+    for line in answer_lines(tables):
+        print(line)
     reused = sum(bool(r.get("reused")) for r in results)
     counted = tables["history"]["run_id"].nunique()
     others = counted - len({r["run_dir"] for r in results if r["status"] == "finished"})
@@ -190,6 +194,7 @@ def _left_out(row) -> str:
 
 def _report(args: argparse.Namespace) -> int:
     check_output_folder(args.out or args.dirs[0])  # a read-only experiment folder: one line naming --out
+    from bnet_fastai.analysis.answer import answer_lines
     from bnet_fastai.analysis.markdown import answers_markdown, budget_markdown, by_dataset, pooled_note, results_markdown
     from bnet_fastai.analysis.report import NoFinishedRun, report
 
@@ -216,6 +221,9 @@ def _report(args: argparse.Namespace) -> int:
         print(f"left out {_left_out(row)}")
     if pooled_note(tables["history"]):
         print(pooled_note(tables["history"]))
+    for line in answer_lines(tables):  # the answer first, then the numbers behind it
+        print(line)
+    print("Per arm:")
     columns = ["dataset", "arch", "variant", "n_seeds", "final_accuracy_mean", "final_accuracy_ci_low",
                "final_accuracy_ci_high", "epochs_to_target_mean", "auc_mean", "valid_loss_spread"]
     print(tables["summary"][columns].to_string(index=False, float_format="%.4f"))

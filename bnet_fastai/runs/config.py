@@ -99,6 +99,44 @@ class RunConfig:
         return f"{self.arch}_{variant}_s{self.seed}_{digest}"
 
 
+def _one_of(choices) -> str:
+    return "one of " + ", ".join(choices)
+
+
+# What each RunConfig field is, for `bnet-fastai run --help` / `sweep --help` (the CLI adds the default).
+FIELD_HELP: dict[str, str] = {
+    "arch": f"the network: {_one_of(names.ARCHS)} (`bnet-fastai archs`)",
+    "norm": f"the norm layers: {_one_of(names.NORMS)} (sweep: also BNET variants such as bnet-k5-last)",
+    "dataset": f"{_one_of(names.DATASETS)}; downloaded on first use",
+    "size": "training image size in pixels (RandomResizedCrop; validation is resized to it)",
+    "bs": "batch size (at least 2: BatchNorm needs two samples)",
+    "epochs": "training epochs (the schedule spans all of them)",
+    "lr": "peak learning rate of the schedule",
+    "schedule": f"the learning-rate schedule: {_one_of(SCHEDULES)} (fastai's fit_one_cycle / fit_flat_cos)",
+    "wd": "decoupled weight decay (AdamW-style, fastai's true_wd)",
+    "wd_norm": "true: decay the norms' parameters too (BN gamma/beta, BNET kernel/bias); fastai's default is false",
+    "opt": f"the optimizer: {_one_of(names.OPTIMIZERS)} (fastai's)",
+    "label_smoothing": "label smoothing of the cross-entropy, in [0, 1); 0 is plain cross-entropy",
+    "seed": "the seed of weights, data order and augmentation (fastai's set_seed, reproducible)",
+    "k": "BNET's kernel size, odd (1 is BN's per-channel affine; the paper uses 3)",
+    "placement": f"which norms become BNET: {_one_of(names.PLACEMENTS)} (last: the last norm of each residual block)",
+    "bnet_init": f"BNET's kernel init: {_one_of(names.SWAP_INITS)} (auto: zero where the library zero-inits gamma, "
+                 f"identity elsewhere)",
+    "act": f"the activation: {_one_of(names.ACTIVATIONS)}",
+    "sa": "true: fastai's simple self-attention (xresnet family only)",
+    "pool": f"the shortcut's downsampling pool: {_one_of(names.POOLS)} (xresnet family only)",
+    "fraction": "share of each training class used, in (0, 1]; validation stays whole",
+    "channels_last": "true: channels_last memory format (faster for BN and BNET on most devices)",
+    "fp16": "mixed precision: one of auto, on, off (auto: on when a GPU is used)",
+    "pipeline": f"the data pipeline: {_one_of(names.PIPELINES)} (cached: decoded once, augmented as tensors)",
+    "compile": "true: torch.compile the model",
+    "bnet_impl": f"how BNET computes: {_one_of(names.BNET_IMPLS)} (auto: the C++ kernels on a CPU where they "
+                 f"build, else torch; results agree to float rounding)",
+    "workers": "DataLoader worker processes, or none for up to 8 (changes no result)",
+    "keep_weights": "true: keep model.pth when the run finishes (changes no result)",
+}
+
+
 # A BNET variant named as the report names it (`bnet_fastai.analysis.report.variant`): norm, k and placement.
 _VARIANT = re.compile(r"bnet-k(\d+)-([a-z]+)")
 VARIANT_FORM = "bn, bnet, or a BNET variant bnet-k<odd k>-<all|last> (bnet-k5-last, bnet-k1-all, ...)"

@@ -21,6 +21,7 @@ from pathlib import Path
 import torch
 
 from bnet_fastai._checks import check_choice, parse_parameter
+from bnet_fastai.analysis.stats import seeds_needed
 from bnet_fastai.data.available import auto_dataset
 from bnet_fastai.data.datasets import DATASETS
 from bnet_fastai.sweeps.sweep import expand_grid, sweep
@@ -123,7 +124,19 @@ class Study:
                  f"schedule {b.schedule}, {f'k {k}, placement {placement}, ' if 'bnet' in self.norms else ''}"
                  f"training fraction {b.fraction:.3g}, "
                  f"torch threads {torch.get_num_threads()}"]
-        return "\n".join(lines + self.reasons)
+        return "\n".join(lines + self.reasons + ([self.seeds_note] if self.seeds_note else []))
+
+    @property
+    def seeds_note(self) -> str:
+        """A line where this study's seeds are too few for any verdict in its family of equal-epoch comparisons
+        (`stats.seeds_needed`); "" otherwise."""
+        arms = {(c.arch, c.k, c.placement, c.epochs) for c in self.configs() if c.norm == "bnet"}
+        need = seeds_needed(len(arms)) if arms else 0
+        if len(self.seeds) >= need:
+            return ""
+        return (f"note: {len(self.seeds)} seed{'s' if len(self.seeds) > 1 else ''} can never reach a verdict here: the "
+                f"exact p of n paired seeds is at least 2/2^n, and Holm over the {len(arms)} BNET-vs-BN comparisons "
+                f"needs {need} seeds at least (--seeds 0,...,{need - 1}; more to detect a small gain: docs/gpu.md)")
 
 
 def resolve(dataset: str = "auto", profile: str = "auto", archs: list[str] | None = None,
