@@ -34,14 +34,34 @@ def check_type(fn: str, what: str, value: object, kind: type | tuple[type, ...],
         raise TypeError(f"{fn} takes {what}, got {type(value).__name__} {shown}; {hint}")
 
 
+def is_timm_arch(arch: object) -> bool:
+    """Whether `arch` is not one of the project's names but a timm model name (imports timm, so torch: only for a
+    name the project does not know)."""
+    if not isinstance(arch, str) or arch in names.ARCHS:
+        return False
+    import timm
+
+    return timm.is_model(arch)
+
+
+def check_arch(arch: object) -> None:
+    """ValueError unless `arch` is one of the project's names or any timm model name."""
+    if arch not in names.ARCHS and not is_timm_arch(arch):
+        raise ValueError(f"unknown arch {arch!r}; valid choices: {', '.join(names.ARCHS)}, or any timm model name "
+                         f"(timm.list_models(): resnet18, efficientnet_b0, convnext_atto ...)")
+
+
 def check_model_args(arch: str, norm: str, placement: str, k: int, act: str, bnet_init: str) -> None:
     """Raise ValueError naming the valid choices for any bad `create_model` argument."""
-    check_choice("arch", arch, names.ARCHS)
+    check_arch(arch)
     check_choice("norm", norm, names.NORMS)
     check_choice("placement", placement, names.PLACEMENTS)
     check_kernel_size(k)
     check_choice("act", act, names.ACTIVATIONS)
     check_choice("bnet_init", bnet_init, names.SWAP_INITS)
+    if act != names.ACTIVATIONS[0] and arch not in names.ARCHS:
+        raise ValueError(f"act applies to the project's archs; timm's {arch} keeps its own activation: leave act "
+                         f"at its default ({names.ACTIVATIONS[0]})")
 
 
 def check_block_args(arch: str, sa: bool = False, pool: str = "avg", size: int | None = None) -> None:

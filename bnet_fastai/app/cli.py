@@ -5,7 +5,9 @@ takes a comma-separated list. `sweep` and `study` train N runs at a time with ``
 cluster with ``--ray ADDRESS`` (`bnet_fastai.sweeps.executors`). Bad input exits 2 with one line naming the valid
 choices or the fix, before anything is written. Arguments, ``--help``, ``--version``, ``archs`` and the checks
 of every setting, of ``--out`` and of ``--parallel``/``--ray`` run without importing torch (`bnet_fastai.names`,
-`bnet_fastai.runs.config`, `bnet_fastai.sweeps.executors`): a rejection is quick.
+`bnet_fastai.runs.config`, `bnet_fastai.sweeps.executors`): a rejection is quick. The one exception is an arch
+the project does not name, which may be any timm model: timm's registry decides (and a BNET run of it is tried on
+the meta device, so that `swap_norm`'s refusals come before anything is written).
 """
 from __future__ import annotations
 
@@ -280,7 +282,7 @@ def _check(args: argparse.Namespace) -> int:
 
 
 def _archs(args: argparse.Namespace) -> int:
-    print("archs:", ", ".join(names.ARCHS))
+    print("archs:", ", ".join(names.ARCHS), "; or any timm model name (its BatchNorms converted by swap_norm)")
     print("norms:", ", ".join(names.NORMS))
     print("datasets:", ", ".join(names.DATASETS))
     return 0
@@ -306,7 +308,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dataset", default="auto", help="default: the profile's dataset (never another one for the "
                    "GPU profiles), for quick the first available")
     # the notebook's parameters, parsed by the same code (`bnet_fastai.sweeps.study.resolve`); default: the profile's
-    p.add_argument("--archs", default=None, help="comma-separated archs (see `bnet-fastai archs`)")
+    p.add_argument("--archs", default=None, help="comma-separated archs: the project's (`bnet-fastai archs`) or any "
+                   "timm model name, e.g. resnet18,efficientnet_b0")
     p.add_argument("--norms", default=None, help="comma-separated: bn, bnet or BNET variants such as bnet-k5-last")
     p.add_argument("--seeds", default=None, help="comma-separated seeds, e.g. 0,1,2,3,4,5,6,7,8,9")
     p.add_argument("--k", default=None, help="BNET kernel size, or several comma-separated (a grid axis)")

@@ -35,11 +35,13 @@ class Arch:
     library: str  # "fastai" or "timm"
     builder: Callable[..., nn.Module]
     kwargs: dict = field(default_factory=dict)
+    takes_act: bool = True  # the builder is given the activation (False: a timm model by name keeps its own)
 
     def build(self, n_out: int, act: type[nn.Module], **kw) -> nn.Module:
         if self.library == "fastai":
             return self.builder(n_out=n_out, act_cls=act, **self.kwargs, **kw)
-        return self.builder(num_classes=n_out, act_layer=act, **self.kwargs, **kw)
+        acts = {"act_layer": act} if self.takes_act else {}
+        return self.builder(num_classes=n_out, **acts, **self.kwargs, **kw)
 
 
 def _fastai(fn: Callable[..., nn.Module], **kwargs) -> Arch:
@@ -64,8 +66,16 @@ ARCHS: dict[str, Arch] = {name: _MINIS.get(name) or (_fastai(getattr(fx, name)) 
 
 
 def list_archs() -> list[str]:
-    """Names accepted by `create_model`."""
+    """The project's names accepted by `create_model` (any timm model name is accepted too: `arch_of`)."""
     return list(ARCHS)
+
+
+def arch_of(name: str) -> Arch:
+    """How to build `name`: the project's registered arch, or any timm model by name (``timm.create_model(name,
+    num_classes=...)``, its own activation and init), whose norms `create_model` converts with `swap_norm` as it
+    converts the registered timm archs (placement all or last, the same refusals)."""
+    return ARCHS[name] if name in ARCHS else Arch("timm", functools.partial(timm.create_model, name, pretrained=False),
+                                                  takes_act=False)
 
 
 def max_blur_pools(model: nn.Module) -> nn.Module:
@@ -89,7 +99,8 @@ def max_blur_pools(model: nn.Module) -> nn.Module:
 def create_model(arch: str, norm: str = "bn", n_out: int = 10, *, placement: str = "all", k: int = 3,
                  act: str = "relu", bnet_init: str = "auto", sa: bool = False, pool: str = "avg",
                  **kw) -> nn.Module:
-    """Build `arch` with `n_out` outputs whose norm layers (as `placement` selects) are `norm`.
+    """Build `arch` (a name of `list_archs()`, or any timm model name) with `n_out` outputs whose norm layers (as
+    `placement` selects) are `norm`.
 
     `bnet_init` is passed to `swap_norm` (``"auto"``: zero where the library zero-inits gamma, identity
     elsewhere). `sa` (fastai's simple self-attention) and `pool` (the shortcut pooling: ``"avg"``, ``"max"``
@@ -98,9 +109,10 @@ def create_model(arch: str, norm: str = "bn", n_out: int = 10, *, placement: str
     """
     check_model_args(arch, norm, placement, k, act, bnet_init)
     check_block_args(arch, sa, pool)
-    if ARCHS[arch].library == "fastai":
+    spec = arch_of(arch)
+    if spec.library == "fastai":
         kw = dict(sa=sa, pool=MaxPool if pool in ("max", "maxblur") else AvgPool, **kw)
-    model = ARCHS[arch].build(n_out, ACTIVATIONS[act], **kw)
+    model = spec.build(n_out, ACTIVATIONS[act], **kw)
     if pool == "maxblur":
         max_blur_pools(model)
     return swap_norm(model, norm, placement=placement, k=k, init=bnet_init)

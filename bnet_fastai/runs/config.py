@@ -13,7 +13,7 @@ import re
 from dataclasses import asdict, dataclass
 
 from bnet_fastai import names
-from bnet_fastai._checks import check_block_args, check_choice, check_kernel_size, check_model_args
+from bnet_fastai._checks import check_block_args, check_choice, check_kernel_size, check_model_args, is_timm_arch
 
 SCHEDULES = {"one_cycle": "fit_one_cycle", "flat_cos": "fit_flat_cos"}  # fastai Learner methods
 # Fields added after runs were first published: at their default they stay out of the run_id hash, so
@@ -28,7 +28,7 @@ MAX_SEED = 2 ** 32 - 1  # numpy's seeding takes 0 .. 2**32 - 1 (fastai's set_see
 class RunConfig:
     """Everything that defines a run. Written to config.json; its hash names the run folder."""
 
-    arch: str = "xresnet18"  # a name from list_archs()
+    arch: str = "xresnet18"  # a name from list_archs(), or any timm model name
     norm: str = "bn"  # "bn" or "bnet"
     dataset: str = "imagenette-160"  # a name from list_datasets()
     size: int = 128  # training image size (RandomResizedCrop), pixels
@@ -83,6 +83,8 @@ class RunConfig:
             raise ValueError(f"workers must be >= 0 (or None for automatic), got {self.workers!r}")
         if not 0 < self.fraction <= 1:
             raise ValueError(f"fraction must be in (0, 1], got {self.fraction!r}")
+        if self.norm == "bnet" and is_timm_arch(self.arch):
+            check_timm_conversion(self.arch, self.placement, self.k, self.bnet_init)
 
     @property
     def run_id(self) -> str:
@@ -99,13 +101,26 @@ class RunConfig:
         return f"{self.arch}_{variant}_s{self.seed}_{digest}"
 
 
+def check_timm_conversion(arch: str, placement: str, k: int, bnet_init: str) -> None:
+    """A timm model by name is converted as `swap_norm` converts it, refusals included (no BatchNorm at all; no
+    residual block for placement="last"): tried on the meta device (no memory, no init) so that the refusal comes
+    before anything is written. Imports torch and timm: only for a timm name."""
+    import torch
+
+    from bnet_fastai.nn.models import create_model
+
+    with torch.device("meta"):
+        create_model(arch, "bnet", placement=placement, k=k, bnet_init=bnet_init)
+
+
 def _one_of(choices) -> str:
     return "one of " + ", ".join(choices)
 
 
 # What each RunConfig field is, for `bnet-fastai run --help` / `sweep --help` (the CLI adds the default).
 FIELD_HELP: dict[str, str] = {
-    "arch": f"the network: {_one_of(names.ARCHS)} (`bnet-fastai archs`)",
+    "arch": f"the network: {_one_of(names.ARCHS)} (`bnet-fastai archs`), or any timm model name (resnet18, "
+            f"efficientnet_b0 ...: built by timm with its own activation, its BatchNorms converted by swap_norm)",
     "norm": f"the norm layers: {_one_of(names.NORMS)} (sweep: also BNET variants such as bnet-k5-last)",
     "dataset": f"{_one_of(names.DATASETS)}; downloaded on first use",
     "size": "training image size in pixels (RandomResizedCrop; validation is resized to it)",
@@ -122,7 +137,7 @@ FIELD_HELP: dict[str, str] = {
     "placement": f"which norms become BNET: {_one_of(names.PLACEMENTS)} (last: the last norm of each residual block)",
     "bnet_init": f"BNET's kernel init: {_one_of(names.SWAP_INITS)} (auto: zero where the library zero-inits gamma, "
                  f"identity elsewhere)",
-    "act": f"the activation: {_one_of(names.ACTIVATIONS)}",
+    "act": f"the activation of the project's archs: {_one_of(names.ACTIVATIONS)} (a timm model by name keeps its own)",
     "sa": "true: fastai's simple self-attention (xresnet family only)",
     "pool": f"the shortcut's downsampling pool: {_one_of(names.POOLS)} (xresnet family only)",
     "fraction": "share of each training class used, in (0, 1]; validation stays whole",
