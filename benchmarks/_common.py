@@ -9,7 +9,7 @@ from pathlib import Path
 
 import torch
 
-from bnet_fastai.speed import OPTIMIZERS, amp_dtype, interleaved, training_step  # noqa: F401  (the benchmarks' timing)
+from bnet_fastai.speed import OPTIMIZERS, amp_dtype, interleaved, quiet_line, training_step  # noqa: F401  (the benchmarks' timing)
 
 
 def machine() -> str:

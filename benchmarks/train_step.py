@@ -25,6 +25,7 @@ cost ratio: rows carry the arch, size, batch, memory format and the report's var
 from __future__ import annotations
 
 import argparse
+import os
 import statistics
 import sys
 from pathlib import Path
@@ -35,7 +36,8 @@ import torch
 from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import OPTIMIZERS, device, interleaved, machine, precision, training_step, write_json  # noqa: E402
+from _common import (OPTIMIZERS, device, interleaved, machine, precision, quiet_line, training_step,  # noqa: E402
+                     write_json)
 
 from bnet_fastai import create_model  # noqa: E402
 from bnet_fastai.nn.layers import set_impl, set_one_map  # noqa: E402
@@ -175,6 +177,7 @@ def main(argv: list[str] | None = None) -> None:
     if where.type != "cuda" and any(n.endswith("-triton") for n in only or []):
         parser.error("the -triton variants run the fused Triton kernels on a GPU; this machine times on the CPU")
     amp = "float16 autocast + GradScaler" if dtype is torch.float16 else "float32"
+    load, spreads = os.getloadavg()[0], []  # the load before this script's own work
     print(f"# {machine()}")
     print(f"# one {args.opt.upper() if args.opt == 'sgd' else 'Adam (fastai)'} training step on {where}, {amp}, batch {bs}, {args.size} px, median of {args.rounds} "
           f"interleaved rounds")
@@ -192,7 +195,9 @@ def main(argv: list[str] | None = None) -> None:
                 steps = {name: training_step(m.to(where, memory_format=memory_format).train(), x, y, dtype,
                                              opt=args.opt, no_decay=no_decay_params(m))
                          for name, m in variants(arch, args.compile, only).items()}
-                blocks.append(interleaved(steps, rounds=args.rounds, device=where))
+                spread = {}
+                blocks.append(interleaved(steps, rounds=args.rounds, device=where, spread=spread))
+                spreads += spread.values()
                 del steps
             for name in blocks[0]:
                 ratios = [b[name] / b["bn"] for b in blocks]
@@ -211,8 +216,11 @@ def main(argv: list[str] | None = None) -> None:
     if args.blocks > 1:
         measure += (f"; in {args.blocks} independent blocks (fresh models and batch each): ratio_to_bn is the "
                     f"geometric mean of the blocks' ratios, ratio_low/ratio_high {RATIO_INTERVAL}")
+    quiet = quiet_line(load, os.cpu_count() or 1, spreads)
+    print(f"# {quiet}")
     write_json(args.json, "train_step", argv, measure, rows, device=str(where), precision=amp,
-               optimizer=args.opt, threads=torch.get_num_threads(), blocks=args.blocks)
+               optimizer=args.opt, threads=torch.get_num_threads(), blocks=args.blocks, load_before=load,
+               max_round_spread=max(spreads, default=0.0), quiet=not quiet.startswith("WARNING"))
 
 
 RATIO_INTERVAL = "its 95% t interval (the mean of the log ratios ± t(0.975, blocks − 1) × their standard error)"

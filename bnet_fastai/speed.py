@@ -17,11 +17,12 @@ from torch import nn
 
 
 def interleaved(steps: dict[str, Callable[[], object]], rounds: int = 5, warmup: int = 2,
-                device: torch.device | str | None = None) -> dict[str, float]:
+                device: torch.device | str | None = None, spread: dict[str, float] | None = None) -> dict[str, float]:
     """Median seconds of each step, measured in interleaved rounds (every step runs once per round) so that
     drift of the machine (other load, clock changes) hits every contender alike: read the ratios.
 
-    `device`: where the steps run; default the GPU when there is one."""
+    `device`: where the steps run; default the GPU when there is one. `spread`: filled with each step's spread
+    between rounds, (slowest − fastest) / median (0 with one round), for `load_warning`."""
     device = torch.device(device if device is not None else "cuda" if torch.cuda.is_available() else "cpu")
     cuda = device.type == "cuda"
     for _ in range(warmup):
@@ -43,7 +44,35 @@ def interleaved(steps: dict[str, Callable[[], object]], rounds: int = 5, warmup:
                 start = time.perf_counter()
                 step()
                 times[name].append(time.perf_counter() - start)
+    if spread is not None:
+        spread.update({name: (max(t) - min(t)) / statistics.median(t) for name, t in times.items()})
     return {name: statistics.median(t) for name, t in times.items()}
+
+
+# A machine is quiet when, before the timing, its 1-minute load average is at most this share of its cores, and the
+# rounds of every step are within this share of their median of each other: on this project's 2-core machine,
+# quiet runs measured round spreads of 1-8% and loads below 0.3 per core; under a test suite, 2-4 per core.
+QUIET_LOAD, QUIET_SPREAD = 0.5, 0.25
+
+
+def load_warning(load: float, cores: int, spreads: Iterable[float]) -> str:
+    """"" for a quiet machine (`QUIET_LOAD`, `QUIET_SPREAD`); else one line saying the timings are not to be
+    trusted, with what was seen: `load` is the 1-minute load average read before the timing started."""
+    worst = max(spreads, default=0.0)
+    seen = [f"load average {load:.2f} on {cores} cores before the timing"] if load > QUIET_LOAD * cores else []
+    seen += [f"a step's rounds {100 * worst:.0f}% apart"] if worst > QUIET_SPREAD else []
+    if not seen:
+        return ""
+    return (f"WARNING: the machine was not quiet ({'; '.join(seen)}): these timings are not to be trusted; "
+            f"rerun with nothing else running")
+
+
+def quiet_line(load: float, cores: int, spreads: Iterable[float]) -> str:
+    """The line a benchmark ends with: `load_warning`'s, or what shows the machine was quiet."""
+    spreads = list(spreads)
+    return load_warning(load, cores, spreads) or (
+        f"machine quiet: load average {load:.2f} on {cores} cores before the timing, rounds within "
+        f"{100 * max(spreads, default=0.0):.0f}% of each other")
 
 
 def amp_dtype(device: torch.device | str) -> torch.dtype | None:

@@ -168,3 +168,32 @@ def test_gpu_kit_lists_what_fastai_and_kornia_need_beyond_a_gpu_image():
     assert {"fastai", "fastcore", "fastprogress", "fasttransform", "kornia", "kornia-rs"} <= set(wanted)
     assert not set(wanted) & (gpu_kit.PRESENT | {"torch", "spacy"})  # what the GPU image has, or fastai.text
     assert gpu_kit.wheel_distribution(Path("kornia_rs-0.2.0-cp312-cp312-manylinux2014_x86_64.whl")) == "kornia-rs"
+
+
+@pytest.mark.parametrize("load,spreads,warns", [
+    (0.2, [0.01, 0.08], False), (1.0, [0.25], False),  # at the thresholds: 0.5 per core, rounds 25% apart
+    (1.01, [0.01], True), (0.2, [0.02, 0.26], True), (4.6, [0.9], True), (0.0, [], False)])
+def test_a_loaded_machine_is_named_by_its_load_and_the_spread_of_rounds(load, spreads, warns):
+    from bnet_fastai.speed import load_warning, quiet_line
+
+    line = load_warning(load, 2, spreads)
+    assert bool(line) == warns
+    if warns:
+        assert line.startswith("WARNING: the machine was not quiet (") and "not to be trusted" in line
+        assert (f"load average {load:.2f} on 2 cores" in line) == (load > 1.0)
+        assert (f"rounds {100 * max(spreads):.0f}% apart" in line) == (max(spreads) > 0.25)
+    else:
+        assert quiet_line(load, 2, spreads).startswith(f"machine quiet: load average {load:.2f} on 2 cores")
+
+
+def test_train_step_says_whether_the_machine_was_quiet(tmp_path):
+    """The 2,361 ms BN step of a loaded machine was printed without a word: the last line now says which."""
+    from bnet_fastai.speed import load_warning
+
+    before = os.getloadavg()[0]
+    saved = _bench("train_step", "--archs", "xmininet", "--size", "16", "--bs", "4", "--rounds", "3",
+                   "--formats", "nchw", "--variants", "bnet-k3-all", tmp_path=tmp_path)
+    assert saved["load_before"] >= 0 and saved["max_round_spread"] >= 0
+    assert saved["quiet"] == (load_warning(saved["load_before"], os.cpu_count(), [saved["max_round_spread"]]) == "")
+    if before > 0.5 * os.cpu_count() * 1.5:  # a machine this busy before the script started stays busy in it
+        assert saved["quiet"] is False

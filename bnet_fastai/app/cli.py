@@ -282,7 +282,7 @@ def _check(args: argparse.Namespace) -> int:
 
 
 def _archs(args: argparse.Namespace) -> int:
-    print("archs:", ", ".join(names.ARCHS), "; or any timm model name (its BatchNorms converted by swap_norm)")
+    print(f"archs: {', '.join(names.ARCHS)}; or any timm model name (its BatchNorms converted by swap_norm)")
     print("norms:", ", ".join(names.NORMS))
     print("datasets:", ", ".join(names.DATASETS))
     return 0
