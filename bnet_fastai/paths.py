@@ -1,7 +1,10 @@
 """Where data and results live, importable without torch or fastai.
 
-Data root: ``data/`` beside the package's project (or ``./data`` when installed elsewhere), unless
-``BNET_FASTAI_DATA`` names another folder; results root likewise: ``results/`` or ``BNET_FASTAI_RESULTS``.
+Data root: ``BNET_FASTAI_DATA`` when set; else ``data/`` in a checkout (the package beside its pyproject.toml);
+else, as for an installed package, fastai's own data folder (``data`` of ``$FASTAI_HOME/config.ini``, by default
+``~/.fastai/data``, where fastai's ``untar_data`` puts Imagenette too: a dataset fastai already downloaded is
+reused). Results root: ``BNET_FASTAI_RESULTS`` when set; else ``results/`` in a checkout, or in the folder the
+command runs in: results stay where the user works.
 
 What a run writes beside a prepared dataset (the decode cache, the record of unreadable images, their
 locks) goes into the dataset's own folder when it is writable, else into a folder of its own under
@@ -10,6 +13,7 @@ prepared once can be trained on from a read-only mount or another user's folder 
 """
 from __future__ import annotations
 
+import configparser
 import hashlib
 import os
 import urllib.parse
@@ -18,21 +22,41 @@ from pathlib import Path
 MIRROR_SCHEMES = ("http", "https", "ftp", "file")  # what urllib fetches
 
 
-def _project_folder(name: str, variable: str) -> Path:
-    if os.environ.get(variable):
-        return Path(os.environ[variable]).expanduser().resolve()
+def _checkout() -> Path | None:
+    """The project folder when the package runs from a checkout (beside its pyproject.toml), else None."""
     project = Path(__file__).resolve().parents[1]
-    return project / name if (project / "pyproject.toml").exists() else Path.cwd() / name
+    return project if (project / "pyproject.toml").exists() else None
+
+
+def fastai_data_folder() -> Path:
+    """fastai's configured data folder, read as fastai's ``fastai_cfg().path("data")`` reads it (without importing
+    fastai): ``data`` of ``$FASTAI_HOME/config.ini`` (``FASTAI_HOME`` default ``~/.fastai``) relative to that
+    folder, ``data`` when the file or the key is missing."""
+    home = Path(os.environ.get("FASTAI_HOME", "~/.fastai")).expanduser().absolute()
+    config = configparser.ConfigParser()
+    config.read(home / "config.ini")
+    return (home / Path(config["DEFAULT"].get("data", "data")).expanduser()).resolve()
 
 
 def data_root() -> Path:
-    """The folder datasets are downloaded and extracted into: `BNET_FASTAI_DATA`, else ``data/``."""
-    return _project_folder("data", "BNET_FASTAI_DATA")
+    """The folder datasets are downloaded and extracted into (see the module docstring)."""
+    if os.environ.get("BNET_FASTAI_DATA"):
+        return Path(os.environ["BNET_FASTAI_DATA"]).expanduser().resolve()
+    project = _checkout()
+    return project / "data" if project else fastai_data_folder()
 
 
 def results_root() -> Path:
-    """The folder experiments are written into by default: `BNET_FASTAI_RESULTS`, else ``results/``."""
-    return _project_folder("results", "BNET_FASTAI_RESULTS")
+    """The folder experiments are written into by default (see the module docstring)."""
+    if os.environ.get("BNET_FASTAI_RESULTS"):
+        return Path(os.environ["BNET_FASTAI_RESULTS"]).expanduser().resolve()
+    return (_checkout() or Path.cwd()) / "results"
+
+
+def where_files_go() -> str:
+    """One line for ``--help``: where data and results go on this installation."""
+    return (f"data: {data_root()} (BNET_FASTAI_DATA; outside a checkout fastai's data folder); results: "
+            f"{results_root()} (BNET_FASTAI_RESULTS; outside a checkout ./results where the command runs)")
 
 
 def mirror() -> str:

@@ -113,3 +113,13 @@ def test_a_fresh_venv_with_the_core_install_trains_and_names_the_notebook_extra(
     assert out["converted"] == {"bn": 0, "bnet": 20} and out["status"] == "finished"
     assert out["impls"] == [CPU_IMPL]  # the installed package ships the kernels' source (package data)
     assert out["errors"][0].endswith("pip install 'bnet-fastai[lab]' (from a checkout: pip install '.[lab]')")
+    # where files go outside a checkout: fastai's data folder (its config.ini, FASTAI_HOME), results where one works
+    home, work = tmp_path / "fastai-home", tmp_path / "work"
+    home.mkdir(), work.mkdir()
+    (home / "config.ini").write_text(f"[DEFAULT]\ndata = {tmp_path / 'fastai-data'}\n")
+    env = {k: v for k, v in os.environ.items() if not k.startswith("BNET_FASTAI_")} | {"FASTAI_HOME": str(home)}
+    cli = venv / "bin" / "bnet-fastai"
+    done = subprocess.run([str(cli), "data", "sample"], capture_output=True, text=True, env=env, cwd=work, timeout=300)
+    assert done.returncode == 0 and done.stdout.strip().startswith(str(tmp_path / "fastai-data")), done.stderr
+    shown = subprocess.run([str(cli), "--help"], capture_output=True, text=True, env=env, cwd=work).stdout
+    assert f"results:{work / 'results'}" in "".join(shown.split())

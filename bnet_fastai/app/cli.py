@@ -289,7 +289,10 @@ def _archs(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = _Parser(prog="bnet-fastai", description="BatchNorm vs BNET experiments with fastai.")
+    from bnet_fastai.paths import where_files_go
+
+    parser = _Parser(prog="bnet-fastai", description="BatchNorm vs BNET experiments with fastai.",
+                     epilog=f"Files here: {where_files_go()}.")
     parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
     for name, func, lists, text in (("run", _run, False, "train one configuration"),
@@ -332,7 +335,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--cost-ratio", type=float, default=None, metavar="R",
                    help="one BNET/BN step-time ratio for every BNET variant, instead of --cost")
     p.set_defaults(func=_report)
-    p = sub.add_parser("data", help="download/prepare a dataset and print its path")
+    p = sub.add_parser("data", help="download/prepare a dataset and print its path",
+                       description=f"Download and prepare a dataset; {where_files_go()}.")
     p.add_argument("dataset")
     p.set_defaults(func=_data)
     p = sub.add_parser("check", help="preflight: train, resume, reload, fuse and time BN and BNET on this "
