@@ -25,4 +25,4 @@ DATASETS = ("imagenette-160", "imagenette-320", "imagenette", "imagewoof-160", "
             "mnist", "fashion-mnist", "sample")  # data.DATASETS
 OPTIMIZERS = ("adam", "ranger", "sgd")  # runs.learner.OPTIMIZERS: fastai's optimizers
 PIPELINES = ("cached", "fastai")  # runs.learner.PIPELINES
-PROFILES = ("full", "leaderboard", "cpu", "convergence", "quick")  # study.PROFILES
+PROFILES = ("full", "leaderboard", "cpu", "convergence", "budget", "quick")  # study.PROFILES

@@ -63,3 +63,24 @@ def test_help_says_what_every_option_is_and_its_choices(command, capsys):
         assert f"{' '.join(FIELD_HELP[f.name].split())} (default: {f.default})" in text, f.name
     assert "one of adam, ranger, sgd" in text and "one of all, last" in text and "one of one_cycle, flat_cos" in text
     assert ("comma-separated values make a grid axis" in text) == (command == "sweep")
+
+
+def test_the_budget_profile_is_the_convergence_design_for_any_network_on_imagenette():
+    study = resolve("auto", "budget", archs="resnet50")  # any timm model by name
+    assert study.dataset == "imagenette-160" and study.archs == ["resnet50"]
+    configs = study.configs()
+    assert len(configs) == 192 and sum(c.epochs for c in configs) == 2040  # what docs/gpu.md and the README say
+    assert "192 runs, 2040 epochs in all" in study.describe() and study.seeds_note == ""
+    bn = sorted({c.epochs for c in configs if c.norm == "bn"})
+    bnet = {(c.k, c.placement) for c in configs if c.norm == "bnet"}
+    assert bn == [5, 10, 15, 20] and bnet == {(3, "all"), (3, "last"), (5, "last"), (1, "all")}
+    assert sorted({c.epochs for c in configs if c.norm == "bnet"}) == [5, 10, 15]
+
+
+def test_the_break_even_advice_times_the_studys_own_network():
+    from bnet_fastai.analysis.markdown import timing_command
+
+    row = next(pd.DataFrame([{"arch": "xmininet", "size": 28, "variant": "bnet-k3-last",  # a report row
+                              "recipe": "act=relu bs=128 channels_last=True opt=adam wd=0.01"}]).itertuples())
+    assert timing_command(row) == ("python benchmarks/train_step.py --archs xmininet --size 28 --bs 128 --opt adam "
+                                   "--formats channels_last --variants bnet-k3-last --blocks 5")

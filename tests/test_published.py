@@ -4,7 +4,7 @@ from pathlib import Path
 
 import pytest
 
-from bnet_fastai.analysis.markdown import answers_markdown, budget_markdown, results_markdown
+from bnet_fastai.analysis.markdown import answers_markdown, budget_markdown, results_markdown, short_answer_markdown
 from bnet_fastai.analysis.report import report
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -65,6 +65,13 @@ def test_readme_budget_study_equals_the_report_of_the_committed_runs(budget_tabl
 
 def test_readme_answers_equal_the_reports(budget_tables):
     assert answers_markdown(budget_tables, REPORT).strip() == _between("answers", ROOT / "README.md")
+
+
+def test_the_first_screen_holds_the_short_answer_from_the_report(budget_tables):
+    readme = (ROOT / "README.md").read_text()
+    assert short_answer_markdown(budget_tables, REPORT).strip() == _between("short", ROOT / "README.md")
+    assert readme.index("<!-- short:end -->") < readme.index("## The three commands")  # before anything else
+    assert len(readme[:readme.index("<!-- short:end -->")].splitlines()) <= 20  # the first screen
 
 
 def test_every_committed_run_records_its_thread_count_and_each_arm_one_commit():

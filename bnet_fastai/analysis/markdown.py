@@ -266,8 +266,17 @@ def _points(mean: float, low: float, high: float) -> str:
     return f"{100 * mean:+.2f} pt [{100 * low:+.2f}, {100 * high:+.2f}]"
 
 
+def timing_command(r) -> str:
+    """The command that times `r`'s network, image size, batch and optimizer (its recipe) on another machine, BN
+    against `r`'s variant, with an interval: the ratio the break-even is to be compared with."""
+    recipe = dict(part.split("=", 1) for part in str(r.recipe).split() if "=" in part)
+    return (f"python benchmarks/train_step.py --archs {r.arch} --size {int(r.size)} --bs {recipe.get('bs', 64)} "
+            f"--opt {recipe.get('opt', 'adam')} --formats channels_last --variants {r.variant} --blocks 5")
+
+
 def _advice(gain, even) -> str:
-    """One sentence a GPU user can act on, from the equal-epoch verdict and the break-even ratio."""
+    """One sentence a GPU user can act on, from the equal-epoch verdict and the break-even ratio: for this network,
+    data and recipe only, with the command that times this network on their GPU."""
     if gain.verdict == "BN higher":
         return "BN is more accurate even at equal epochs: keep BN."
     if gain.verdict != "BNET higher":
@@ -275,9 +284,39 @@ def _advice(gain, even) -> str:
     if even.bound == "<=":
         return f"Pays off only where its step costs at most {even.break_even:.2f}× BN's: keep BN."
     at_least = "at least " if even.bound == ">=" else ""
-    return (f"Worth it where its training step costs less than {at_least}{even.break_even:.2f}× BN's "
-            f"({_ratio(even.ci_low, even.ci_low_bound)} to be safe): measure yours with "
-            f"`benchmarks/train_step.py --opt adam`.")
+    return (f"For this network and recipe: worth it where its step costs less than {at_least}{even.break_even:.2f}× "
+            f"BN's ({_ratio(even.ci_low, even.ci_low_bound)} to be safe); time it there with `{timing_command(even)}`.")
+
+
+def short_answer_markdown(tables: dict[str, pd.DataFrame], command: str) -> str:
+    """The front page's first answer, three lines from a budget study's report: the gain at equal epochs at the
+    largest budget every arm trained, the break-even ratio against the measured one, the verdict at equal time
+    here, and the placebo."""
+    p, cost, even, s = tables["paired"], tables["equal_cost"], tables["break_even"], tables["summary"]
+    budget = int(s.groupby(["arch", "variant"])["epochs"].max().min())
+    at = p[(p["epochs"] == budget) & (p["n_pairs"] >= 2)]
+    real, placebo = at[~at["variant"].map(is_placebo)], at[at["variant"].map(is_placebo)]
+
+    def row(table: pd.DataFrame, r, column: str):
+        rows = table[(table["arch"] == r.arch) & (table["variant"] == r.variant) & (table[column] == budget)]
+        return next(rows.itertuples(), None)
+
+    seeds = int(at["n_pairs"].min()) if len(at) else 0
+
+    def pt(value: float) -> str:  # "+0.00", never "-0.00"
+        return f"{0.0 if round(100 * value, 2) == 0 else 100 * value:+.2f} pt"
+
+    gains = "; ".join(f"{r.variant} {pt(r.final_accuracy_diff_mean)} ({r.verdict})" for r in real.itertuples())
+    evens = "; ".join(f"{r.variant} {_ratio(x.break_even, x.bound)}× vs {_price(x)}" for r in real.itertuples()
+                      if (x := row(even, r, "bnet_epochs")) is not None)
+    times = "; ".join(f"{r.variant} {_priced_verdict(e)}" for r in real.itertuples()
+                      if (e := row(cost, r, "bnet_epochs")) is not None and not e.note)
+    lines = [f"- **Same epochs** ({budget}, {seeds} paired seeds): {gains}."
+             + "".join(f" Placebo (BN through BNET's code): {pt(r.final_accuracy_diff_mean)} ({r.verdict})."
+                       for r in placebo.itertuples()),
+             f"- **Break-even step cost** (BNET wins at equal time below it) vs the one measured here: {evens}.",
+             f"- **Same training time on this CPU**: {times}."]
+    return "\n".join(lines) + f"\n\n(the first lines of `{command}`; the detail, and what it means on your GPU, below)"
 
 
 def _one_family_of_all(p: pd.DataFrame, cost: pd.DataFrame) -> int:
@@ -357,7 +396,8 @@ def answers_markdown(tables: dict[str, pd.DataFrame], command: str) -> str:
         lines.append(f"- **Not compared**: {name(r)} has fewer than 2 seeds paired with BN at {budget} epochs "
                      f"(its runs: {', '.join(map(str, trained))} epochs).")
     lines += ["", f"| variant | gain at {budget} epochs [95% interval] | break-even ratio [95% interval] | "
-                  f"measured ratio on this CPU | at equal time here | for your GPU |", "|---|---|---|---|---|---|"]
+                  f"measured ratio on this CPU | at equal time here | on your GPU, for this network |",
+              "|---|---|---|---|---|---|"]
     for r in real:
         x, e = one(even, r, "bnet_epochs"), one(cost, r, "bnet_epochs")
         here = "—" if e is None or e.note else _priced_verdict(e)

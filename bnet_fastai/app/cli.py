@@ -197,7 +197,8 @@ def _left_out(row) -> str:
 def _report(args: argparse.Namespace) -> int:
     check_output_folder(args.out or args.dirs[0])  # a read-only experiment folder: one line naming --out
     from bnet_fastai.analysis.answer import answer_lines
-    from bnet_fastai.analysis.markdown import answers_markdown, budget_markdown, by_dataset, pooled_note, results_markdown
+    from bnet_fastai.analysis.markdown import (answers_markdown, budget_markdown, by_dataset, pooled_note,
+                                              results_markdown, short_answer_markdown)
     from bnet_fastai.analysis.report import NoFinishedRun, report
 
     try:
@@ -214,8 +215,8 @@ def _report(args: argparse.Namespace) -> int:
             command = " ".join(["bnet-fastai report", *args.dirs, "--markdown"])
             parts = by_dataset(tables)  # each dataset's study answered on its own
             print("\n\n".join((f"## {dataset}\n\n" if len(parts) > 1 else "")
-                              + f"{answers_markdown(part, command)}\n\n{budget_markdown(part)}"
-                              for dataset, part in parts.items()))
+                              + f"{short_answer_markdown(part, command)}\n\n{answers_markdown(part, command)}\n\n"
+                              f"{budget_markdown(part)}" for dataset, part in parts.items()))
         else:
             print(results_markdown(tables))
         return 0
@@ -307,7 +308,8 @@ def build_parser() -> argparse.ArgumentParser:
         p.set_defaults(func=func)
     p = sub.add_parser("study", help="run a study profile (the notebook's grid) and report it")
     p.add_argument("profile", choices=names.PROFILES, help="quick, cpu (the accuracy study at equal epochs), "
-                   "convergence (the budget study behind the README's answers), full or leaderboard (Imagenette, GPU)")
+                   "convergence (the budget study behind the README's answers), budget (that study of your network "
+                   "on Imagenette: --archs, GPU), full or leaderboard (Imagenette, GPU)")
     p.add_argument("--dataset", default="auto", help="default: the profile's dataset (never another one for the "
                    "GPU profiles), for quick the first available")
     # the notebook's parameters, parsed by the same code (`bnet_fastai.sweeps.study.resolve`); default: the profile's

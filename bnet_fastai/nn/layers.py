@@ -1,6 +1,6 @@
 """BNET: BatchNorm whose per-channel affine transform is replaced by a depthwise k×k conv with bias.
 
-Xu et al., "Batch Normalization with Enhanced Linear Transformation", arXiv 2011.14150 (TPAMI 2023).
+Xu et al., "Batch Normalization with Enhanced Linear Transformation", arXiv 2011.14150.
 BN computes ``gamma * x_hat + beta`` per channel; BNET computes ``dwconv_k(x_hat) + bias`` so that each
 output also sees its spatial neighbourhood. With ``k=1`` BNET is exactly BN.
 

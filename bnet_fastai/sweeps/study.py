@@ -70,6 +70,18 @@ PROFILES: dict[str, dict] = {
                         seeds=list(range(20)), bs=128, lr=1e-2, fraction=0.25,
                         norms=["bn", "bnet-k3-all", "bnet-k3-last", "bnet-k5-last", "bnet-k1-all"],
                         bn_only=dict(epochs=[5, 6])),
+    # GPU: the convergence study's design on a real network and Imagenette-160, for a user's own network
+    # (--archs: one of ours or any timm name) and own break-even: complete one-cycle schedules of 5, 10 and 15
+    # epochs (BN also 20, so the break-even ratio can reach 20/15 = 1.33 at 15 epochs and 4 at 5), the four BNET
+    # variants and the k=1 placebo, 12 seeds (12 equal-epoch comparisons need 9 before any verdict; 12 give a
+    # drop-one-seed check room). 170 epochs a seed, 2,040 in all for one network: at an assumed 5-15 s an epoch
+    # (xresnet50 at 128 px, one H100-class GPU, fp16; not measured here: this project has not had a GPU) about
+    # 3-8.5 GPU-hours. Then time the same network on the same GPU into OUT/cost.json (docs/gpu.md has the
+    # command) and `bnet-fastai report OUT` answers (a)-(d) for that network.
+    "budget": dict(archs=["xresnet50"], dataset="imagenette-160", size=128, epochs=[5, 10, 15],
+                   seeds=list(range(12)), bs=64, lr=3e-3, fraction=1.0,
+                   norms=["bn", "bnet-k3-all", "bnet-k3-last", "bnet-k5-last", "bnet-k1-all"],
+                   bn_only=dict(epochs=[20])),
     # CPU, minutes: the machinery on whatever dataset DATASET gives (see QUICK_ON_DATASET).
     "quick": dict(archs=["xmininet", "mininest"], size=32, epochs=5, seeds=[0, 1, 2], bs=64, lr=1e-2,
                   fraction=1.0),
@@ -118,8 +130,10 @@ class Study:
         k, placement = self.axes.get("k", b.k), self.axes.get("placement", b.placement)
         epochs = self.axes.get("epochs", b.epochs)
         extra = "".join(f", BN also at {name} {values}" for name, values in self.bn_only.items())
+        configs = self.configs()
         lines = [f"dataset: {self.dataset} | profile: {self.profile} | archs: {', '.join(self.archs)} | "
-                 f"norms: {', '.join(self.norms)} | seeds: {self.seeds} | {len(self.configs())} runs",
+                 f"norms: {', '.join(self.norms)} | seeds: {self.seeds} | {len(configs)} runs, "
+                 f"{sum(c.epochs for c in configs)} epochs in all",
                  f"size {b.size} px, {epochs} epochs{extra}, bs {b.bs}, lr {b.lr}, opt {b.opt}, "
                  f"schedule {b.schedule}, {f'k {k}, placement {placement}, ' if 'bnet' in self.norms else ''}"
                  f"training fraction {b.fraction:.3g}, "
