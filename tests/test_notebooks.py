@@ -45,8 +45,8 @@ def test_experiments_notebook_runs_a_tiny_budget_study_of_variants_and_reports_i
     paired = pd.read_csv(roots / "tiny" / "paired.csv")
     assert list(paired["variant"]) == ["bnet-k3-all", "bnet-k5-last"] * 2 and (paired["n_pairs"] == 2).all()
     assert np.isfinite(paired["final_accuracy_diff_mean"]).all()
-    # a budget study draws one figure set per budget (curves_1.png, ...) and budget.png
-    for png in ("curves_1.png", "curves_2.png", "final_accuracy_1.png", "kernels_1.png", "budget.png"):
+    # a budget study draws one figure set per budget, named by it (curves_1ep.png, ...), and budget.png
+    for png in ("curves_1ep.png", "curves_2ep.png", "final_accuracy_1ep.png", "kernels_1ep.png", "budget.png"):
         assert (roots / "tiny" / png).stat().st_size > 10_000
     kernels = json.loads(next((roots / "tiny").glob("xmininet_bnet-k3*_s0_*/kernels.json")).read_text())
     assert len(kernels) == 15 and all(np.isfinite(k["mean_abs"]).all() for k in kernels)

@@ -43,7 +43,8 @@ def integer_epochs(ax: Axes) -> None:
 
 
 def plot_curves(history: pd.DataFrame, title: str, path: Path) -> Figure:
-    """Validation accuracy and loss per epoch, BN vs BNET, mean over seeds with a ±1 std band, per arch."""
+    """Validation accuracy and loss per epoch of every arm, mean over seeds with a ±1 std band, per arch; the title
+    names the arms drawn (one arm alone says so: a budget only BN trained)."""
     archs, variants = sorted(history["arch"].unique()), sorted(history["variant"].unique())
     fig = Figure(figsize=(max(4.2 * len(archs), 6.5), 6.4), layout="constrained")
     axes = fig.subplots(2, len(archs), squeeze=False, sharex=True)
@@ -67,7 +68,9 @@ def plot_curves(history: pd.DataFrame, title: str, path: Path) -> Figure:
             ax.grid(alpha=0.3)
             integer_epochs(ax)
         axes[0, col].legend(fontsize=8)
-    fig.suptitle(f"BN vs BNET: mean ± 1 std over seeds — {title}", fontsize=9)
+    shown = (" vs ".join(variants) if len(variants) > 1
+             else f"{variants[0]} only (no other arm trained this budget)")
+    fig.suptitle(f"{shown}: validation accuracy and loss per epoch, mean ± 1 std over seeds — {title}", fontsize=9)
     return _save(fig, path)
 
 

@@ -373,8 +373,11 @@ def report(experiments: str | Path | list, target: float | None = None,
             atomic_write(experiment / f"{name}.csv", tables[name].to_csv(index=False))
         plot_budgets(one_per_run, tables["equal_cost"], experiment / "budget.png", paired, tables["break_even"])
     studies = list(runs.history.groupby(STUDY_KEYS))
+    budgets = [dict(zip(STUDY_KEYS, keys))["epochs"] for keys, _ in studies]
     for number, (keys, history) in enumerate(studies, 1):
-        suffix = "" if len(studies) == 1 else f"_{number}"
+        # one figure set per study: named by its budget where that tells them apart (curves_4ep.png), else numbered
+        suffix = ("" if len(studies) == 1 else f"_{budgets[number - 1]}ep" if len(set(budgets)) == len(studies)
+                  else f"_{number}")
         title = study_label(history)
         plot_curves(history, title, experiment / f"curves{suffix}.png")
         plot_final_accuracy(summary.merge(pd.DataFrame([dict(zip(STUDY_KEYS, keys))])), title,
