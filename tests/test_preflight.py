@@ -23,6 +23,17 @@ def test_check_passes_on_this_cpu_and_writes_its_table(tmp_path, monkeypatch, ca
     table = {line.split()[0]: line.split()[1] for line in lines if line.split()[:1] and line.split()[0] in
              preflight.CHECKS}
     assert table == {**{name: "PASS" for name in preflight.CHECKS}, "ddp": "SKIP"}
+    # progress: before each step a line naming it and the seconds so far, in order, each before its result
+    progress = [i for i, line in enumerate(lines) if line.startswith("[")]
+    assert [lines[i].split(":")[0] for i in progress] == [f"[{n}/8] {name}" for n, name in
+                                                          enumerate(preflight.STEPS, 1)]
+    seconds = [int(lines[i].rsplit("(", 1)[1].split()[0]) for i in progress]
+    assert seconds == sorted(seconds)
+    for i, name in zip(progress, preflight.STEPS):
+        assert next(line for line in lines[i + 1:] if line.split()[:1] and line.split()[0] in preflight.CHECKS
+                    ).split()[0].startswith(name)
+    assert lines[0].startswith("bnet-fastai check: the training path on cpu (18 s of checks, 25 s in all, on this "
+                               "project's 2-core CPU")
     saved = json.loads((tmp_path / "check.json").read_text())
     assert saved["passed"] is True and [r["name"] for r in saved["results"]] == list(preflight.CHECKS)
     results = {r["name"]: r for r in saved["results"]}

@@ -263,12 +263,12 @@ def _check(args: argparse.Namespace) -> int:
     if args.out is not None:
         check_output_folder(args.out)
     _plain_download_bars()
-    from bnet_fastai.app.preflight import preflight, resolve_device, write_json
+    from bnet_fastai.app.preflight import MEASURED, preflight, resolve_device, write_json
 
     started = time.time()
     where = resolve_device(args.device)  # a GPU asked for and not seen: one line, exit 2
-    print(f"bnet-fastai check: the training path on {where} (a few minutes on a CPU, about one on a GPU)",
-          flush=True)
+    print(f"bnet-fastai check: the training path on {where} ({MEASURED}; no GPU figure yet), one line per "
+          f"check", flush=True)
     results = preflight(args.device, args.out, report=lambda line: print(line, flush=True))
     if args.json:
         write_json(results, args.json, args.device, time.time() - started)
