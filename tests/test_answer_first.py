@@ -84,3 +84,11 @@ def test_the_break_even_advice_times_the_studys_own_network():
                               "recipe": "act=relu bs=128 channels_last=True opt=adam wd=0.01"}]).itertuples())
     assert timing_command(row) == ("python benchmarks/train_step.py --archs xmininet --size 28 --bs 128 --opt adam "
                                    "--formats channels_last --variants bnet-k3-last --blocks 5")
+
+
+def test_the_note_counts_only_the_comparisons_short_of_seeds():
+    from bnet_fastai.analysis.answer import undecidable_note
+
+    paired = pd.DataFrame({"n_pairs": [12, 12, 6, 12], "family_size": [4] * 4})  # 8 seeds needed for 4
+    assert undecidable_note(paired).startswith("note: with 6 paired seeds 1 of the 4 comparisons here cannot reach")
+    assert undecidable_note(paired.assign(n_pairs=8)) == ""

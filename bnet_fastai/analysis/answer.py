@@ -20,11 +20,14 @@ def undecidable_note(paired: pd.DataFrame, alpha: float = ALPHA) -> str:
     if paired.empty:
         return ""
     size = int(paired["family_size"].max()) if "family_size" in paired else len(paired)
-    n = int(paired["n_pairs"].min())
     need = seeds_needed(size, alpha)
-    if n >= need:
+    few = paired[paired["n_pairs"] < need]
+    if few.empty:
         return ""
-    return (f"note: with {n} paired seed{'s' if n > 1 else ''} no comparison here can reach a verdict: the smallest "
+    n = int(few["n_pairs"].min())
+    which = ("no comparison here can" if len(few) == len(paired)
+             else f"{len(few)} of the {len(paired)} comparisons here cannot")
+    return (f"note: with {n} paired seed{'s' if n > 1 else ''} {which} reach a verdict: the smallest "
             f"exact p is 2/2^{n} = {2 / 2 ** n:.3g}, and Holm over the {size} comparisons needs it below "
             f"{alpha}/{size}; {need} seeds at least (more to detect a small gain: docs/gpu.md, power)")
 
