@@ -5,6 +5,7 @@
 from __future__ import annotations
 
 import dataclasses
+import functools
 import hashlib
 import itertools
 import json
@@ -101,6 +102,7 @@ class RunConfig:
         return f"{self.arch}_{variant}_s{self.seed}_{digest}"
 
 
+@functools.cache  # a grid validates each of its runs: one conversion per arch, placement, k and init
 def check_timm_conversion(arch: str, placement: str, k: int, bnet_init: str) -> None:
     """A timm model by name is converted as `swap_norm` converts it, refusals included (no BatchNorm at all; no
     residual block for placement="last"): tried on the meta device (no memory, no init) so that the refusal comes
