@@ -1,6 +1,9 @@
 """Where data and results go (issue 36): a checkout keeps its data/ and results/; an installed package follows
 fastai's data folder (its config.ini under FASTAI_HOME) and writes results where the command runs. The installed
 case end to end is in tests/test_install.py (a fresh venv)."""
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 from bnet_fastai import paths
@@ -15,9 +18,11 @@ def test_fastai_data_folder_reads_fastais_config_as_fastai_does(tmp_path, monkey
     (tmp_path / "home").mkdir()
     (tmp_path / "home" / "config.ini").write_text("[DEFAULT]\ndata = elsewhere\narchive = archive\n")
     assert paths.fastai_data_folder() == tmp_path / "home" / "elsewhere"  # relative to FASTAI_HOME, as fastcore's
-    from fastai.data.external import fastai_path
-
-    assert fastai_path("data") == paths.fastai_data_folder()  # what fastai itself says
+    # what fastai itself says, in a fresh interpreter (fastai's state in this one is the earlier tests')
+    theirs = subprocess.run([sys.executable, "-c", "from fastai.data.external import fastai_path; "
+                             "print(fastai_path('data'))"], capture_output=True, text=True, check=True,
+                            env={**os.environ, "FASTAI_HOME": str(tmp_path / "home")}).stdout.strip()
+    assert Path(theirs) == paths.fastai_data_folder()
 
 
 def test_a_checkout_and_an_install_put_files_in_their_places(tmp_path, monkeypatch):

@@ -198,9 +198,11 @@ def test_a_bound_prints_as_a_bound_in_the_advice_never_as_a_value():
     from bnet_fastai.analysis.markdown import _advice
 
     gain = SimpleNamespace(verdict="BNET higher")
-    even = SimpleNamespace(bound="", break_even=1.2, ci_low=1.0, ci_low_bound="<=")
+    study = dict(arch="xmininet", size=28, variant="bnet-k3-all", recipe="bs=128 opt=adam")  # a break_even row's
+    even = SimpleNamespace(bound="", break_even=1.2, ci_low=1.0, ci_low_bound="<=", **study)
     assert "(≤ 1.00 to be safe)" in _advice(gain, even)
-    assert "(1.16 to be safe)" in _advice(gain, SimpleNamespace(bound="", break_even=1.2, ci_low=1.16, ci_low_bound=""))
+    assert "(1.16 to be safe)" in _advice(gain, SimpleNamespace(bound="", break_even=1.2, ci_low=1.16, ci_low_bound="",
+                                                                **study))
 
 
 def test_the_answers_state_both_holm_families_and_what_one_family_would_change(tmp_path):
