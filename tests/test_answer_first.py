@@ -92,3 +92,16 @@ def test_the_note_counts_only_the_comparisons_short_of_seeds():
     paired = pd.DataFrame({"n_pairs": [12, 12, 6, 12], "family_size": [4] * 4})  # 8 seeds needed for 4
     assert undecidable_note(paired).startswith("note: with 6 paired seeds 1 of the 4 comparisons here cannot reach")
     assert undecidable_note(paired.assign(n_pairs=8)) == ""
+
+
+def test_a_report_of_several_datasets_names_each_lines_dataset():
+    from bnet_fastai.analysis.answer import answer_lines
+
+    row = dict(arch="xmininet", variant="bnet-k3-all", epochs=5, n_pairs=8, family_size=2, final_accuracy_diff_mean=0.01,
+               final_accuracy_diff_ci_low=0.0, final_accuracy_diff_ci_high=0.02, final_accuracy_p=0.0078,
+               p_holm=0.0156, verdict="BNET higher", kept_dropping_one=8, n_drops=8)
+    paired = pd.DataFrame([{**row, "dataset": "fashion-mnist"}, {**row, "dataset": "imagenette-160"}])
+    lines = answer_lines({"paired": paired})
+    assert lines[1].startswith("  fashion-mnist xmininet bnet-k3-all at 5 epochs: +1.00 pt [+0.00, +2.00]")
+    assert lines[2].startswith("  imagenette-160 xmininet bnet-k3-all at 5 epochs: ")
+    assert answer_lines({"paired": paired[:1]})[1].startswith("  xmininet bnet-k3-all at 5 epochs: ")

@@ -32,9 +32,10 @@ def undecidable_note(paired: pd.DataFrame, alpha: float = ALPHA) -> str:
             f"{alpha}/{size}; {need} seeds at least (more to detect a small gain: docs/gpu.md, power)")
 
 
-def _arm(r) -> str:
+def _arm(r, datasets: bool = False) -> str:
+    """The arm a line is about; `datasets`: the report spans several datasets, so each line names its own."""
     placebo = " (placebo)" if is_placebo(r.variant) else ""
-    return f"{r.arch} {r.variant}{placebo}"
+    return f"{f'{r.dataset} ' if datasets else ''}{r.arch} {r.variant}{placebo}"
 
 
 def answer_lines(tables: dict[str, pd.DataFrame]) -> list[str]:
@@ -43,9 +44,10 @@ def answer_lines(tables: dict[str, pd.DataFrame]) -> list[str]:
     lines = [line for line in (undecidable_note(paired),) if line]
     if paired.empty:
         return lines + ["no comparison: no seed has both BN and BNET finished in one recipe"]
+    several = paired["dataset"].nunique() > 1
     lines.append("BNET - BN, final test accuracy, same epochs (95% interval; Holm p; verdict, kept dropping one seed):")
     for r in paired.itertuples():
-        lines.append(f"  {_arm(r)} at {r.epochs} epochs: "
+        lines.append(f"  {_arm(r, several)} at {r.epochs} epochs: "
                      f"{_points(r.final_accuracy_diff_mean, r.final_accuracy_diff_ci_low, r.final_accuracy_diff_ci_high)}"
                      f", p {r.final_accuracy_p:.2g} (Holm {r.p_holm:.2g}): {r.verdict}, kept {_kept(r)}"
                      f" [{r.n_pairs} seeds]")
@@ -55,10 +57,10 @@ def answer_lines(tables: dict[str, pd.DataFrame]) -> list[str]:
         for r in cost.itertuples():
             said = (f"{_points(r.diff_mean, r.diff_ci_low, r.diff_ci_high)}, Holm p {r.p_holm:.2g}: "
                     f"{_priced_verdict(r)}") if not r.note else r.note
-            lines.append(f"  {_arm(r)} at {r.bnet_epochs} epochs, cost {_price(r)}: {said}")
+            lines.append(f"  {_arm(r, several)} at {r.bnet_epochs} epochs, cost {_price(r)}: {said}")
     even = tables.get("break_even")
     if even is not None and not even.empty:
         lines.append("Break-even step-cost ratio (BNET pays off at equal time below it) vs the measured one:")
         for r in even.itertuples():
-            lines.append(f"  {_arm(r)} at {r.bnet_epochs} epochs: {_break_even(r)} vs {_price(r)}")
+            lines.append(f"  {_arm(r, several)} at {r.bnet_epochs} epochs: {_break_even(r)} vs {_price(r)}")
     return lines
